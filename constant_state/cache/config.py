@@ -1,0 +1,48 @@
+"""Typed configuration of the paged KV cache."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class KVConfig:
+    """How attention layers store their keys and values."""
+
+    format: str = "auto"
+    """Storage format (--kv): auto (the model's dtype), bf16, fp16, fp32, or a quantized format."""
+    block_size: int = 16
+    """Tokens per KV block (--kv-block-size)."""
+    num_blocks: int | None = None
+    """Blocks in the pool; default: enough for batch_size x max_context (--kv-blocks)."""
+    layer_formats: dict[int, str] = field(default_factory=dict)
+    """Per-layer overrides of ``format``, keyed by layer index."""
+
+    def __post_init__(self):
+        if self.block_size <= 0 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"KVConfig.block_size (--kv-block-size) must be a power of two, got {self.block_size}")
+        if self.num_blocks is not None and self.num_blocks <= 0:
+            raise ValueError(f"KVConfig.num_blocks (--kv-blocks) must be positive, got {self.num_blocks}")
+
+    def format_for(self, layer_idx: int, default: str) -> str:
+        fmt = self.layer_formats.get(layer_idx, self.format)
+        return default if fmt == "auto" else fmt
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def coerce(cls, kv: "KVConfig | str | dict | None") -> "KVConfig":
+        """Accept a KVConfig, a format name (``"int8"``), a dict of fields, or None."""
+        if kv is None:
+            return cls()
+        if isinstance(kv, cls):
+            return kv
+        if isinstance(kv, str):
+            return cls(format=kv)
+        if isinstance(kv, dict):
+            unknown = set(kv) - set(cls.__dataclass_fields__)
+            if unknown:
+                raise ValueError(f"unknown KVConfig field(s) {sorted(unknown)}; expected {sorted(cls.__dataclass_fields__)}")
+            return cls(**kv)
+        raise TypeError(f"kv must be a KVConfig, a format name or a dict, got {type(kv).__name__}")

@@ -1,0 +1,24 @@
+"""Fallback tokenizer for checkpoints without one: UTF-8 bytes as token ids."""
+
+from __future__ import annotations
+
+
+class ByteTokenizer:
+    """Token id = byte value. Used for presets and tokenizer-less checkpoints with vocab >= 256."""
+
+    eos_token_id = None
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
+
+
+def tokenizer_for(model):
+    """The model's own tokenizer, or the byte fallback (None if the vocabulary is too small)."""
+    if getattr(model, "tokenizer", None) is not None:
+        return model.tokenizer
+    if model.config.vocab_size >= 256:
+        return ByteTokenizer()
+    return None
