@@ -44,11 +44,16 @@ class StatefulLM(nn.Module):
         return self.config.state_specs(KVConfig.coerce(kv) if kv is not None else self.kv_config)
 
     def init_state(self, batch_size: int, max_context: int | None = None, *,
-                   kv: KVConfig | str | dict | None = None, device=None) -> ModelState:
-        """An empty state for ``batch_size`` sequences of up to ``max_context`` tokens each."""
+                   kv: KVConfig | str | dict | None = None, num_blocks: int | None = None,
+                   device=None) -> ModelState:
+        """An empty state for ``batch_size`` sequences of up to ``max_context`` tokens each.
+
+        ``num_blocks`` sizes the KV block pool (default: batch_size x max_context worth of
+        blocks); give more to fork rows or share prefixes without running out.
+        """
         kv_cfg = KVConfig.coerce(kv) if kv is not None else self.kv_config
         return ModelState.allocate(self.config.state_specs(kv_cfg), batch_size, max_context=max_context,
-                                   num_blocks=kv_cfg.num_blocks, device=device or self.device)
+                                   num_blocks=num_blocks or kv_cfg.num_blocks, device=device or self.device)
 
     @property
     def device(self) -> torch.device:

@@ -32,35 +32,17 @@ def register_family(family: Family) -> None:
 
 
 def family_for_model_type(model_type: str | None) -> Family:
+    from . import _load_all  # noqa: F401  (every family registers itself on import)
+
     if model_type not in MODEL_TYPES:
         raise ValueError(f"unknown model_type {model_type!r} in config.json; supported: {sorted(MODEL_TYPES)}")
     return MODEL_TYPES[model_type]
 
 
 def family_for_config(config) -> Family:
+    from . import _load_all  # noqa: F401
+
     for f in FAMILIES.values():
         if isinstance(config, f.config_cls):
             return f
     raise TypeError(f"no model family for config {type(config).__name__}")
-
-
-def _convert_transformer(sd: dict[str, torch.Tensor], cfg) -> dict[str, torch.Tensor]:
-    out = {}
-    for k, v in sd.items():
-        if k.endswith("rotary_emb.inv_freq"):
-            continue
-        if k == "lm_head.weight" and cfg.tie_word_embeddings:
-            continue
-        out[k[len("model."):] if k.startswith("model.") else k] = v
-    return out
-
-
-def _register_builtin() -> None:
-    from .config import TransformerConfig
-    from .transformer import Transformer
-
-    register_family(Family("transformer", TransformerConfig, Transformer, ("llama", "mistral", "qwen2"),
-                           TransformerConfig.from_hf, _convert_transformer))
-
-
-_register_builtin()

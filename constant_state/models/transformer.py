@@ -11,6 +11,7 @@ from torch import nn
 from ..state import ForwardContext, PagedKVState
 from .base import RMSNorm, StatefulLM
 from .config import TransformerConfig
+from .registry import Family, register_family
 
 
 def rope_inv_freq(cfg: TransformerConfig) -> torch.Tensor:
@@ -116,3 +117,18 @@ class Transformer(StatefulLM):
         freqs = ctx.positions.float()[..., None] * self._inv_freq  # [B, T, D/2]
         emb = torch.cat((freqs, freqs), dim=-1)  # [B, T, D]
         ctx.extras["rope"] = (emb.cos(), emb.sin())
+
+
+def _convert_hf_keys(sd: dict[str, torch.Tensor], cfg: TransformerConfig) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in sd.items():
+        if k.endswith("rotary_emb.inv_freq"):
+            continue
+        if k == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        out[k[len("model."):] if k.startswith("model.") else k] = v
+    return out
+
+
+register_family(Family("transformer", TransformerConfig, Transformer, ("llama", "mistral", "qwen2"),
+                       TransformerConfig.from_hf, _convert_hf_keys))

@@ -1,0 +1,28 @@
+"""Tiny random models of every family, for the invariant tests written once (test_invariants.py).
+
+Each family adds its factories here: name -> () -> model in fp32 on the CPU.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import constant_state as cs
+from constant_state.models.config import TransformerConfig
+
+TINY_LLAMA = TransformerConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                               num_kv_heads=2, dtype="float32")
+
+
+def _llama(kv: str = "auto", block_size: int = 4):
+    def make():
+        m = cs.build_model(TINY_LLAMA, dtype="float32", seed=0)
+        m.kv_config = cs.KVConfig(format=kv, block_size=block_size)
+        return m
+    return make
+
+
+FACTORIES: dict[str, Callable[[], object]] = {
+    "llama": _llama(),
+    "llama-kv-bf16": _llama("bf16"),
+}
