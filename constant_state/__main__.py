@@ -76,7 +76,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     eos = getattr(tok, "eos_token_id", None) if tok is not None else None
     if eos is not None and not args.ignore_eos:
         stop.append(eos)
-    stream = len(prompts) == 1 and tok is not None and not args.ids
+    stream = len(prompts) == 1 and tok is not None and not args.ids and not args.prompt_ids
     pieces: list[int] = []
 
     def on_tokens(step: int, tokens: torch.Tensor) -> None:
@@ -96,7 +96,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     width = max(len(p) for p in prompts)
     for p, row in zip(prompts, out.tolist()):
         new = row[width:]
-        if args.ids or tok is None:
+        if args.ids or args.prompt_ids or tok is None:
             print(",".join(map(str, new)))
         else:
             print(tok.decode(p + new))

@@ -75,6 +75,9 @@ class PagedKVSpec(StateSpec):
     kv_format: str = "bf16"
     kind: str = "paged_kv"
 
+    def __post_init__(self):
+        get_format(self.kv_format)  # unknown format names fail here, naming --kv
+
     @property
     def page_size_bytes(self) -> int:
         """Bytes of one block of this layer, scales and zero points included."""
