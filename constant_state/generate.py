@@ -80,26 +80,34 @@ def _prompts(input_ids, attention_mask) -> list[list[int]]:
 
 
 class _GraphedStep:
-    """One decode step captured as a CUDA graph over a fixed state."""
+    """One decode step captured as a CUDA graph over a fixed state.
 
-    def __init__(self, model, state: ModelState, batch_size: int):
-        self.model, self.state = model, state
+    With greedy decoding the argmax is captured too, so a step is one graph replay.
+    """
+
+    def __init__(self, model, state: ModelState, batch_size: int, greedy: bool):
+        self.model, self.state, self.greedy = model, state, greedy
         self.ids = torch.zeros((batch_size, 1), dtype=torch.long, device=state.device)
         snap = state.snapshot()
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):  # warm-up outside the graph (lazy inits, workspaces)
-            model.forward_reserved(self.ids, state, last_only=True)
+            self._step()
         torch.cuda.current_stream().wait_stream(s)
         state.restore(snap)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.logits = model.forward_reserved(self.ids, state, last_only=True)
+            self.out = self._step()
+
+    def _step(self) -> torch.Tensor:
+        logits = self.model.forward_reserved(self.ids, self.state, last_only=True)[:, -1]  # [B, V]
+        return logits.argmax(-1) if self.greedy else logits
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        """Next tokens [B] (greedy) or logits [B, V]."""
         self.ids.copy_(ids)
         self.graph.replay()
-        return self.logits
+        return self.out
 
 
 @torch.inference_mode()
@@ -160,9 +168,8 @@ def generate(
             state.register_prefix(start, prompts[start])
         start = end
 
-    out = torch.full((b, max(lens) + max_new_tokens), pad_token_id, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        out[i, max(lens) - len(p):max(lens)] = torch.tensor(p)
+    width = max(lens)
+    new_tokens = torch.full((b, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     finished = torch.zeros(b, dtype=torch.bool, device=device)
     stop_t = torch.tensor(sorted(stops), dtype=torch.long, device=device) if stops else None
     use_graph = (device.type == "cuda") if cuda_graph is None else cuda_graph
@@ -171,9 +178,11 @@ def generate(
     step_fn = None
     n = 0
     tokens = sample(last, cfg, gen)
+    # No host sync per step unless stop tokens or a callback need the values.
     while True:
-        tokens = torch.where(finished, torch.full_like(tokens, pad_token_id), tokens)
-        out[:, max(lens) + n] = tokens.cpu()
+        if stop_t is not None:
+            tokens = torch.where(finished, torch.full_like(tokens, pad_token_id), tokens)
+        new_tokens[:, n] = tokens
         n += 1
         if on_tokens is not None:
             on_tokens(n - 1, tokens)
@@ -187,12 +196,16 @@ def generate(
         ids = tokens[:, None]
         if use_graph:
             if step_fn is None:
-                step_fn = _GraphedStep(model, state, b)
-            logits = step_fn(ids)
+                step_fn = _GraphedStep(model, state, b, cfg.greedy)
+            out = step_fn(ids)
+            tokens = out if cfg.greedy else sample(out, cfg, gen)
         else:
             logits = model.forward_reserved(ids, state, last_only=True)
-        tokens = sample(logits[:, -1], cfg, gen)
-    out = out[:, :max(lens) + n]
+            tokens = sample(logits[:, -1], cfg, gen)
+    out = torch.full((b, width + n), pad_token_id, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        out[i, width - len(p):width] = torch.tensor(p)
+    out[:, width:] = new_tokens[:, :n].cpu()
     if return_state:
         return out, state
     state.release()
