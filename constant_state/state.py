@@ -84,6 +84,11 @@ class PagedKVSpec(StateSpec):
         return get_format(self.kv_format).page_bytes(self.block_size, self.num_kv_heads, self.head_dim)
 
     @property
+    def bytes_per_token(self) -> float:
+        """Average bytes per cached token in a full block (page_size_bytes / block_size)."""
+        return self.page_size_bytes / self.block_size
+
+    @property
     def extra_bytes(self) -> int:
         """Bytes per sequence held outside blocks (e.g. a full-precision residual window)."""
         return get_format(self.kv_format).extra_bytes_per_sequence(self.num_kv_heads, self.head_dim)
