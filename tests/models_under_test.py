@@ -9,6 +9,7 @@ from typing import Callable
 
 import constant_state as cs
 from constant_state.models.config import TransformerConfig
+from constant_state.models.rwkv7 import RWKV7Config
 
 TINY_LLAMA = TransformerConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                                num_kv_heads=2, dtype="float32")
@@ -22,7 +23,16 @@ def _llama(kv: str = "auto", block_size: int = 4):
     return make
 
 
+TINY_RWKV7 = RWKV7Config(vocab_size=96, hidden_size=128, num_layers=2, head_size=64, decay_lora=32, a_lora=32,
+                         v_lora=32, gate_lora=32, dtype="float32")
+
+
+def _rwkv7():
+    return cs.build_model(TINY_RWKV7, dtype="float32", seed=0)
+
+
 FACTORIES: dict[str, Callable[[], object]] = {
     "llama": _llama(),
     "llama-kv-bf16": _llama("bf16"),
+    "rwkv7": _rwkv7,
 }

@@ -117,8 +117,25 @@ def _init_tensor(name: str, t: torch.Tensor, gen: torch.Generator) -> torch.Tens
     return torch.randn(t.shape, generator=gen) * 0.02
 
 
+def _blinkdl_pth(path: str | Path) -> Path | None:
+    """A BlinkDL RWKV ``.pth`` (no config.json): the file itself, or the only .pth of a directory."""
+    p = Path(path).expanduser()
+    if p.is_file() and p.suffix == ".pth":
+        return p
+    if p.is_dir() and not (p / "config.json").exists():
+        pths = sorted(p.glob("*.pth"))
+        if len(pths) == 1:
+            return pths[0]
+    return None
+
+
 def load_checkpoint(path: str | Path, *, device=None, dtype=None) -> StatefulLM:
-    """A model from a checkpoint directory: HF config.json (model_type) or ours (family)."""
+    """A model from a checkpoint directory: HF config.json (model_type) or ours (family), or a
+    BlinkDL RWKV-7 ``.pth`` (shapes inferred from its tensors)."""
+    pth = _blinkdl_pth(path)
+    if pth is not None:
+        from .rwkv7 import load_pth
+        return load_pth(pth, device=device, dtype=dtype)
     ckpt = resolve_checkpoint_dir(str(path))
     cfg_file = ckpt / "config.json"
     if not cfg_file.exists():

@@ -1,0 +1,86 @@
+"""RWKV-7 Triton kernels vs the fp32 reference on tiny shapes: output and final state.
+
+Runs on a GPU, or on the CPU under Triton's interpreter when TRITON_INTERPRET=1 was set before
+triton was imported (tests/test_rwkv7.py runs this file in such a subprocess). In a plain CPU
+pytest process it skips: the interpreter cannot be switched on after import.
+"""
+
+import os
+
+import pytest
+import torch
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+pytestmark = pytest.mark.skipif(not INTERPRET and not torch.cuda.is_available(),
+                                reason="needs TRITON_INTERPRET=1 from process start, or a CUDA device")
+DEVICE = "cpu" if INTERPRET else "cuda"
+
+
+def inputs(b, t, h, dk, dv, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(s, generator=g)  # noqa: E731
+    r, k, v = rnd(b, t, h, dk), rnd(b, t, h, dk) * 0.5, rnd(b, t, h, dv)
+    w = -0.606531 * torch.sigmoid(rnd(b, t, h, dk) * 2)  # the model's log-decay range
+    kk = torch.nn.functional.normalize(rnd(b, t, h, dk), dim=-1)
+    gate = torch.rand((b, t, h, dk), generator=g)
+    xs = [x.to(DEVICE, dtype) for x in (r, w, k, v, -kk, kk * gate)]
+    s0 = rnd(b, h, dk, dv).to(DEVICE)
+    return xs, s0
+
+
+def assert_close(name, ref, out, tol):
+    err = (ref.float() - out.float()).abs().max().item()
+    assert err <= tol, f"{name}: max abs err {err:.3e} > {tol:.1e}"
+
+
+CASES = [pytest.param(t, id=f"T{t}") for t in (1, 7, 33)]
+
+
+@pytest.mark.parametrize("t", CASES)
+@pytest.mark.parametrize("kernel", ["fused_recurrent", "chunk"])
+def test_kernel_matches_reference(kernel, t):
+    from constant_state.kernels.rwkv7.chunk import chunk_rwkv7
+    from constant_state.kernels.rwkv7.fused_recurrent import fused_recurrent_rwkv7
+    from constant_state.kernels.rwkv7.ref import rwkv7_ref
+
+    fn = {"chunk": chunk_rwkv7, "fused_recurrent": fused_recurrent_rwkv7}[kernel]
+    xs, s0 = inputs(2, t, 2, 32, 32)
+    o_ref, s_ref = rwkv7_ref(*xs, s0)
+    o, s = fn(*xs, s0)
+    assert_close(f"{kernel} o", o_ref, o, 5e-5)
+    assert_close(f"{kernel} state", s_ref, s, 5e-5)
+    # In place: the state object is updated, its address kept.
+    s_in = s0.clone()
+    ptr = s_in.data_ptr()
+    o2, s2 = fn(*xs, s_in, inplace=True)
+    assert s2 is s_in and s_in.data_ptr() == ptr
+    assert_close(f"{kernel} inplace state", s_ref, s_in, 5e-5)
+    assert_close(f"{kernel} inplace o", o, o2, 0.0)
+
+
+def test_kernels_odd_head_size_and_no_state():
+    from constant_state.kernels.rwkv7.chunk import chunk_rwkv7
+    from constant_state.kernels.rwkv7.fused_recurrent import fused_recurrent_rwkv7
+    from constant_state.kernels.rwkv7.ref import rwkv7_ref
+
+    xs, _ = inputs(1, 19, 3, 24, 40)
+    o_ref, s_ref = rwkv7_ref(*xs)
+    for fn in (chunk_rwkv7, fused_recurrent_rwkv7):
+        o, s = fn(*xs)
+        assert_close(fn.__name__, o_ref, o, 5e-5)
+        assert_close(fn.__name__ + " state", s_ref, s, 5e-5)
+
+
+@pytest.mark.parametrize("kernel", ["fused_recurrent", "chunk"])
+def test_kernel_validates_inputs(kernel):
+    from constant_state.kernels.rwkv7.chunk import chunk_rwkv7
+    from constant_state.kernels.rwkv7.fused_recurrent import fused_recurrent_rwkv7
+
+    fn = {"chunk": chunk_rwkv7, "fused_recurrent": fused_recurrent_rwkv7}[kernel]
+    xs, s0 = inputs(1, 3, 2, 16, 16)
+    with pytest.raises(ValueError, match="state shape expected"):
+        fn(*xs, s0[:, :1])
+    with pytest.raises(ValueError, match="shape expected"):
+        fn(xs[0], xs[1][:, :2], *xs[2:])
+    with pytest.raises(ValueError, match="state dtype expected"):
+        fn(*xs, s0.double())
