@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# One GPU-machine session: build the optional CUDA extensions in the background, run the GPU
+# tests, then the benchmarks; logs go to $OUT (or ./gpu_out). Run from the repository root with
+# the .gpu folder of ../shared/gpu/README.md beside it (sdists in .gpu/sdist, wheels in .gpu/whl).
+#
+#   bash benchmarks/gpu_session.sh [tests|bench|all] [pytest -k expression]
+set -u
+MODE=${1:-all}
+KEXPR=${2:-}
+OUT=${OUT:-$PWD/gpu_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+GPU=$(cd "$(dirname "$0")/.." && pwd)/.gpu
+
+# 1. mamba-ssm + causal-conv1d, detached (about 5.5 minutes on 16 cores); reuse a warm machine's build.
+if [ -d "$GPU/sdist" ] && [ ! -f /tmp/build/DONE ] && [ ! -f /tmp/build/times.txt ]; then
+  setsid nice -n 10 bash "$GPU/build_ext.sh" "$GPU/sdist" /tmp/build /tmp/cuda_site > /tmp/build.log 2>&1 < /dev/null &
+fi
+# 2. pure-Python comparison targets (fla, rwkv).
+if ls "$GPU"/whl/*.whl > /dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$GPU"/whl/*.whl > /dev/null 2>&1
+fi
+export PYTHONPATH=$PWD:/tmp/site
+
+wait_build() {
+  if [ -d "$GPU/sdist" ]; then
+    while [ ! -f /tmp/build/DONE ]; do sleep 5; done
+    cat /tmp/build/times.txt
+    export PYTHONPATH=/tmp/cuda_site:$PWD:/tmp/site
+  fi
+}
+
+if [ "$MODE" = tests ] || [ "$MODE" = all ]; then
+  # Tests that need no compiled extension first (they overlap the build), then the Mamba ones.
+  python3 -m pytest -q -p no:cacheprovider tests/gpu --ignore-glob='*mamba*' ${KEXPR:+-k "$KEXPR"} \
+    2>&1 | tee "$OUT/gpu_tests.log" | tail -30
+  wait_build
+  python3 -m pytest -q -p no:cacheprovider tests/gpu/*mamba* ${KEXPR:+-k "$KEXPR"} \
+    2>&1 | tee "$OUT/gpu_tests_mamba.log" | tail -30
+fi
+if [ "$MODE" = bench ] || [ "$MODE" = all ]; then
+  wait_build
+  for b in ${BENCHES:-bench_generate}; do
+    echo "== $b"
+    python3 "benchmarks/$b.py" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/$b.log" | grep -v Warning | tail -40
+  done
+fi
