@@ -9,6 +9,7 @@ from typing import Callable
 
 import constant_state as cs
 from constant_state.models.config import TransformerConfig
+from constant_state.models.mamba import Mamba2Config, MambaConfig
 from constant_state.models.rwkv7 import RWKV7Config
 
 TINY_LLAMA = TransformerConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
@@ -31,8 +32,20 @@ def _rwkv7():
     return cs.build_model(TINY_RWKV7, dtype="float32", seed=0)
 
 
+# Chunk size 8: the invariant tests' lengths (23, 5/7/11-token chunks) cross chunk boundaries.
+TINY_MAMBA = MambaConfig(vocab_size=96, hidden_size=32, num_layers=2, state_size=8, dtype="float32")
+TINY_MAMBA2 = Mamba2Config(vocab_size=96, hidden_size=32, num_layers=2, state_size=8, head_dim=8, n_groups=2,
+                           chunk_size=8, dtype="float32")
+
+
+def _mamba(cfg):
+    return lambda: cs.build_model(cfg, dtype="float32", seed=0)
+
+
 FACTORIES: dict[str, Callable[[], object]] = {
     "llama": _llama(),
     "llama-kv-bf16": _llama("bf16"),
     "rwkv7": _rwkv7,
+    "mamba": _mamba(TINY_MAMBA),
+    "mamba2": _mamba(TINY_MAMBA2),
 }

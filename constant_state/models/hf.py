@@ -6,7 +6,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -129,6 +129,20 @@ def _blinkdl_pth(path: str | Path) -> Path | None:
     return None
 
 
+MODEL_TYPE_DETECTORS: list[Callable[[dict[str, Any]], str | None]] = []
+"""Families add functions here that name the model_type of a config.json without one
+(e.g. mamba-ssm's MambaLMHeadModel configs: d_model, n_layer, ssm_cfg)."""
+
+
+def model_type_of(raw: dict[str, Any]) -> str | None:
+    """The model_type of a config.json: its own field, else the first detector's answer."""
+    from . import _load_all  # noqa: F401  (families register their detectors on import)
+
+    if "model_type" in raw:
+        return raw["model_type"]
+    return next((mt for mt in (d(raw) for d in MODEL_TYPE_DETECTORS) if mt), None)
+
+
 def load_checkpoint(path: str | Path, *, device=None, dtype=None) -> StatefulLM:
     """A model from a checkpoint directory: HF config.json (model_type) or ours (family), or a
     BlinkDL RWKV-7 ``.pth`` (shapes inferred from its tensors)."""
@@ -145,7 +159,7 @@ def load_checkpoint(path: str | Path, *, device=None, dtype=None) -> StatefulLM:
         family = FAMILIES[raw["family"]]
         config = family.config_cls.from_dict(raw)
     else:
-        family = family_for_model_type(raw.get("model_type"))
+        family = family_for_model_type(model_type_of(raw))
         config = family.config_from_hf(raw)
     dtype = parse_dtype(dtype, parse_dtype(getattr(config, "dtype", None)))
     with torch.device("meta"):
@@ -196,7 +210,7 @@ def resolve_config(path_or_preset: str) -> ModelConfig:
     raw: dict[str, Any] = json.loads(cfg_file.read_text())
     if "family" in raw and raw["family"] in FAMILIES:
         return FAMILIES[raw["family"]].config_cls.from_dict(raw)
-    return family_for_model_type(raw.get("model_type")).config_from_hf(raw)
+    return family_for_model_type(model_type_of(raw)).config_from_hf(raw)
 
 
 def save_checkpoint(model: StatefulLM, path: str | Path) -> None:
