@@ -45,6 +45,10 @@ def _mamba(cfg):
 FACTORIES: dict[str, Callable[[], object]] = {
     "llama": _llama(),
     "llama-kv-bf16": _llama("bf16"),
+    "llama-kv-fp8": _llama("fp8"),
+    "llama-kv-int8": _llama("int8"),
+    "llama-kv-int4": _llama("int4"),
+    "llama-kv-int4-g32": _llama("int4-g32"),
     "rwkv7": _rwkv7,
     "mamba": _mamba(TINY_MAMBA),
     "mamba2": _mamba(TINY_MAMBA2),

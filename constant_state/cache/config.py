@@ -17,6 +17,8 @@ class KVConfig:
     """Blocks in the pool; default: enough for batch_size x max_context (--kv-blocks)."""
     layer_formats: dict[int, str] = field(default_factory=dict)
     """Per-layer overrides of ``format``, keyed by layer index."""
+    group_size: int | None = None
+    """Dims per scale group of int4 (32 or 64; default 64) (--kv-group-size)."""
 
     def __post_init__(self):
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
@@ -24,9 +26,18 @@ class KVConfig:
         if self.num_blocks is not None and self.num_blocks <= 0:
             raise ValueError(f"KVConfig.num_blocks (--kv-blocks) must be positive, got {self.num_blocks}")
 
+        if self.group_size is not None:
+            from .quant import int4_name
+            int4_name(self.group_size)  # validates --kv-group-size
+
     def format_for(self, layer_idx: int, default: str) -> str:
         fmt = self.layer_formats.get(layer_idx, self.format)
-        return default if fmt == "auto" else fmt
+        if fmt == "auto":
+            return default
+        if fmt == "int4" and self.group_size is not None:
+            from .quant import int4_name
+            return int4_name(self.group_size)
+        return fmt
 
     def to_dict(self) -> dict:
         return asdict(self)

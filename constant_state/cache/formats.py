@@ -57,6 +57,9 @@ class KVFormat:
 
 
 class DenseStorage(KVStorage):
+    backend: str = "auto"
+    """auto: Triton kernels on CUDA, the reference elsewhere; "ref" or "triton" forces one."""
+
     def __init__(self, fmt: "DenseFormat", num_blocks, block_size, num_kv_heads, head_dim, device):
         self.fmt, self.num_blocks, self.block_size = fmt, num_blocks, block_size
         shape = (num_blocks, block_size, num_kv_heads, head_dim)
@@ -70,6 +73,11 @@ class DenseStorage(KVStorage):
         self.v.view(-1, h, d).index_copy_(0, slots, v.reshape(-1, h, d).to(self.v.dtype))
 
     def attend(self, q, block_tables, seq_lens, scale, sliding_window=None):
+        from .quant import kernels_for
+
+        ops = kernels_for(q.device, self.backend)
+        if ops is not None:
+            return ops.paged_attention(q, (self.k, self.v), block_tables, seq_lens, scale, sliding_window)
         return paged_attention_ref(q, self.k, self.v, block_tables, seq_lens, scale,
                                    sliding_window=sliding_window)
 
@@ -119,3 +127,6 @@ def get_format(name: str) -> KVFormat:
     if key not in _FORMATS:
         raise ValueError(f"unknown KV format {name!r} (--kv / KVConfig.format); expected one of {format_names()}")
     return _FORMATS[key]()
+
+
+from . import quant as _quant  # noqa: E402,F401  (registers the quantized formats)

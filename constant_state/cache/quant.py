@@ -1,0 +1,144 @@
+"""Quantized paged KV formats: FP8 e4m3 and INT8 per token and head, INT4 group-wise along the head dim.
+
+Quantization happens once, when a token is written (``write``); history is never re-quantized.
+Every block holds its codes plus fp16 scales (and zero points), and ``page_bytes`` counts all of
+them. On CUDA the storages run the Triton kernels of ``kernels/paged_attention``; elsewhere, or
+with ``storage.backend = "ref"``, the pure-PyTorch references.
+
+Memory per token, per layer (H KV heads, head dim D, group G), keys plus values:
+
+- fp8, int8: ``2 * H * (D + 2)`` bytes (one fp16 scale per token and head);
+- int4-gG:   ``2 * H * (D / 2 + 4 * D / G)`` bytes (fp16 scale and fp16 zero per group).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, NamedTuple
+
+import torch
+
+from ..kernels.paged_attention.ref import QuantKV, quant_paged_attention_ref, quant_write_ref
+from .formats import _ALIASES, KVFormat, KVStorage, register_format
+
+log = logging.getLogger(__name__)
+_warned: set[str] = set()
+BACKENDS = ("auto", "triton", "ref")
+
+
+def warn_once(msg: str) -> None:
+    if msg not in _warned:
+        _warned.add(msg)
+        log.warning(msg)
+
+
+def kernels_for(device: torch.device, backend: str = "auto"):
+    """The Triton kernel module when ``backend`` and ``device`` call for it, else None (reference)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "ref" or (backend == "auto" and device.type != "cuda"):
+        return None
+    try:
+        from ..kernels.paged_attention import decode, prefill, write
+    except ImportError as e:  # triton missing: loud once, then the reference
+        if backend == "triton":
+            raise
+        warn_once(f"Triton paged-attention kernels unavailable ({e}); using the PyTorch reference")
+        return None
+    return _Ops(decode.paged_attention, prefill.paged_prefill, write.quant_write)
+
+
+class _Ops(NamedTuple):
+    decode: Callable
+    prefill: Callable
+    quant_write: Callable
+
+    def paged_attention(self, q, cache, block_tables, seq_lens, scale, sliding_window=None):
+        fn = self.decode if q.shape[1] == 1 else self.prefill
+        return fn(q, cache, block_tables, seq_lens, scale, sliding_window)
+
+
+class QuantStorage(KVStorage):
+    """Per-layer storage of one quantized format: a :class:`QuantKV` over ``num_blocks`` blocks."""
+
+    backend: str = "auto"
+
+    def __init__(self, fmt: "QuantFormat", num_blocks, block_size, num_kv_heads, head_dim, device):
+        self.fmt, self.num_blocks, self.block_size = fmt, num_blocks, block_size
+        n, bs, h, d = num_blocks, block_size, num_kv_heads, head_dim
+        codes = lambda: torch.zeros((n, bs, h, d // fmt.per_byte), dtype=fmt.code_dtype, device=device)
+        scales = lambda: torch.zeros((n, bs, h, fmt.groups(d)), dtype=torch.float16, device=device)
+        zeros = (lambda: scales()) if fmt.has_zero else (lambda: None)
+        self.cache = QuantKV(fmt.kind, codes(), codes(), scales(), scales(), zeros(), zeros(),
+                             group_size=fmt.group_for(d))
+
+    def write(self, k, v, slot_mapping):
+        ops = kernels_for(k.device, self.backend)
+        (ops.quant_write if ops else quant_write_ref)(self.cache, k, v, slot_mapping)
+
+    def attend(self, q, block_tables, seq_lens, scale, sliding_window=None):
+        ops = kernels_for(q.device, self.backend)
+        if ops is None:
+            return quant_paged_attention_ref(q, self.cache, block_tables, seq_lens, scale, sliding_window)
+        return ops.paged_attention(q, self.cache, block_tables, seq_lens, scale, sliding_window)
+
+    def copy_blocks(self, pairs):
+        if not pairs:
+            return
+        dev = self.cache.k.device
+        src = torch.tensor([p[0] for p in pairs], device=dev)
+        dst = torch.tensor([p[1] for p in pairs], device=dev)
+        for t in self.tensors():
+            t = t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
+            t.index_copy_(0, dst, t.index_select(0, src))
+
+    def tensors(self):
+        c = self.cache
+        return [t for t in (c.k, c.v, c.k_scale, c.v_scale, c.k_zero, c.v_zero) if t is not None]
+
+
+class QuantFormat(KVFormat):
+    """fp8 / int8 (one fp16 scale per token and head) or int4 (fp16 scale + zero per group of dims)."""
+
+    def __init__(self, kind: str, group_size: int = 0):
+        self.kind, self.group_size = kind, group_size
+        self.name = f"{kind}-g{group_size}" if kind == "int4" and group_size != DEFAULT_INT4_GROUP else kind
+        self.per_byte = 2 if kind == "int4" else 1
+        self.has_zero = kind == "int4"
+        self.code_dtype = {"fp8": torch.float8_e4m3fn, "int8": torch.int8, "int4": torch.uint8}[kind]
+
+    def group_for(self, head_dim: int) -> int:
+        """Dims per scale group: the format's group size, or the whole head if that is smaller."""
+        g = min(self.group_size, head_dim) if self.kind == "int4" else head_dim
+        if head_dim % g or g % 2:
+            raise ValueError(f"{self.name}: head_dim {head_dim} must be a multiple of the group size "
+                             f"{g} (--kv-group-size)")
+        return g
+
+    def groups(self, head_dim: int) -> int:
+        """Scale groups per token and head."""
+        return head_dim // self.group_for(head_dim) if self.kind == "int4" else 1
+
+    def page_bytes(self, block_size, num_kv_heads, head_dim):
+        per_head = head_dim // self.per_byte + 2 * self.groups(head_dim) * (2 if self.has_zero else 1)
+        return 2 * block_size * num_kv_heads * per_head
+
+    def make_storage(self, num_blocks, block_size, num_kv_heads, head_dim, device):
+        return QuantStorage(self, num_blocks, block_size, num_kv_heads, head_dim, device)
+
+
+INT4_GROUPS = (32, 64)
+DEFAULT_INT4_GROUP = 64
+
+register_format("fp8", lambda: QuantFormat("fp8"))
+register_format("int8", lambda: QuantFormat("int8"))
+register_format("int4", lambda: QuantFormat("int4", DEFAULT_INT4_GROUP))
+register_format("int4-g32", lambda: QuantFormat("int4", 32))
+_ALIASES[f"int4-g{DEFAULT_INT4_GROUP}"] = "int4"
+
+
+def int4_name(group_size: int) -> str:
+    """Format name of int4 with ``group_size`` dims per scale."""
+    if group_size not in INT4_GROUPS:
+        raise ValueError(f"KVConfig.group_size (--kv-group-size) must be one of {INT4_GROUPS} for int4, got {group_size}")
+    return "int4" if group_size == DEFAULT_INT4_GROUP else f"int4-g{group_size}"

@@ -1,0 +1,113 @@
+"""Paged-attention Triton kernels (decode, prefill, quantize-and-write) vs their PyTorch references.
+
+Runs on a GPU, or on the CPU under Triton's interpreter when TRITON_INTERPRET=1 was set before
+triton was imported (tests/test_kv_formats.py runs this file in such a subprocess). In a plain CPU
+pytest process it skips: the interpreter cannot be switched on after import.
+"""
+
+import os
+
+import pytest
+import torch
+
+from constant_state.cache.formats import get_format
+from constant_state.kernels.paged_attention.ref import (QuantKV, dequantize_ref, paged_attention_ref,
+                                                        quant_paged_attention_ref, quant_write_ref)
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+pytestmark = pytest.mark.skipif(not INTERPRET and not torch.cuda.is_available(),
+                                reason="needs TRITON_INTERPRET=1 from process start, or a CUDA device")
+DEVICE = "cpu" if INTERPRET else "cuda"
+FORMATS = ["bf16", "fp8", "int8", "int4", "int4-g32"]
+
+
+def make_cache(fmt: str, num_blocks: int, bs: int, hkv: int, d: int):
+    st = get_format(fmt).make_storage(num_blocks, bs, hkv, d, DEVICE)
+    return st
+
+
+def fill(st, lens, block_tables, hkv, d, seed=0):
+    """Write random K/V for every row's first ``lens[b]`` tokens with the reference writer."""
+    g = torch.Generator().manual_seed(seed)
+    bs = st.block_size
+    for b, n in enumerate(lens):
+        pos = torch.arange(n)
+        slots = (block_tables[b, pos // bs].long() * bs + pos % bs)[None].to(DEVICE)
+        k = torch.randn(1, n, hkv, d, generator=g).to(DEVICE)
+        v = torch.randn(1, n, hkv, d, generator=g).to(DEVICE)
+        if isinstance(getattr(st, "cache", None), QuantKV):
+            quant_write_ref(st.cache, k, v, slots)
+        else:
+            st.k.view(-1, hkv, d)[slots[0]] = k[0].to(st.k.dtype)
+            st.v.view(-1, hkv, d)[slots[0]] = v[0].to(st.v.dtype)
+
+
+def cache_arg(st):
+    return st.cache if hasattr(st, "cache") else (st.k, st.v)
+
+
+def reference(q, st, bt, lens, scale, window):
+    if hasattr(st, "cache"):
+        return quant_paged_attention_ref(q, st.cache, bt, lens, scale, window)
+    return paged_attention_ref(q, st.k, st.v, bt, lens, scale, window)
+
+
+def assert_close(name, ref, out, tol):
+    err = (ref.float() - out.float()).abs().max().item()
+    assert err <= tol, f"{name}: max abs err {err:.3e} > {tol:.1e}"
+
+
+CASES = [
+    # (T, lens, gqa, d, block_size, window, num_splits)
+    pytest.param(1, [150, 37], 4, 32, 16, None, None, id="decode-gqa4"),
+    pytest.param(1, [150, 37], 4, 32, 16, None, 3, id="decode-split3"),
+    pytest.param(1, [61, 5], 1, 32, 8, None, 2, id="decode-mha-split2"),
+    pytest.param(1, [150, 99], 8, 64, 16, 40, None, id="decode-gqa8-window"),
+    pytest.param(7, [45, 7], 4, 32, 16, None, None, id="prefill-T7"),
+    pytest.param(5, [33, 19], 2, 32, 4, 6, None, id="prefill-window"),
+]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("t, lens, gqa, d, bs, window, splits", CASES)
+def test_attention_matches_reference(fmt, t, lens, gqa, d, bs, window, splits):
+    from constant_state.kernels.paged_attention.decode import paged_attention
+
+    hkv, b = 2, len(lens)
+    m = -(-max(lens) // bs) + 1
+    n = b * m + 3
+    g = torch.Generator().manual_seed(1)
+    bt = torch.randperm(n, generator=g)[:b * m].view(b, m).int()  # random, non-contiguous
+    st = make_cache(fmt, n, bs, hkv, d)
+    fill(st, lens, bt, hkv, d)
+    dtype = torch.bfloat16 if fmt == "bf16" else torch.float32
+    q = torch.randn(b, t, hkv * gqa, d, generator=g).to(DEVICE, dtype)
+    bt, seq = bt.to(DEVICE), torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    out = paged_attention(q, cache_arg(st), bt, seq, d ** -0.5, window, num_splits=splits)
+    ref = reference(q, st, bt, seq, d ** -0.5, window)
+    assert_close(f"{fmt} attention", ref, out, 2e-2 if dtype == torch.bfloat16 else 1e-4)
+
+
+@pytest.mark.parametrize("fmt", [f for f in FORMATS if f != "bf16"])
+@pytest.mark.parametrize("d", [32, 64])
+def test_write_matches_reference(fmt, d):
+    from constant_state.kernels.paged_attention.write import quant_write
+
+    hkv, bs, n = 3, 4, 9
+    a, b = make_cache(fmt, n, bs, hkv, d), make_cache(fmt, n, bs, hkv, d)
+    g = torch.Generator().manual_seed(2)
+    k = (torch.randn(2, 5, hkv, d, generator=g) * 3).to(DEVICE)
+    v = torch.randn(2, 5, hkv, d, generator=g).to(DEVICE)
+    k[0, 0, 0] = 0.0  # an all-zero head vector takes the minimum scale
+    slots = torch.randperm(n * bs, generator=g)[:10].view(2, 5)
+    slots[1, 4] = -1  # padding: skipped
+    keep = slots >= 0
+    quant_write_ref(a.cache, k[keep][None], v[keep][None], slots[keep][None].to(DEVICE))
+    quant_write(b.cache, k, v, slots.to(DEVICE))
+    for x, y in zip(a.tensors(), b.tensors()):
+        assert torch.equal(x.view(torch.uint8) if x.dtype == torch.float8_e4m3fn else x,
+                           y.view(torch.uint8) if y.dtype == torch.float8_e4m3fn else y), fmt
+    # Quantization error of the round trip, per format.
+    kd, _ = dequantize_ref(b.cache)
+    err = (kd.view(-1, hkv, d)[slots[keep].to(DEVICE)] - k[keep]).abs().max().item()
+    assert err <= {"fp8": 0.6, "int8": 0.1, "int4": 1.2, "int4-g32": 1.2}[fmt]

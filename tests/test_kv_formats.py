@@ -1,0 +1,122 @@
+"""Quantized KV formats: memory formulas exact to the byte, config and CLI selection, the generate
+loop on every format (references on the CPU), and the Triton kernels under the interpreter."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import constant_state as cs
+from constant_state.__main__ import main
+from constant_state.cache.formats import format_names, get_format
+from constant_state.kernels.paged_attention.ref import dequantize_ref
+from models_under_test import TINY_LLAMA
+
+QUANT = ["fp8", "int8", "int4", "int4-g32"]
+
+
+def _model(kv):
+    m = cs.build_model(TINY_LLAMA, dtype="float32", seed=0)
+    m.kv_config = cs.KVConfig.coerce(kv)
+    return m
+
+
+@pytest.mark.parametrize("fmt", QUANT)
+@pytest.mark.parametrize("bs, h, d", [(16, 8, 128), (4, 2, 64), (8, 3, 32)])
+def test_page_bytes_equal_allocated_bytes(fmt, bs, h, d):
+    f = get_format(fmt)
+    st = f.make_storage(5, bs, h, d, "cpu")
+    allocated = sum(t.numel() * t.element_size() for t in st.tensors())
+    assert allocated == 5 * f.page_bytes(bs, h, d)
+
+
+def test_memory_formulas():
+    # Llama-3-8B layer: 8 KV heads x 128 dims, 16-token blocks.
+    assert get_format("fp8").page_bytes(16, 8, 128) == 2 * 16 * 8 * (128 + 2)
+    assert get_format("int8").page_bytes(16, 8, 128) == 2 * 16 * 8 * (128 + 2)
+    assert get_format("int4").page_bytes(16, 8, 128) == 2 * 16 * 8 * (64 + 2 * 2 * 2)
+    assert get_format("int4-g32").page_bytes(16, 8, 128) == 2 * 16 * 8 * (64 + 4 * 2 * 2)
+    assert get_format("int4-g64").name == "int4"
+
+
+def test_config_selection_and_validation():
+    assert cs.KVConfig(format="int4", group_size=32).format_for(0, "bf16") == "int4-g32"
+    with pytest.raises(ValueError, match="--kv-group-size"):
+        cs.KVConfig(format="int4", group_size=48)
+    with pytest.raises(ValueError, match="--kv"):
+        get_format("int3")
+    m = cs.load("tiny-llama", kv="int8")
+    assert {s.kv_format for s in m.state_specs()} == {"int8"}
+    m = cs.load("tiny-llama", kv={"format": "int4", "group_size": 32})
+    assert {s.kv_format for s in m.state_specs()} == {"int4-g32"}
+
+
+def test_memory_cli_reports_every_format(capsys):
+    assert main(["memory", "--model", "llama-3-8b", "--context", "32k", "--kv", "all"]) == 0
+    out = capsys.readouterr().out
+    for fmt in format_names():
+        assert f" {fmt} " in out, fmt
+
+
+def test_generate_cli_with_quantized_kv(capsys):
+    assert main(["generate", "--model", "tiny-llama", "--prompt-ids", "1,2,3", "--max-new-tokens", "4",
+                 "--kv", "int4", "--ids"]) == 0
+    assert len(capsys.readouterr().out.strip().split(",")) == 4
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("fmt", QUANT)
+def test_generate_loop_close_to_full_precision(fmt):
+    ids = torch.randint(0, TINY_LLAMA.vocab_size, (2, 21), generator=torch.Generator().manual_seed(0))
+    out = _model(fmt).generate(ids, max_new_tokens=6)
+    assert out.shape == (2, 27)
+    # Logits with the quantized cache stay near full precision (loose: quantization error).
+    full, _ = _model("fp32")(ids)
+    quant, _ = _model(fmt)(ids)
+    tol = {"fp8": 0.05, "int8": 0.01, "int4": 0.1, "int4-g32": 0.1}[fmt]
+    assert (full - quant).abs().max().item() <= tol
+
+
+@torch.no_grad()
+def test_quantized_once_at_write():
+    """Codes written by a step are never rewritten by later steps (no re-quantization of history)."""
+    m = _model("int4")
+    state = m.init_state(1, max_context=12)
+    m(torch.arange(5)[None], state)
+    st = state.kv_pool.storages[0]
+    before = [t.clone() for t in st.tensors()]
+    used = torch.tensor(state.seqs[0].blocks)
+    m(torch.arange(5, 12)[None], state)
+    k0, _ = dequantize_ref(st.cache)
+    for a, b in zip(before, st.tensors()):
+        a, b = a[used].flatten(1)[:, :1], b[used].flatten(1)[:, :1]  # first token of each block
+        assert torch.equal(a, b)
+    assert torch.isfinite(k0).all()
+
+
+def test_backend_can_be_forced():
+    st = get_format("int8").make_storage(2, 4, 1, 32, "cpu")
+    st.backend = "ref"
+    q = torch.randn(1, 1, 2, 32)
+    st.write(torch.randn(1, 1, 1, 32), torch.randn(1, 1, 1, 32), torch.tensor([[0]]))
+    out = st.attend(q, torch.tensor([[0]]), torch.tensor([1]), 0.2)
+    assert out.shape == q.shape
+    st.backend = "nope"
+    with pytest.raises(ValueError, match="backend"):
+        st.attend(q, torch.tensor([[0]]), torch.tensor([1]), 0.2)
+
+
+def test_kernels_under_triton_interpreter():
+    """tests/kernels/test_paged_attention_kernels.py in a fresh process with TRITON_INTERPRET=1
+    (the interpreter must be chosen before triton is imported)."""
+    pytest.importorskip("triton")
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                        str(root / "tests" / "kernels" / "test_paged_attention_kernels.py")],
+                       cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    assert " passed" in r.stdout
