@@ -270,9 +270,8 @@ def test_backend_forcing_and_warn_once(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         mb.resolve_backend("cuda")  # the second time is silent
-    if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="forced"):
-            mb.resolve_backend("cuda", "cuda") if not all(mb.kernels_available().values()) else None
+    with pytest.raises(ValueError, match="forced"):
+        mb.resolve_backend("cuda", "cuda")
 
 
 def test_set_backend_validates():
@@ -281,3 +280,56 @@ def test_set_backend_validates():
     assert m(_ids(1, 3))[0].shape == (1, 3, V)
     with pytest.raises(ValueError):
         m.set_backend("triton")
+
+
+# -- the CUDA backend's glue, on the CPU: mamba-ssm's kernels replaced by fakes with their semantics --
+
+def _fake_kernels():
+    def conv_fn(x, weight, bias=None, activation=None):  # zero-padded causal conv, any layout
+        return ref.causal_conv1d_ref(x, weight, bias, x.new_zeros(x.shape[0], x.shape[1], weight.shape[1]),
+                                     activation)
+
+    def scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False):
+        y, last = ref.selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus)  # zero initial state
+        return (y, last) if return_last_state else y
+
+    def chunk_fn(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states=None, dt_softplus=False,
+                 dt_limit=(0.0, float("inf")), return_final_states=False):
+        y, final = ref.ssd_ref(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_limit, initial_states)
+        return (y, final) if return_final_states else y
+
+    def ssu(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
+        return ref.selective_state_update_ref(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+
+    def rmsnorm_fn(x, weight, bias, z=None, eps=1e-6, group_size=None, norm_before_gate=True):
+        return ref.gated_rmsnorm_ref(x, z, weight, eps, group_size or x.shape[-1], norm_before_gate)
+
+    def layer_norm_fn(x, weight, bias, residual=None, eps=1e-6, prenorm=False, residual_in_fp32=False,
+                      is_rms_norm=False):
+        assert is_rms_norm and bias is None
+        normed, res = ref.add_rmsnorm_ref(x, residual, weight, eps, residual_in_fp32)
+        return (normed, res) if prenorm else normed
+
+    return dict(causal_conv1d_fn=conv_fn, causal_conv1d_update=ref.causal_conv1d_update_ref,
+                selective_scan_fn=scan_fn, mamba_chunk_scan_combined=chunk_fn, selective_state_update=ssu,
+                rmsnorm_fn=rmsnorm_fn, layer_norm_fn=layer_norm_fn)
+
+
+@pytest.mark.parametrize("kind", ["mamba", "mamba2"])
+def test_cuda_backend_glue_with_fake_kernels(hf_dirs, kind, monkeypatch):
+    """Fresh prefill, prefill from an existing state (Mamba-1: the correction for the initial state
+    that selective_scan_fn lacks) and steps, through the CUDA branch of every op."""
+    import constant_state.models.mamba as mm
+
+    fake = mb.MambaOps("ref", "ref")
+    fake.ssm = fake.conv = "cuda"
+    fake._k = _fake_kernels()
+    monkeypatch.setattr(mm, "get_ops", lambda device, backend=None: fake)
+    ours = cs.load(str(hf_dirs[kind]), dtype="float32")
+    ids = _ids(2, 41, seed=4)
+    with torch.no_grad():
+        expected = _hf_model(kind)(ids).logits
+    state = ours.init_state(2)
+    parts = [ours(ids[:, a:b], state)[0] for a, b in ((0, 2), (2, 24), (24, 38))]
+    parts += [ours(ids[:, t:t + 1], state)[0] for t in range(38, 41)]
+    assert max_diff(torch.cat(parts, 1), expected) <= TOL[kind]

@@ -299,21 +299,22 @@ class MambaMixer(_Mixer):
             x = ops.causal_conv1d_update(x, st["conv_state"], w, self.conv1d.bias, "silu")  # [B, E]
             dbc = self.x_proj(x)  # [B, R + 2N]
             dt = F.linear(dbc[:, :r], self.dt_proj.weight)  # [B, E]
-            y = ops.selective_state_update(st["ssm_state"], x, dt, A, dbc[:, r:r + n], dbc[:, r + n:], self.D.float(),
-                                           z, self.dt_proj.bias.float(), True)  # [B, E]
+            y = ops.selective_state_update(st["ssm_state"], x, dt, A, dbc[:, r:r + n], dbc[:, r + n:], self.D,
+                                           z, self.dt_proj.bias, True)  # [B, E]
             return self.out_proj(y)[:, None]
         # Channel-first [B, 2E, T] straight from the matmul (mamba-ssm's layout, no transposed copies).
         xz = (self.in_proj.weight @ h.reshape(b * t, -1).T).view(2 * e, b, t).permute(1, 0, 2)  # [B, 2E, T]
         if self.in_proj.bias is not None:
             xz = xz + self.in_proj.bias[None, :, None]
         x, z = xz[:, :e], xz[:, e:]
-        x = ops.causal_conv1d(x, w, self.conv1d.bias, st["conv_state"], "silu")  # [B, E, T]
+        fresh = ctx.extras.get("mamba_fresh", False)
+        x = ops.causal_conv1d(x, w, self.conv1d.bias, st["conv_state"], "silu", fresh)  # [B, E, T]
         dbc = self.x_proj(x.transpose(1, 2).reshape(b * t, e))  # [B*T, R + 2N]
         dt = (self.dt_proj.weight @ dbc[:, :r].T).view(e, b, t).permute(1, 0, 2)  # [B, E, T]
         Bm = dbc[:, r:r + n].reshape(b, t, n).transpose(1, 2).contiguous()  # [B, N, T]
         Cm = dbc[:, r + n:].reshape(b, t, n).transpose(1, 2).contiguous()  # [B, N, T]
         y, last = ops.selective_scan(x, dt, A, Bm, Cm, self.D.float(), z, self.dt_proj.bias.float(),
-                                     st["ssm_state"], ctx.extras.get("mamba_fresh", False))  # [B, E, T]
+                                     st["ssm_state"], fresh)  # [B, E, T]
         st["ssm_state"].copy_(last)
         return self.out_proj(y.transpose(1, 2))
 
@@ -359,8 +360,9 @@ class Mamba2Mixer(_Mixer):
                 None if dt_bias is None else dt_bias.float()[:, None].expand(h, p), not limited)  # [B, H, P]
             y = y.reshape(b, 1, e)
         else:
-            xbc = ops.causal_conv1d(xbc.transpose(1, 2), w, self.conv1d.bias, st["conv_state"], "silu")  # [B, C, T]
-            xbc = xbc.transpose(1, 2).contiguous()  # [B, T, C]
+            xbc = ops.causal_conv1d(xbc.transpose(1, 2), w, self.conv1d.bias, st["conv_state"], "silu",
+                                    ctx.extras.get("mamba_fresh", False))  # [B, C, T]
+            xbc = xbc.transpose(1, 2).contiguous()  # [B, T, C] (a no-op for channel-last output)
             x, Bm, Cm = xbc.split([e, g * n, g * n], dim=-1)
             y, final = ops.ssd(x.reshape(b, t, h, p), dt, A, Bm.reshape(b, t, g, n), Cm.reshape(b, t, g, n),
                                c.chunk_size, self.D.float(), self.dt_bias.float(), c.time_step_limit,
@@ -420,14 +422,26 @@ class MambaLM(StatefulLM):
                                    device=device or self.device)
 
     def forward_reserved(self, input_ids: torch.Tensor, state: ModelState, last_only: bool = False) -> torch.Tensor:
-        # Host knowledge for the CUDA Mamba-1 scan, which has no initial state: is every row's
-        # state still empty (a first prefill)? Then no correction for the initial state is needed.
+        """The base loop with mamba-ssm's fused residual-add + RMSNorm between mixers (on CUDA one
+        kernel per layer instead of eight, which matters for a graph-captured decode step)."""
         t = input_ids.shape[1]
-        self._fresh = t > 1 and all(s.num_tokens == t for s in state.seqs)
-        return super().forward_reserved(input_ids, state, last_only)
-
-    def prepare_context(self, ctx: ForwardContext) -> None:
-        ctx.extras["mamba_fresh"] = getattr(self, "_fresh", False)
+        # Mamba layers read no positions or slots, so the context skips computing them. Host
+        # knowledge: is every row's state still empty (a first prefill)? Then the CUDA conv and
+        # Mamba-1 scan, which take no initial state, need no correction for it.
+        ctx = ForwardContext(positions=None, seq_lens=None, num_new=t)
+        ctx.extras["mamba_fresh"] = t > 1 and all(s.num_tokens == t for s in state.seqs)
+        ops = self.layers[0].mixer.ops(input_ids.device)
+        fp32 = self.config.residual_in_fp32
+        hidden, residual = self.embed(input_ids), None
+        for layer, layer_state in zip(self.layers, state.layers):
+            h, residual = ops.add_rmsnorm(hidden, residual, layer.norm.weight, layer.norm.eps, fp32)
+            hidden = layer.mixer(h, layer_state, ctx)
+        if last_only:
+            hidden, residual = hidden[:, -1:], residual[:, -1:]
+        h, _ = ops.add_rmsnorm(hidden, residual, self.norm.weight, self.norm.eps, fp32)
+        logits = self.lm_head(h)
+        state.advance(t)
+        return logits
 
     @torch.no_grad()
     def init_random(self, gen: torch.Generator) -> None:

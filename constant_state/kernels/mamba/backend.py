@@ -43,6 +43,17 @@ def _import_kernels() -> tuple[dict, dict[str, str]]:
                      mamba_chunk_scan_combined=mamba_chunk_scan_combined, rmsnorm_fn=rmsnorm_fn)
     except ImportError as e:
         errors["mamba_ssm"] = f"{type(e).__name__}: {e}"
+    else:
+        try:  # the fused residual-add + RMSNorm (module renamed across mamba-ssm versions)
+            from mamba_ssm.ops.triton.layer_norm import layer_norm_fn
+        except ImportError:
+            try:
+                from mamba_ssm.ops.triton.layernorm import layer_norm_fn
+            except ImportError as e:
+                log.info("mamba-ssm has no fused add + RMSNorm here (%s); using PyTorch ops", e)
+                layer_norm_fn = None
+        if layer_norm_fn is not None:
+            found["layer_norm_fn"] = layer_norm_fn
     try:
         from causal_conv1d import causal_conv1d_fn, causal_conv1d_update
         found.update(causal_conv1d_fn=causal_conv1d_fn, causal_conv1d_update=causal_conv1d_update)
@@ -106,11 +117,18 @@ class MambaOps:
         return self.ssm if self.ssm == self.conv else f"ssm={self.ssm},conv={self.conv}"
 
     # -- causal conv ------------------------------------------------------------------------------
-    def causal_conv1d(self, x, weight, bias, conv_state, activation="silu"):
-        """``x [B, C, T]`` from ``conv_state [B, C, K]`` (updated in place) -> ``[B, C, T]``."""
+    def causal_conv1d(self, x, weight, bias, conv_state, activation="silu", fresh: bool = False):
+        """``x [B, C, T]`` from ``conv_state [B, C, K]`` (updated in place) -> ``[B, C, T]``.
+
+        ``fresh=True`` promises a zero state: the kernel's own zero padding then serves, and ``x``
+        may be channel-first or channel-last (``x.stride(1) == 1``) as causal-conv1d allows."""
         if self.conv == "ref":
             return ref.causal_conv1d_ref(x, weight, bias, conv_state, activation)
-        k = weight.shape[-1]
+        k, t = weight.shape[-1], x.shape[-1]
+        if fresh:
+            out = self._k["causal_conv1d_fn"](x, weight, bias, activation=activation)
+            conv_state.copy_(F.pad(x[:, :, -k:], (max(0, k - t), 0)))
+            return out
         # Prepend the state's last K - 1 inputs instead of passing initial_states, which
         # causal-conv1d accepts only in the channel-last layout.
         xin = torch.cat([conv_state[:, :, 1:].to(x.dtype), x], dim=2)  # [B, C, K - 1 + T]
@@ -166,6 +184,15 @@ class MambaOps:
                                                         initial_states=initial_states, dt_softplus=True,
                                                         dt_limit=tuple(dt_limit), return_final_states=True)
         return y, final
+
+    def add_rmsnorm(self, x, residual, weight, eps, residual_in_fp32):
+        """``residual += x`` (fp32 if asked; ``residual`` None: starts as ``x``), then RMSNorm of it
+        in ``weight``'s dtype. Returns (normed, new residual)."""
+        fused = self._k.get("layer_norm_fn") if self.ssm == "cuda" else None
+        if fused is not None:
+            return fused(x, weight, None, residual=residual, eps=eps, prenorm=True,
+                         residual_in_fp32=residual_in_fp32, is_rms_norm=True)
+        return ref.add_rmsnorm_ref(x, residual, weight, eps, residual_in_fp32)
 
     def gated_rmsnorm(self, x, z, weight, eps, group_size, norm_before_gate):
         if self.ssm == "ref":

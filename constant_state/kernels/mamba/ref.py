@@ -211,3 +211,16 @@ def gated_rmsnorm_ref(x: torch.Tensor, z: torch.Tensor | None, weight: torch.Ten
     if z is not None and norm_before_gate:
         xf = xf * F.silu(z.float())
     return (weight.float() * xf).to(x.dtype)
+
+
+def add_rmsnorm_ref(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                    residual_in_fp32: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pre-norm residual step: ``residual = x + residual`` (fp32 if ``residual_in_fp32``), then
+    ``weight * rmsnorm(residual)`` in ``weight.dtype``. Returns (normed, residual)."""
+    res = x.float() if residual_in_fp32 else x
+    if residual is not None:
+        res = res + residual
+    dtype = weight.dtype
+    r = res.to(dtype).float()
+    normed = weight * (r * torch.rsqrt(r.pow(2).mean(-1, keepdim=True) + eps)).to(dtype)
+    return normed, res
