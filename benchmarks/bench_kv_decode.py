@@ -1,0 +1,258 @@
+"""Paged KV formats on the GPU: decode-attention time and bandwidth, end-to-end decode, capacity.
+
+Three tables (markdown), all in one run on one GPU:
+
+1. Decode attention, one layer, 32 query heads / 8 KV heads / head dim 128, for every format at
+   batch 1, 8, 32 and context 4k, 32k, 128k, beside ``F.scaled_dot_product_attention`` on a
+   contiguous bf16 cache (``enable_gqa=True``; torch picks cuDNN on the H200). Both are captured in
+   CUDA graphs and timed by ``triton.testing.do_bench`` (median, L2 flushed between calls).
+   Bandwidth = bytes the kernel must read (codes, scales, zero points, queries, block tables) / time.
+2. End-to-end decode tokens/s of a random Llama-3-8B-shaped model at batch 32, context 32k, per
+   format (one decode step as a CUDA graph; the context is reserved, not prefilled: a decode step's
+   cost does not depend on the cached values). Formats whose 32 x 32k cache does not fit next to
+   the weights run at the largest batch that fits, and say so.
+3. Capacity: the largest number of 32k-token Llama-3-8B sequences whose KV cache can be allocated
+   within a fixed budget (default 100 GiB, enforced with ``set_per_process_memory_fraction``).
+
+    python benchmarks/bench_kv_decode.py                 # everything
+    python benchmarks/bench_kv_decode.py --only attn --formats bf16,int4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import torch
+import torch.nn.functional as F
+
+import constant_state as cs
+from constant_state.cache.formats import get_format
+from constant_state.models.config import PRESETS
+from constant_state.state import ModelState, spec_bytes_per_sequence
+
+HQ, HKV, D, BS = 32, 8, 128, 16
+DEVICE = "cuda"  # --smoke: "cpu" under TRITON_INTERPRET=1, tiny shapes, no graphs
+FORMATS = ["bf16", "fp8", "int8", "int4", "int4-g32"]
+
+
+def bench_graph(fn, warmup: int = 3) -> float:
+    """Median microseconds of ``fn`` replayed from a CUDA graph (no host launch cost)."""
+    import time
+
+    import triton.testing
+
+    if DEVICE == "cpu":
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e6
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return triton.testing.do_bench(g.replay, warmup=10, rep=100, return_mode="median") * 1e3
+
+
+def random_storage(fmt: str, num_blocks: int):
+    """A storage of ``num_blocks`` blocks filled with random codes and plausible scales."""
+    st = get_format(fmt).make_storage(num_blocks, BS, HKV, D, DEVICE)
+    for t in st.tensors():
+        if t.dtype == torch.float16:
+            t.copy_(torch.rand_like(t) * 0.02 + 0.001)
+        elif t.dtype in (torch.bfloat16, torch.float32):
+            t.normal_()
+        else:
+            u = t.view(torch.uint8)
+            u.random_(0, 256)
+            if t.dtype == torch.float8_e4m3fn:
+                u.bitwise_and_(0xB7)  # no NaN codes
+    return st
+
+
+def attn_table(formats, batches, contexts) -> list[dict]:
+    from constant_state.kernels.paged_attention.decode import paged_attention
+
+    rows = []
+    for ctx in contexts:
+        for b in batches:
+            q = torch.randn(b, 1, HQ, D, device=DEVICE, dtype=torch.bfloat16)
+            seq = torch.full((b,), ctx, dtype=torch.int32, device=DEVICE)
+            # cuDNN / SDPA baseline on a contiguous bf16 cache.
+            k = torch.randn(b, HKV, ctx, D, device=DEVICE, dtype=torch.bfloat16)
+            v = torch.randn_like(k)
+            qs = q.transpose(1, 2)
+            us = bench_graph(lambda: F.scaled_dot_product_attention(qs, k, v, enable_gqa=True))
+            sdpa_bytes = 2 * k.numel() * 2 + q.numel() * 2
+            rows.append(dict(impl="sdpa-bf16-contiguous", batch=b, context=ctx, us=us,
+                             bytes=sdpa_bytes, tb_s=sdpa_bytes / us / 1e6, vs_sdpa=1.0))
+            del k, v
+            if DEVICE == "cuda":
+                torch.cuda.empty_cache()
+            for fmt in formats:
+                m = ctx // BS
+                st = random_storage(fmt, b * m)
+                bt = torch.randperm(b * m, device=DEVICE).int().view(b, m)  # non-contiguous blocks
+                cache = st.cache if hasattr(st, "cache") else (st.k, st.v)
+                t = bench_graph(lambda: paged_attention(q, cache, bt, seq, D ** -0.5))
+                nbytes = b * m * get_format(fmt).page_bytes(BS, HKV, D) + q.numel() * 2 * 2 + bt.numel() * 4
+                rows.append(dict(impl=f"paged-{fmt}", batch=b, context=ctx, us=t, bytes=nbytes,
+                                 tb_s=nbytes / t / 1e6, vs_sdpa=t / us))
+                del st, bt
+                if DEVICE == "cuda":
+                    torch.cuda.empty_cache()
+            print_rows(rows[-1 - len(formats):], ["impl", "batch", "context", "us", "bytes", "tb_s", "vs_sdpa"])
+    return rows
+
+
+def random_llama(preset: str):
+    """Llama-shaped model with random bf16 weights, initialised on the GPU (fast for 8B)."""
+    from constant_state.models.transformer import Transformer
+
+    cfg = PRESETS[preset]
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model = model.to_empty(device=DEVICE).to(torch.bfloat16)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.fill_(1.0) if "norm" in name else p.normal_(0, 0.02)
+    model.tie_weights()
+    return model.eval()
+
+
+@torch.inference_mode()
+def e2e_table(formats, preset: str, batch: int, context: int) -> list[dict]:
+    model = random_llama(preset)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    rows = []
+    for fmt in formats:
+        kv = cs.KVConfig(format=fmt)
+        per_seq = spec_bytes_per_sequence(model.state_specs(kv), context + BS)
+        free = torch.cuda.mem_get_info()[0] - 6 * 2 ** 30 if DEVICE == "cuda" else 2 ** 40  # minus activations
+        b = min(batch, max(1, free // per_seq))
+        state = model.init_state(b, max_context=context + BS, kv=kv)
+        state.reserve(context)  # the context, not prefilled: values do not change a step's cost
+        state.advance(context)
+        state.reserve(1)
+        base = state.seq_lens.clone()
+        ids = torch.zeros((b, 1), dtype=torch.long, device=DEVICE)
+
+        def step():
+            state.seq_lens.copy_(base)
+            return model.forward_reserved(ids, state, last_only=True)
+
+        us = bench_graph(step)
+        rows.append(dict(format=fmt, batch=b, context=context, step_ms=us / 1e3, tok_s=b / (us / 1e6),
+                         kv_gib=b * per_seq / 2 ** 30, weights_gib=weights / 2 ** 30,
+                         note="" if b == batch else f"{batch} x {context} does not fit next to the weights"))
+        print_rows(rows[-1:], list(rows[-1]))
+        state.release()
+        del state
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
+    del model
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def capacity_table(formats, preset: str, context: int, budget_gib: float) -> list[dict]:
+    """Largest n with ``init_state(n, context)`` allocatable under a memory fraction of ``budget_gib``."""
+    cfg = PRESETS[preset]
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.empty_cache()
+    torch.cuda.set_per_process_memory_fraction(min(1.0, budget_gib * 2 ** 30 / total))
+    rows = []
+    for fmt in formats:
+        specs = cfg.state_specs(cs.KVConfig(format=fmt))
+        per_seq = spec_bytes_per_sequence(specs, context)
+        lo, hi = 0, int(budget_gib * 2 ** 30 // per_seq) + 2
+
+        def fits(n: int) -> bool:
+            try:
+                st = ModelState.allocate(specs, n, max_context=context, device=DEVICE)
+            except torch.cuda.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                return False
+            del st
+            torch.cuda.empty_cache()
+            return True
+
+        while lo + 1 < hi:  # fits(lo), not fits(hi)
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+        rows.append(dict(format=fmt, context=context, budget_gib=budget_gib, sequences=lo,
+                         per_seq_gib=per_seq / 2 ** 30, formula=int(budget_gib * 2 ** 30 // per_seq)))
+        print_rows(rows[-1:], list(rows[-1]))
+    torch.cuda.set_per_process_memory_fraction(1.0)
+    return rows
+
+
+def hf_quantized_cache_note() -> str:
+    for mod in ("optimum.quanto", "hqq"):
+        try:
+            __import__(mod)
+            return f"{mod} is installed: Hugging Face QuantizedCache could run (not wired here)."
+        except ImportError:
+            continue
+    return ("Hugging Face QuantizedCache: not run, neither of its backends (optimum-quanto, hqq) is "
+            "installed on this machine and it has no network.")
+
+
+def print_rows(rows: list[dict], cols: list[str]) -> None:
+    def fmt(x):
+        if isinstance(x, float):
+            return f"{x:.3g}" if abs(x) < 1000 else f"{x:,.0f}"
+        return str(x)
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+    for r in rows:
+        print("| " + " | ".join(fmt(r[c]) for c in cols) + " |")
+    print(flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--only", choices=["attn", "e2e", "capacity"], action="append")
+    p.add_argument("--formats", default=",".join(FORMATS))
+    p.add_argument("--batches", default="1,8,32")
+    p.add_argument("--contexts", default="4096,32768,131072")
+    p.add_argument("--preset", default="llama-3-8b")
+    p.add_argument("--e2e-batch", type=int, default=32)
+    p.add_argument("--e2e-context", type=int, default=32768)
+    p.add_argument("--budget-gib", type=float, default=100.0)
+    p.add_argument("--json", default=None, help="write all rows to this file")
+    p.add_argument("--smoke", action="store_true", help="CPU check (set TRITON_INTERPRET=1)")
+    a = p.parse_args()
+    if a.smoke:  # a CPU check of this script: tiny shapes through the Triton interpreter
+        global DEVICE
+        DEVICE = "cpu"
+        out = {"attn": attn_table(a.formats.split(","), [1, 2], [64, 128]),
+               "e2e": e2e_table(a.formats.split(","), "tiny-llama", 2, 40)}
+        print(json.dumps(out)[:200])
+        return
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_kv_decode.py needs a CUDA device")
+    formats = a.formats.split(",")
+    only = set(a.only or ["attn", "e2e", "capacity"])
+    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    if "attn" in only:
+        print("## Decode attention, one layer (32 q heads, 8 KV heads, head dim 128)\n")
+        out["attn"] = attn_table(formats, [int(x) for x in a.batches.split(",")],
+                                 [int(x) for x in a.contexts.split(",")])
+    if "e2e" in only:
+        print(f"## End-to-end decode, random {a.preset}, batch {a.e2e_batch}, context {a.e2e_context}\n")
+        out["e2e"] = e2e_table(formats, a.preset, a.e2e_batch, a.e2e_context)
+        print(hf_quantized_cache_note() + "\n")
+    if "capacity" in only:
+        print(f"## Capacity: {a.preset} sequences of {a.e2e_context} tokens in {a.budget_gib:g} GiB of KV\n")
+        out["capacity"] = capacity_table(formats, a.preset, a.e2e_context, a.budget_gib)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(out, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
