@@ -13,18 +13,15 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..cache.config import KVConfig
-from ..kernels.rwkv7 import BACKENDS, wkv7
+from ..kernels.rwkv7 import BACKENDS, timemix_core
 from ..state import ForwardContext, RecurrentSpec, RecurrentState, StateSpec, TensorSpec
 from .base import StatefulLM
 from .config import ModelConfig, _require, parse_dtype, register_preset
 from .registry import Family, register_family
 
-DECAY_SCALE = 0.606531
-"""exp(-0.5): the decay is exp(-DECAY_SCALE * sigmoid(.)), as in the rwkv package."""
 MIX_NAMES = ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g")
 
 
@@ -120,11 +117,16 @@ class RWKV7Config(ModelConfig):
                    bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"))
 
 
-def _token_shift(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """The previous token of every position (``shift`` for the first); ``shift`` <- the last token."""
-    prev = torch.cat([shift[:, None].to(x.dtype), x[:, :-1]], dim=1)  # [B, T, C]
+def _shift_mix(x: torch.Tensor, shift: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
+    """Token-shift lerps ``x + (prev - x) * coeffs[i]`` -> ``[n, B, T, C]``, where ``prev`` is the previous
+    token (``shift`` for the first); then ``shift`` <- the last token, in place."""
+    if x.shape[1] == 1:
+        delta = shift[:, None].to(x.dtype) - x  # [B, 1, C]
+    else:
+        delta = torch.cat([shift[:, None].to(x.dtype), x[:, :-1]], dim=1) - x  # [B, T, C]
+    mixed = torch.addcmul(x, delta, coeffs[:, None, None])  # [n, B, T, C]
     shift.copy_(x[:, -1])
-    return prev
+    return mixed
 
 
 class TimeMix(nn.Module):
@@ -154,31 +156,19 @@ class TimeMix(nn.Module):
         self.ln_x = nn.GroupNorm(cfg.num_heads, c, eps=n * cfg.norm_eps)
 
     def forward(self, x: torch.Tensor, st: RecurrentState, ctx: ForwardContext) -> torch.Tensor:
-        bsz, t, c = x.shape
-        h, n = self.num_heads, self.head_size
-        prev = _token_shift(x, st["att_shift"])
-        mixed = x.unsqueeze(2) + (prev - x).unsqueeze(2) * self.x_mix  # [B, T, 6, C]
-        xr, xw, xk, xv, xa, xg = mixed.unbind(2)
-        r = self.receptance(xr)
-        k = self.key(xk)
-        v = self.value(xv)
-        log_w = -DECAY_SCALE * torch.sigmoid((self.w0 + torch.tanh(xw @ self.w1) @ self.w2).float())  # [B, T, C]
-        a = torch.sigmoid(self.a0 + (xa @ self.a1) @ self.a2)
+        xr, xw, xk, xv, xa, xg = _shift_mix(x, st["att_shift"], self.x_mix)  # each [B, T, C]
+        r, k, v = self.receptance(xr), self.key(xk), self.value(xv)
+        w_lo = torch.tanh(xw @ self.w1) @ self.w2
+        a_lo = (xa @ self.a1) @ self.a2
         g = torch.sigmoid(xg @ self.g1) @ self.g2
-        kk = F.normalize((k * self.k_k).view(bsz, t, h, n), dim=-1, p=2.0)  # [B, T, H, N]
-        k = k * (1 + (a - 1) * self.k_a)
         if self.layer_idx == 0:
             ctx.extras["v_first"] = v
+            v_lo = v_first = v0 = None
         else:
-            v = v + (ctx.extras["v_first"] - v) * torch.sigmoid(self.v0 + (xv @ self.v1) @ self.v2)
-        shape = (bsz, t, h, n)
-        a4 = a.view(shape)
-        o = wkv7(r.view(shape), log_w.view(shape), k.view(shape), v.view(shape), -kk, kk * a4, st["wkv"],
-                 backend=self.cfg.kernel)  # [B, T, H, N]
-        o = F.group_norm(o.reshape(bsz * t, c).to(x.dtype), h, self.ln_x.weight, self.ln_x.bias,
-                         self.ln_x.eps).view(bsz, t, c)
-        bonus = (r.view(shape) * k.view(shape) * self.r_k).sum(-1, keepdim=True) * v.view(shape)  # [B, T, H, N]
-        return self.output((o + bonus.view(bsz, t, c)) * g)
+            v_lo, v_first, v0 = (xv @ self.v1) @ self.v2, ctx.extras["v_first"], self.v0
+        y = timemix_core(r, k, v, w_lo, a_lo, v_lo, v_first, g, self.w0, self.a0, v0, self.k_k, self.k_a, self.r_k,
+                         self.ln_x.weight, self.ln_x.bias, self.ln_x.eps, st["wkv"], backend=self.cfg.kernel)
+        return self.output(y)
 
 
 class ChannelMix(nn.Module):
@@ -191,9 +181,8 @@ class ChannelMix(nn.Module):
         self.value = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, st: RecurrentState) -> torch.Tensor:
-        prev = _token_shift(x, st["ffn_shift"])
-        k = torch.relu(self.key(x + (prev - x) * self.x_k)) ** 2
-        return self.value(k)
+        xk = _shift_mix(x, st["ffn_shift"], self.x_k[None])[0]
+        return self.value(torch.relu(self.key(xk)).square())
 
 
 class RWKV7Block(nn.Module):

@@ -11,9 +11,10 @@ import logging
 
 import torch
 
-from .ref import rwkv7_chunk_ref, rwkv7_ref
+from .ref import rwkv7_chunk_ref, rwkv7_ref, timemix_core_ref
 
-__all__ = ["rwkv7_ref", "rwkv7_chunk_ref", "wkv7", "triton_available", "BACKENDS"]
+__all__ = ["rwkv7_ref", "rwkv7_chunk_ref", "timemix_core_ref", "wkv7", "timemix_core", "triton_available",
+           "BACKENDS"]
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +31,9 @@ def triton_available() -> bool:
     if _TRITON is None:
         try:
             from .chunk import chunk_rwkv7
+            from .fused_layer import fused_timemix_rwkv7
             from .fused_recurrent import fused_recurrent_rwkv7
-            _TRITON = (chunk_rwkv7, fused_recurrent_rwkv7)
+            _TRITON = (chunk_rwkv7, fused_recurrent_rwkv7, fused_timemix_rwkv7)
         except ImportError as e:
             _TRITON = ()
             _warn_once("import", f"RWKV-7 Triton kernels unavailable ({e}); using the PyTorch reference")
@@ -44,18 +46,36 @@ def _warn_once(key: str, msg: str) -> None:
         log.warning(msg)
 
 
-def wkv7(r, w, k, v, a, b, state: torch.Tensor, backend: str = "auto") -> torch.Tensor:
-    """``o [B, T, H, V]`` of the wkv recurrence; ``state [B, H, K, V]`` (fp32) is updated in place."""
+def _use_triton(backend: str, x: torch.Tensor) -> bool:
     if backend not in BACKENDS:
         raise ValueError(f"wkv backend expected one of {BACKENDS}, got {backend!r}")
-    t = r.shape[1]
-    use_triton = backend == "triton" or (backend == "auto" and r.is_cuda)
-    if use_triton and not triton_available():
+    use = backend == "triton" or (backend == "auto" and x.is_cuda)
+    if use and not triton_available():
         if backend == "triton":
             raise ValueError("wkv backend 'triton' requested but triton cannot be imported")
-        use_triton = False
+        return False
+    return use
+
+
+def timemix_core(r, k, v, w_lo, a_lo, v_lo, v_first, g, w0, a0, v0, k_k, k_a, r_k, ln_w, ln_b, eps: float,
+                 state: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """RWKV-7's time-mix core (see :func:`timemix_core_ref`); ``state`` is updated in place.
+
+    Triton, short inputs (decode): one fused kernel. Otherwise the PyTorch elementwise ops around
+    :func:`wkv7` (the chunked kernel on CUDA).
+    """
+    if _use_triton(backend, r) and r.shape[1] < CHUNK_MIN_T and state.is_contiguous():
+        return _TRITON[2](r, k, v, w_lo, a_lo, v_lo, v_first, g, w0, a0, v0, k_k, k_a, r_k, ln_w, ln_b, eps, state)
+    return timemix_core_ref(r, k, v, w_lo, a_lo, v_lo, v_first, g, w0, a0, v0, k_k, k_a, r_k, ln_w, ln_b, eps,
+                            state, wkv=lambda *args: wkv7(*args, backend=backend))
+
+
+def wkv7(r, w, k, v, a, b, state: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """``o [B, T, H, V]`` of the wkv recurrence; ``state [B, H, K, V]`` (fp32) is updated in place."""
+    t = r.shape[1]
+    use_triton = _use_triton(backend, r)
     if use_triton and state.is_contiguous():
-        chunk_rwkv7, fused_recurrent_rwkv7 = _TRITON
+        chunk_rwkv7, fused_recurrent_rwkv7, _ = _TRITON
         fn = chunk_rwkv7 if t >= CHUNK_MIN_T else fused_recurrent_rwkv7
         o, _ = fn(r, w, k, v, a, b, state, inplace=True)
         return o

@@ -72,3 +72,37 @@ def rwkv7_chunk_ref(r, w, k, v, a, b, state: torch.Tensor | None = None, chunk_s
         s = s * last.transpose(2, 3).exp() + (bc * to_end).transpose(2, 3) @ u + (kc * to_end).transpose(2, 3) @ vc
     o = torch.cat(out, 1)
     return o.to(dtype), s
+
+
+DECAY_SCALE = 0.606531
+"""exp(-0.5): the decay is exp(-DECAY_SCALE * sigmoid(.)), as in the rwkv package."""
+
+
+def timemix_core_ref(r, k, v, w_lo, a_lo, v_lo, v_first, g, w0, a0, v0, k_k, k_a, r_k, ln_w, ln_b, eps: float,
+                     state: torch.Tensor, wkv=None) -> torch.Tensor:
+    """The part of RWKV-7's time mix between the projections and the output projection.
+
+    ``r, k, v, g`` and the LoRA outputs ``w_lo = tanh(xw @ w1) @ w2``, ``a_lo = (xa @ a1) @ a2``,
+    ``v_lo = (xv @ v1) @ v2`` (None in layer 0, with ``v_first``) are ``[B, T, C]``; ``w0, a0, v0,
+    k_k, k_a, ln_w, ln_b`` are ``[C]``, ``r_k`` is ``[H, N]``. Updates ``state [B, H, N, N]`` (fp32) in
+    place and returns ``(GroupNorm(wkv) + bonus) * g`` ``[B, T, C]``. ``wkv`` computes the recurrence
+    (default: :func:`rwkv7_ref`; it must return ``o`` and update ``state`` in place).
+    """
+    bsz, t, c = r.shape
+    h, n = r_k.shape
+    shape = (bsz, t, h, n)
+    log_w = -DECAY_SCALE * torch.sigmoid((w0 + w_lo).float())
+    a = torch.sigmoid(a0 + a_lo)
+    kk = torch.nn.functional.normalize((k * k_k).view(shape), dim=-1, p=2.0)
+    k = k * (1 + (a - 1) * k_a)
+    if v_lo is not None:
+        v = v + (v_first - v) * torch.sigmoid(v0 + v_lo)
+    args = (r.view(shape), log_w.view(shape), k.view(shape), v.view(shape), -kk, kk * a.view(shape))
+    if wkv is None:
+        o, s = rwkv7_ref(*args, state)
+        state.copy_(s)
+    else:
+        o = wkv(*args, state)
+    o = torch.nn.functional.group_norm(o.reshape(bsz * t, c).to(r.dtype), h, ln_w, ln_b, eps).view(bsz, t, c)
+    bonus = (r.view(shape) * k.view(shape) * r_k).sum(-1, keepdim=True) * v.view(shape)  # [B, T, H, N]
+    return (o + bonus.view(bsz, t, c)) * g

@@ -1,0 +1,187 @@
+"""RWKV-7 in the 0.1B shape (12 layers x 768, head 64), random bf16 weights, beside fla 0.6.0.
+
+Three measurements, ours and fla's in the same run (fla's numbers are skipped, with the reason, if
+fla cannot be imported or fails):
+
+1. prefill of 32 x 2048 tokens (backbone plus the head on the last token; fla's RWKV7Model backbone);
+2. one decode step replayed as a CUDA graph at batch 1 and 32 (ours: ``forward_reserved`` on a fixed
+   state, as in the generate loop; fla: RWKV7Model with its cache, captured the same way);
+3. the chunked wkv kernel alone at 32 x 2048 with 12 heads of 64 (bf16): our ``chunk_rwkv7`` vs
+   fla's ``chunk_rwkv7`` (called as fla's RWKV7Attention calls it).
+
+Timings: ``triton.testing.do_bench`` medians. fla's first compile/autotune takes 2 to 4 minutes.
+
+    python benchmarks/bench_rwkv7.py [--batch 32] [--seq 2048] [--out results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import warnings
+
+import torch
+
+import constant_state as cs
+
+FLA_LOWER_BOUND = -0.6065306597126334
+TARGETS = {"chunk_kernel": "ours >= fla (39 M tok/s on the H200)", "decode_b1": "ours <= fla (1.28 ms)"}
+
+
+def bench(fn, rep_ms: int = 200) -> float:
+    """Median milliseconds of ``fn``."""
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=25, rep=rep_ms, return_mode="median")
+
+
+def graph_of(fn):
+    """Warm ``fn`` up on a side stream, capture it as a CUDA graph; returns replay."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g.replay
+
+
+# -- ours ------------------------------------------------------------------------------------------
+
+def ours_model():
+    return cs.load("rwkv7-0.1b", device="cuda", dtype="bfloat16")
+
+
+@torch.inference_mode()
+def ours_prefill(model, b, t) -> float:
+    ids = torch.randint(0, model.config.vocab_size, (b, t), device="cuda")
+    state = model.init_state(b)
+    return bench(lambda: model.forward_reserved(ids, state, last_only=True), rep_ms=500)
+
+
+@torch.inference_mode()
+def ours_decode(model, b) -> float:
+    ids = torch.randint(0, model.config.vocab_size, (b, 1), device="cuda")
+    state = model.init_state(b)
+    model(torch.randint(0, model.config.vocab_size, (b, 16), device="cuda"), state)
+    replay = graph_of(lambda: model.forward_reserved(ids, state, last_only=True))
+    return bench(replay)
+
+
+def kernel_inputs(b, t, h=12, d=64):
+    r, k, v = (torch.randn(b, t, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    w = (FLA_LOWER_BOUND * torch.rand(b, t, h, d, device="cuda")).to(torch.bfloat16)
+    kk = torch.nn.functional.normalize(torch.randn(b, t, h, d, device="cuda"), dim=-1)
+    a, bb = (-kk).to(torch.bfloat16), (kk * torch.rand_like(kk)).to(torch.bfloat16)
+    s0 = torch.zeros(b, h, d, d, device="cuda", dtype=torch.float32)
+    return (r, w, k * 0.1, v, a, bb), s0
+
+
+def ours_chunk(b, t) -> float:
+    from constant_state.kernels.rwkv7.chunk import chunk_rwkv7
+
+    xs, s0 = kernel_inputs(b, t)
+    chunk_rwkv7(*xs, s0, inplace=True)  # autotune outside the timing
+    return bench(lambda: chunk_rwkv7(*xs, s0, inplace=True))
+
+
+# -- fla -------------------------------------------------------------------------------------------
+
+def fla_model():
+    warnings.filterwarnings("ignore")
+    from fla.models import RWKV7Config, RWKV7Model
+
+    cfg = RWKV7Config(hidden_size=768, num_hidden_layers=12, head_dim=64, vocab_size=65536, decay_low_rank_dim=64,
+                      a_low_rank_dim=64, v_low_rank_dim=32, gate_low_rank_dim=128)
+    with torch.device("cuda"):
+        return RWKV7Model(cfg).to(torch.bfloat16).eval()
+
+
+@torch.inference_mode()
+def fla_prefill(model, b, t) -> float:
+    ids = torch.randint(0, 65536, (b, t), device="cuda")
+    return bench(lambda: model(input_ids=ids, use_cache=False), rep_ms=500)
+
+
+@torch.inference_mode()
+def fla_decode(model, b) -> float:
+    ids = torch.randint(0, 65536, (b, 1), device="cuda")
+    cache = model(input_ids=torch.randint(0, 65536, (b, 16), device="cuda"), use_cache=True).past_key_values
+    replay = graph_of(lambda: model(input_ids=ids, past_key_values=cache, use_cache=True))
+    return bench(replay)
+
+
+def fla_chunk(b, t) -> float:
+    from fla.ops.rwkv7 import chunk_rwkv7
+
+    xs, s0 = kernel_inputs(b, t)
+
+    def run():
+        return chunk_rwkv7(*xs, scale=1.0, initial_state=s0, output_final_state=True, safe_gate=True,
+                           lower_bound=FLA_LOWER_BOUND, chunk_size=64)
+
+    run()
+    return bench(run)
+
+
+def attempt(fn, *args):
+    try:
+        return fn(*args), None
+    except Exception as e:  # fla missing or failing: report it in the table, keep our numbers
+        return None, f"{type(e).__name__}: {str(e)[:120]}"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--out", default=None, help="write the results as JSON here")
+    args = ap.parse_args()
+    b, t = args.batch, args.seq
+    torch.manual_seed(0)
+    rows, notes = [], []
+
+    model = ours_model()
+    fla, err = attempt(fla_model)
+    if err:
+        notes.append(f"fla RWKV7Model unavailable: {err}")
+
+    def row(name, unit, ours_fn, fla_fn, per, lower_is_better):
+        ours_ms = ours_fn()
+        fla_ms, e = attempt(fla_fn) if fla_fn is not None else (None, "fla unavailable")
+        if e and fla_fn is not None:
+            notes.append(f"fla {name}: {e}")
+        conv = (lambda ms: per / ms / 1e3) if unit == "M tok/s" else (lambda ms: ms)
+        ours_v, fla_v = conv(ours_ms), (conv(fla_ms) if fla_ms else None)
+        ratio = None if fla_v is None else (fla_v / ours_v if lower_is_better else ours_v / fla_v)
+        rows.append(dict(name=name, unit=unit, ours=ours_v, fla=fla_v, ours_ms=ours_ms, fla_ms=fla_ms,
+                         speedup=ratio))
+
+    row(f"prefill {b}x{t}", "M tok/s", lambda: ours_prefill(model, b, t),
+        (lambda: fla_prefill(fla, b, t)) if fla else None, b * t, False)
+    for db in (1, 32):
+        row(f"decode step, CUDA graph, batch {db}", "ms", lambda: ours_decode(model, db),
+            (lambda: fla_decode(fla, db)) if fla else None, db, True)
+    row(f"chunk kernel {b}x{t}, 12 heads x 64, bf16", "M tok/s", lambda: ours_chunk(b, t),
+        lambda: fla_chunk(b, t), b * t, False)
+
+    print(f"\nRWKV-7 0.1B shape (12 x 768, head 64), bf16, {torch.cuda.get_device_name()}\n")
+    print("| measurement | unit | ours | fla 0.6.0 | ours vs fla (>1: ours faster) |")
+    print("| --- | --- | --- | --- | --- |")
+    for r in rows:
+        fla_s = "n/a" if r["fla"] is None else f"{r['fla']:.3f}"
+        ratio = "n/a" if r["speedup"] is None else f"{r['speedup']:.2f}x"
+        print(f"| {r['name']} | {r['unit']} | {r['ours']:.3f} | {fla_s} | {ratio} |")
+    print(f"\nTargets: {TARGETS}")
+    for n in notes:
+        print(f"note: {n}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"rows": rows, "notes": notes, "device": torch.cuda.get_device_name()}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
