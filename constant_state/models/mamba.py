@@ -79,13 +79,16 @@ class _MambaCommon(ModelConfig):
     """lm_head shares the embedding matrix."""
     dtype: str = "float16"
     """Parameter dtype of the checkpoint."""
-    state_dtype: str | None = None
-    """dtype of conv and SSM states; None: the model's parameter dtype (as mamba-ssm)."""
+    ssm_state_dtype: str | None = None
+    """dtype of the SSM state; None: the parameter dtype (as mamba-ssm). The conv state always has the
+    parameter dtype (causal-conv1d needs it)."""
     bos_token_id: int | None = 0
     eos_token_id: int | list[int] | None = 0
 
-    def _state_dtypes(self, dtype: torch.dtype | None) -> torch.dtype:
-        return parse_dtype(self.state_dtype) if self.state_dtype else (dtype or parse_dtype(self.dtype))
+    def _state_dtypes(self, dtype: torch.dtype | None) -> tuple[torch.dtype, torch.dtype]:
+        """(conv state dtype, SSM state dtype) for parameters of ``dtype`` (default: the checkpoint's)."""
+        conv = dtype or parse_dtype(self.dtype)
+        return conv, parse_dtype(self.ssm_state_dtype) if self.ssm_state_dtype else conv
 
 
 @dataclass
@@ -108,10 +111,10 @@ class MambaConfig(_MambaCommon):
             self.time_step_rank = math.ceil(self.hidden_size / 16)
 
     def state_specs(self, kv: KVConfig | None = None, dtype: torch.dtype | None = None) -> list[RecurrentSpec]:
-        dt = self._state_dtypes(dtype)
+        cdt, sdt = self._state_dtypes(dtype)
         d = self.intermediate_size
-        return [RecurrentSpec(layer_idx=i, tensors=(TensorSpec("conv_state", (d, self.conv_kernel), dt),
-                                                    TensorSpec("ssm_state", (d, self.state_size), dt)))
+        return [RecurrentSpec(layer_idx=i, tensors=(TensorSpec("conv_state", (d, self.conv_kernel), cdt),
+                                                    TensorSpec("ssm_state", (d, self.state_size), sdt)))
                 for i in range(self.num_layers)]
 
     @property
@@ -185,10 +188,10 @@ class Mamba2Config(_MambaCommon):
         return self.intermediate_size + 2 * self.n_groups * self.state_size
 
     def state_specs(self, kv: KVConfig | None = None, dtype: torch.dtype | None = None) -> list[RecurrentSpec]:
-        dt = self._state_dtypes(dtype)
+        cdt, sdt = self._state_dtypes(dtype)
         return [RecurrentSpec(layer_idx=i, tensors=(
-            TensorSpec("conv_state", (self.conv_dim, self.conv_kernel), dt),
-            TensorSpec("ssm_state", (self.num_heads, self.head_dim, self.state_size), dt)))
+            TensorSpec("conv_state", (self.conv_dim, self.conv_kernel), cdt),
+            TensorSpec("ssm_state", (self.num_heads, self.head_dim, self.state_size), sdt)))
             for i in range(self.num_layers)]
 
     @classmethod
@@ -366,7 +369,7 @@ class Mamba2Mixer(_Mixer):
             x, Bm, Cm = xbc.split([e, g * n, g * n], dim=-1)
             y, final = ops.ssd(x.reshape(b, t, h, p), dt, A, Bm.reshape(b, t, g, n), Cm.reshape(b, t, g, n),
                                c.chunk_size, self.D.float(), self.dt_bias.float(), c.time_step_limit,
-                               st["ssm_state"])  # [B, T, H, P]
+                               st["ssm_state"], ctx.extras.get("mamba_fresh", False))  # [B, T, H, P]
             st["ssm_state"].copy_(final)
             y = y.reshape(b, t, e)
         y = ops.gated_rmsnorm(y, z, self.norm.weight, c.layer_norm_epsilon, e // g, c.norm_before_gate)
@@ -476,6 +479,26 @@ def _convert_keys(sd: dict[str, torch.Tensor], cfg) -> dict[str, torch.Tensor]:
             continue
         out[k] = v
     return out
+
+
+def to_mamba_ssm(model: MambaLM) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(config.json, state dict) of ``model`` as mamba-ssm's MambaLMHeadModel: export, comparisons."""
+    c = model.config
+    ssm: dict[str, Any] = {"d_state": c.state_size, "d_conv": c.conv_kernel, "expand": c.expand,
+                           "bias": c.use_bias, "conv_bias": c.use_conv_bias}
+    if isinstance(c, Mamba2Config):
+        ssm.update(layer="Mamba2", headdim=c.head_dim, ngroups=c.n_groups, chunk_size=c.chunk_size,
+                   dt_limit=list(c.time_step_limit), norm_before_gate=c.norm_before_gate)
+    else:
+        ssm.update(layer="Mamba1", dt_rank=c.time_step_rank)
+    cfg = {"d_model": c.hidden_size, "d_intermediate": 0, "n_layer": c.num_layers, "vocab_size": c.vocab_size,
+           "ssm_cfg": ssm, "attn_layer_idx": [], "attn_cfg": {}, "rms_norm": True,
+           "residual_in_fp32": c.residual_in_fp32, "fused_add_norm": True, "pad_vocab_size_multiple": 8,
+           "tie_embeddings": c.tie_word_embeddings}
+    names = {"embed_tokens.weight": "backbone.embedding.weight", "norm.weight": "backbone.norm_f.weight",
+             "lm_head.weight": "lm_head.weight"}
+    sd = {names.get(k, "backbone." + k): v for k, v in model.state_dict().items()}
+    return cfg, sd
 
 
 register_family(Family("mamba", MambaConfig, MambaLM, ("mamba",), MambaConfig.from_hf, _convert_keys))

@@ -176,12 +176,13 @@ class MambaOps:
                                                  dt_softplus=dt_softplus)
 
     # -- Mamba-2 ----------------------------------------------------------------------------------
-    def ssd(self, x, dt, A, B, C, chunk_size, D, dt_bias, dt_limit, initial_states):
+    def ssd(self, x, dt, A, B, C, chunk_size, D, dt_bias, dt_limit, initial_states, fresh: bool = False):
         """Mamba-2 prefill from ``initial_states [B, H, P, N]`` -> (``y [B, T, H, P]``, fp32 final state)."""
+        init = None if fresh else initial_states
         if self.ssm == "ref":
-            return ref.ssd_ref(x, dt, A, B, C, chunk_size, D, None, dt_bias, True, dt_limit, initial_states)
+            return ref.ssd_ref(x, dt, A, B, C, chunk_size, D, None, dt_bias, True, dt_limit, init)
         y, final = self._k["mamba_chunk_scan_combined"](x, dt, A, B, C, chunk_size, D=D, z=None, dt_bias=dt_bias,
-                                                        initial_states=initial_states, dt_softplus=True,
+                                                        initial_states=init, dt_softplus=True,
                                                         dt_limit=tuple(dt_limit), return_final_states=True)
         return y, final
 
