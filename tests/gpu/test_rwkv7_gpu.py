@@ -82,6 +82,24 @@ def test_fused_timemix_vs_reference(b, t, dtype):
     assert_close(f"fused timemix state B={b} T={t} {dtype}", s_ref, s_out, RATIO[dtype])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_chunk_kernel_correlated_keys(dtype):
+    """Nearly parallel keys, slow decay, 2000 tokens: the triangular solve must stay stable."""
+    from constant_state.kernels.rwkv7.chunk import chunk_rwkv7
+
+    g = torch.Generator().manual_seed(0)
+    b, t, h, d = 2, 2000, 4, 64
+    r, k, v = (torch.randn(b, t, h, d, generator=g) for _ in range(3))
+    w = torch.full((b, t, h, d), -1e-3)
+    kk = torch.nn.functional.normalize(torch.randn(h, d, generator=g) + 0.02 * torch.randn(b, t, h, d, generator=g),
+                                       dim=-1)
+    xs = [x.to(dtype) for x in (r, w, k, v, -kk, 0.9 * kk)]
+    o_ref, s_ref = rwkv7_chunk_ref(*xs)
+    o, s = chunk_rwkv7(*(x.cuda() for x in xs))
+    assert_close(f"correlated o {dtype}", o_ref, o, RATIO[dtype])
+    assert_close(f"correlated state {dtype}", s_ref, s, RATIO[dtype])
+
+
 def test_chunk_kernel_64bit_offsets():
     """More than 2**31 elements per input: the last row must equal that row run on its own."""
     from constant_state.kernels.rwkv7.chunk import chunk_rwkv7

@@ -127,3 +127,22 @@ def test_model_triton_backend_matches_torch_backend():
         parts += [model(ids[:, i:i + 1], state)[0] for i in range(66, 70)]  # fused time-mix kernel
         logits[backend] = torch.cat(parts, 1)
     assert_close("model logits triton vs torch", logits["torch"], logits["triton"], 1e-4)
+
+
+def test_chunk_kernel_correlated_keys():
+    """Nearly parallel keys with slow decay: the case where a power-series triangular inverse fails."""
+    from constant_state.kernels.rwkv7.chunk import chunk_rwkv7
+    from constant_state.kernels.rwkv7.ref import rwkv7_ref
+
+    g = torch.Generator().manual_seed(0)
+    b, t, h, d = 1, 40, 1, 32
+    r, k, v = (torch.randn(b, t, h, d, generator=g) for _ in range(3))
+    w = torch.full((b, t, h, d), -1e-3)
+    kk = torch.randn(d, generator=g) + 0.01 * torch.randn(b, t, h, d, generator=g)
+    kk = torch.nn.functional.normalize(kk, dim=-1)
+    xs = [x.to(DEVICE) for x in (r, w, k, v, -kk, 0.9 * kk)]
+    o_ref, s_ref = rwkv7_ref(*xs)
+    o, s = chunk_rwkv7(*xs)
+    scale = o_ref.abs().max().item()
+    assert_close("correlated o", o_ref / scale, o / scale, 2e-6)
+    assert_close("correlated state", s_ref / scale, s / scale, 2e-6)
