@@ -274,6 +274,18 @@ def test_backend_forcing_and_warn_once(monkeypatch):
         mb.resolve_backend("cuda", "cuda")
 
 
+def test_time_step_limit_applies_to_every_token():
+    """A dt clamp (Mamba-2's time_step_limit) acts alike in the chunked scan and the decode step."""
+    cfg = Mamba2Config(vocab_size=V, hidden_size=32, num_layers=2, state_size=8, head_dim=8, n_groups=2,
+                       chunk_size=8, time_step_limit=(0.01, 0.05), dtype="float32")
+    m = cs.build_model(cfg, dtype="float32")
+    ids = _ids(2, 20)
+    full, _ = m(ids)
+    state = m.init_state(2)
+    parts = [m(ids[:, :9], state)[0]] + [m(ids[:, t:t + 1], state)[0] for t in range(9, 20)]
+    assert max_diff(torch.cat(parts, 1), full) <= 1e-4
+
+
 def test_set_backend_validates():
     m = cs.build_model(MambaConfig(vocab_size=V, hidden_size=16, num_layers=1, dtype="float32"))
     m.set_backend("ref")

@@ -352,12 +352,12 @@ class Mamba2Mixer(_Mixer):
         if t == 1:
             xbc = ops.causal_conv1d_update(xbc[:, 0], st["conv_state"], w, self.conv1d.bias, "silu")  # [B, C]
             x, Bm, Cm = xbc.split([e, g * n, g * n], dim=-1)
-            dt, dt_bias = dt[:, 0], self.dt_bias
+            dt, dt_bias = dt[:, 0, :, None].expand(b, h, p), self.dt_bias  # stride 0 over P: tied head dim
             if limited:  # softplus and clamp here: the step kernel has no clamp
-                dt = F.softplus(dt.float() + self.dt_bias.float()).clamp(*c.time_step_limit)
-                dt_bias = None
+                dt = F.softplus(dt.float() + self.dt_bias.float()[:, None]).clamp(*c.time_step_limit)
+                dt_bias = None  # dt is materialised (not tied), so the kernel never reads dt_bias's strides
             y = ops.selective_state_update(
-                st["ssm_state"], x.reshape(b, h, p), dt[:, :, None].expand(b, h, p),
+                st["ssm_state"], x.reshape(b, h, p), dt,
                 A[:, None, None].expand(h, p, n), Bm.reshape(b, g, n), Cm.reshape(b, g, n),
                 self.D.float()[:, None].expand(h, p), None,
                 None if dt_bias is None else dt_bias.float()[:, None].expand(h, p), not limited)  # [B, H, P]
@@ -488,7 +488,9 @@ def to_mamba_ssm(model: MambaLM) -> tuple[dict[str, Any], dict[str, torch.Tensor
                            "bias": c.use_bias, "conv_bias": c.use_conv_bias}
     if isinstance(c, Mamba2Config):
         ssm.update(layer="Mamba2", headdim=c.head_dim, ngroups=c.n_groups, chunk_size=c.chunk_size,
-                   dt_limit=list(c.time_step_limit), norm_before_gate=c.norm_before_gate)
+                   norm_before_gate=c.norm_before_gate)
+        if tuple(c.time_step_limit) != INF_LIMIT:
+            ssm["dt_limit"] = tuple(c.time_step_limit)
     else:
         ssm.update(layer="Mamba1", dt_rank=c.time_step_rank)
     cfg = {"d_model": c.hidden_size, "d_intermediate": 0, "n_layer": c.num_layers, "vocab_size": c.vocab_size,
