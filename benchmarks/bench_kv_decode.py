@@ -34,7 +34,7 @@ from constant_state.state import ModelState, spec_bytes_per_sequence
 
 HQ, HKV, D, BS = 32, 8, 128, 16
 DEVICE = "cuda"  # --smoke: "cpu" under TRITON_INTERPRET=1, tiny shapes, no graphs
-FORMATS = ["bf16", "fp8", "int8", "int4", "int4-g32"]
+FORMATS = ["bf16", "fp8", "int8", "int4", "int4-g32", "kivi2"]
 
 
 def bench_graph(fn, warmup: int = 3) -> float:
@@ -56,10 +56,18 @@ def bench_graph(fn, warmup: int = 3) -> float:
     return triton.testing.do_bench(g.replay, warmup=10, rep=100, return_mode="median") * 1e3
 
 
-def random_storage(fmt: str, num_blocks: int):
-    """A storage of ``num_blocks`` blocks filled with random codes and plausible scales."""
-    st = get_format(fmt).make_storage(num_blocks, BS, HKV, D, DEVICE)
-    for t in st.tensors():
+def block_size(fmt: str) -> int:
+    """kivi2 quantizes keys per channel over a block: 32-token blocks halve its key-scale bytes."""
+    return 32 if fmt.startswith("kivi2") else BS
+
+
+def random_storage(fmt: str, num_blocks: int, batch: int):
+    """A storage of ``num_blocks`` blocks filled with random codes and plausible scales, and the
+    per-row tensors of formats that have them (kivi2's residual windows)."""
+    f = get_format(fmt)
+    st = f.make_storage(num_blocks, block_size(fmt), HKV, D, DEVICE)
+    rows = f.row_tensors(batch, HKV, D, DEVICE)
+    for t in st.tensors() + list(rows.values()):
         if t.dtype == torch.float16:
             t.copy_(torch.rand_like(t) * 0.02 + 0.001)
         elif t.dtype in (torch.bfloat16, torch.float32):
@@ -69,7 +77,7 @@ def random_storage(fmt: str, num_blocks: int):
             u.random_(0, 256)
             if t.dtype == torch.float8_e4m3fn:
                 u.bitwise_and_(0xB7)  # no NaN codes
-    return st
+    return st, rows
 
 
 def attn_table(formats, batches, contexts) -> list[dict]:
@@ -92,12 +100,15 @@ def attn_table(formats, batches, contexts) -> list[dict]:
             if DEVICE == "cuda":
                 torch.cuda.empty_cache()
             for fmt in formats:
-                m = ctx // BS
-                st = random_storage(fmt, b * m)
+                bs = block_size(fmt)
+                m = ctx // bs
+                st, extra = random_storage(fmt, b * m, b)
                 bt = torch.randperm(b * m, device=DEVICE).int().view(b, m)  # non-contiguous blocks
                 cache = st.cache if hasattr(st, "cache") else (st.k, st.v)
-                t = bench_graph(lambda: paged_attention(q, cache, bt, seq, D ** -0.5))
-                nbytes = b * m * get_format(fmt).page_bytes(BS, HKV, D) + q.numel() * 2 * 2 + bt.numel() * 4
+                t = bench_graph(lambda: paged_attention(q, cache, bt, seq, D ** -0.5, **extra))
+                # Bytes read: every block (codes, scales, zeros; kivi2's residual holds ctx % R tokens).
+                res = (ctx % st.cache.residual) * HKV * D * 2 * 2 * b if extra else 0
+                nbytes = b * m * get_format(fmt).page_bytes(bs, HKV, D) + res + q.numel() * 2 * 2 + bt.numel() * 4
                 rows.append(dict(impl=f"paged-{fmt}", batch=b, context=ctx, us=t, bytes=nbytes,
                                  tb_s=nbytes / t / 1e6, vs_sdpa=t / us))
                 del st, bt
@@ -128,11 +139,11 @@ def e2e_table(formats, preset: str, batch: int, context: int) -> list[dict]:
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     rows = []
     for fmt in formats:
-        kv = cs.KVConfig(format=fmt)
+        kv = cs.KVConfig(format=fmt, block_size=block_size(fmt))
         per_seq = spec_bytes_per_sequence(model.state_specs(kv), context + BS)
         free = torch.cuda.mem_get_info()[0] - 6 * 2 ** 30 if DEVICE == "cuda" else 2 ** 40  # minus activations
         b = min(batch, max(1, free // per_seq))
-        state = model.init_state(b, max_context=context + BS, kv=kv)
+        state = model.init_state(b, max_context=context + block_size(fmt), kv=kv)
         state.reserve(context)  # the context, not prefilled: values do not change a step's cost
         state.advance(context)
         state.reserve(1)
@@ -144,7 +155,7 @@ def e2e_table(formats, preset: str, batch: int, context: int) -> list[dict]:
             return model.forward_reserved(ids, state, last_only=True)
 
         us = bench_graph(step)
-        rows.append(dict(format=fmt, batch=b, context=context, step_ms=us / 1e3, tok_s=b / (us / 1e6),
+        rows.append(dict(format=fmt, block_size=block_size(fmt), batch=b, context=context, step_ms=us / 1e3, tok_s=b / (us / 1e6),
                          kv_gib=b * per_seq / 2 ** 30, weights_gib=weights / 2 ** 30,
                          note="" if b == batch else f"{batch} x {context} does not fit next to the weights"))
         print_rows(rows[-1:], list(rows[-1]))
@@ -166,7 +177,7 @@ def capacity_table(formats, preset: str, context: int, budget_gib: float) -> lis
     torch.cuda.set_per_process_memory_fraction(min(1.0, budget_gib * 2 ** 30 / total))
     rows = []
     for fmt in formats:
-        specs = cfg.state_specs(cs.KVConfig(format=fmt))
+        specs = cfg.state_specs(cs.KVConfig(format=fmt, block_size=block_size(fmt)))
         per_seq = spec_bytes_per_sequence(specs, context)
         lo, hi = 0, int(budget_gib * 2 ** 30 // per_seq) + 2
 
@@ -183,7 +194,7 @@ def capacity_table(formats, preset: str, context: int, budget_gib: float) -> lis
         while lo + 1 < hi:  # fits(lo), not fits(hi)
             mid = (lo + hi) // 2
             lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-        rows.append(dict(format=fmt, context=context, budget_gib=budget_gib, sequences=lo,
+        rows.append(dict(format=fmt, block_size=block_size(fmt), context=context, budget_gib=budget_gib, sequences=lo,
                          per_seq_gib=per_seq / 2 ** 30, formula=int(budget_gib * 2 ** 30 // per_seq)))
         print_rows(rows[-1:], list(rows[-1]))
     torch.cuda.set_per_process_memory_fraction(1.0)

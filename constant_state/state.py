@@ -122,10 +122,31 @@ class RecurrentState:
 
 
 class PagedKVState:
-    """Per-layer handle on the shared paged storage of one attention layer."""
+    """Per-layer handle on the shared paged storage of one attention layer, plus the per-row
+    tensors ``rows`` some formats keep beside the blocks (KIVI's residual window ``[B, R, H, D]``)."""
 
-    def __init__(self, spec: PagedKVSpec, storage: KVStorage):
-        self.spec, self.storage = spec, storage
+    def __init__(self, spec: PagedKVSpec, storage: KVStorage, rows: dict[str, torch.Tensor] | None = None):
+        self.spec, self.storage, self.rows = spec, storage, rows or {}
+
+    @classmethod
+    def allocate(cls, spec: PagedKVSpec, storage: KVStorage, batch_size: int, device) -> "PagedKVState":
+        return cls(spec, storage, get_format(spec.kv_format).row_tensors(batch_size, spec.num_kv_heads,
+                                                                           spec.head_dim, device))
+
+    def map(self, fn) -> "PagedKVState":
+        return PagedKVState(self.spec, self.storage, {k: fn(v) for k, v in self.rows.items()})
+
+    def write(self, k: torch.Tensor, v: torch.Tensor, ctx: "ForwardContext") -> None:
+        """Store this call's keys/values ``[B, T, Hkv, D]``."""
+        if self.rows:
+            self.storage.write(k, v, ctx.slot_mapping, seq_lens=ctx.seq_lens, block_tables=ctx.block_tables,
+                               **self.rows)
+        else:
+            self.storage.write(k, v, ctx.slot_mapping)
+
+    def attend(self, q: torch.Tensor, ctx: "ForwardContext", scale: float, sliding_window: int | None) -> torch.Tensor:
+        """Attention of ``q [B, T, Hq, D]`` over each row's cache (this call's tokens included)."""
+        return self.storage.attend(q, ctx.block_tables, ctx.seq_lens, scale, sliding_window, **self.rows)
 
 
 class KVPool:
@@ -210,7 +231,7 @@ class ModelState:
         layers: list = []
         for s in specs:
             if isinstance(s, PagedKVSpec):
-                layers.append(PagedKVState(s, kv_pool.storages[s.layer_idx]))
+                layers.append(PagedKVState.allocate(s, kv_pool.storages[s.layer_idx], batch_size, device))
             elif isinstance(s, RecurrentSpec):
                 layers.append(RecurrentState.zeros(s, batch_size, device))
             elif s is None:
@@ -232,6 +253,10 @@ class ModelState:
     @property
     def has_paged(self) -> bool:
         return self.kv_pool is not None
+
+    @property
+    def has_row_tensors(self) -> bool:
+        return any(isinstance(l, PagedKVState) and l.rows for l in self.layers)
 
     @property
     def has_recurrent(self) -> bool:
@@ -291,7 +316,7 @@ class ModelState:
         """Rows ``start:start+length`` as a view: updates through it land in this state."""
         if not (0 <= start and length > 0 and start + length <= self.batch_size):
             raise ValueError(f"rows {start}:{start + length} out of range for batch size {self.batch_size}")
-        layers = [l.map(lambda t: t.narrow(0, start, length)) if isinstance(l, RecurrentState) else l
+        layers = [l.map(lambda t: t.narrow(0, start, length)) if isinstance(l, (RecurrentState, PagedKVState)) else l
                   for l in self.layers]
         bt = None if self.block_tables is None else self.block_tables.narrow(0, start, length)
         return self._derive(layers, self.seqs[start:start + length], self.seq_lens.narrow(0, start, length), bt)
@@ -311,7 +336,7 @@ class ModelState:
         """
         rows = self._rows(index)
         sel = torch.tensor(rows, device=self.device)
-        layers = [l.map(lambda t: t.index_select(0, sel)) if isinstance(l, RecurrentState) else l
+        layers = [l.map(lambda t: t.index_select(0, sel)) if isinstance(l, (RecurrentState, PagedKVState)) else l
                   for l in self.layers]
         if self.kv_pool is not None:
             seqs = [self.kv_pool.manager.fork(self.seqs[i]) for i in rows]
@@ -337,7 +362,7 @@ class ModelState:
             pairs += p
         self.kv_pool.copy_blocks(pairs)
         bt = torch.zeros((len(rows), self.block_tables.shape[1]), dtype=torch.int32, device=self.device)
-        state = self._derive([l.map(lambda t: t.index_select(0, sel)) if isinstance(l, RecurrentState) else l
+        state = self._derive([l.map(lambda t: t.index_select(0, sel)) if isinstance(l, (RecurrentState, PagedKVState)) else l
                               for l in self.layers], seqs, self.seq_lens.index_select(0, sel), bt)
         state._write_block_tables([(r, c, b) for r, s in enumerate(seqs) for c, b in enumerate(s.blocks)])
         return state
@@ -360,11 +385,15 @@ class ModelState:
     def snapshot(self) -> list[torch.Tensor]:
         """Copies of the device tensors a forward mutates in place, except KV blocks (whose
         writes land in slots already reserved). Used to undo a CUDA-graph warm-up run."""
-        return [self.seq_lens.clone()] + [t.clone() for l in self.layers if isinstance(l, RecurrentState)
-                                          for t in l.tensors.values()]
+        return [t.clone() for t in self._mutable()]
+
+    def _mutable(self) -> list[torch.Tensor]:
+        """Device tensors a forward updates in place (besides KV blocks)."""
+        return [self.seq_lens] + [t for l in self.layers if isinstance(l, RecurrentState) for t in l.tensors.values()] \
+            + [t for l in self.layers if isinstance(l, PagedKVState) for t in l.rows.values()]
 
     def restore(self, snap: list[torch.Tensor]) -> None:
-        live = [self.seq_lens] + [t for l in self.layers if isinstance(l, RecurrentState) for t in l.tensors.values()]
+        live = self._mutable()
         for dst, src in zip(live, snap, strict=True):
             dst.copy_(src)
 
@@ -375,8 +404,9 @@ class ModelState:
         Returns how many tokens are now in the row (a multiple of the block size, always less
         than ``len(token_ids)`` so that at least one token is left to compute).
         """
-        if self.kv_pool is None or self.has_recurrent:
-            raise ValueError("prefix sharing needs a model whose every layer has a paged KV cache")
+        if self.kv_pool is None or self.has_recurrent or self.has_row_tensors:
+            raise ValueError("prefix sharing needs a model whose every layer has a paged KV cache "
+                             "in a format without per-row tensors (not kivi2)")
         seq = self.seqs[row]
         n = self.kv_pool.manager.match_prefix(seq, token_ids, max_tokens=len(token_ids) - 1)
         if n:
@@ -386,7 +416,7 @@ class ModelState:
 
     def register_prefix(self, row: int, token_ids: Sequence[int]) -> None:
         """Index ``row``'s full blocks (holding the start of ``token_ids``) for later sharing."""
-        if self.kv_pool is not None and not self.has_recurrent:
+        if self.kv_pool is not None and not self.has_recurrent and not self.has_row_tensors:
             self.kv_pool.manager.register_prefix(self.seqs[row], token_ids)
 
     # -- memory -------------------------------------------------------------------------------

@@ -16,10 +16,10 @@ TINY_LLAMA = TransformerConfig(vocab_size=96, hidden_size=64, intermediate_size=
                                num_kv_heads=2, dtype="float32")
 
 
-def _llama(kv: str = "auto", block_size: int = 4):
+def _llama(kv: str = "auto", block_size: int = 4, **kv_fields):
     def make():
         m = cs.build_model(TINY_LLAMA, dtype="float32", seed=0)
-        m.kv_config = cs.KVConfig(format=kv, block_size=block_size)
+        m.kv_config = cs.KVConfig(format=kv, block_size=block_size, **kv_fields)
         return m
     return make
 
@@ -49,6 +49,8 @@ FACTORIES: dict[str, Callable[[], object]] = {
     "llama-kv-int8": _llama("int8"),
     "llama-kv-int4": _llama("int4"),
     "llama-kv-int4-g32": _llama("int4-g32"),
+    # A residual window of 8 tokens: T=23 crosses two flushes.
+    "llama-kv-kivi2": _llama("kivi2", residual_window=8),
     "rwkv7": _rwkv7,
     "mamba": _mamba(TINY_MAMBA),
     "mamba2": _mamba(TINY_MAMBA2),

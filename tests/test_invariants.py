@@ -23,6 +23,12 @@ def _ids(model, b=2, t=T, seed=0):
 
 def _tol(model):
     specs = model.state_specs()
+    # KIVI: a query sees a token in fp16 while it sits in the residual window and in 2 bits once its
+    # group of R tokens is flushed; a full forward flushes complete groups before attending, one-token
+    # steps attend before the flush, so the two differ by 2-bit quantization error (quantized formats
+    # without a residual window quantize at write, before any attention, and agree to fp32 rounding).
+    if any(isinstance(s, PagedKVSpec) and s.kv_format.startswith("kivi2") for s in specs):
+        return 0.5
     return 2e-2 if any(isinstance(s, PagedKVSpec) and s.kv_format in ("bf16", "fp16") for s in specs) else 1e-4
 
 

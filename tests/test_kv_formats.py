@@ -13,9 +13,10 @@ import constant_state as cs
 from constant_state.__main__ import main
 from constant_state.cache.formats import format_names, get_format
 from constant_state.kernels.paged_attention.ref import dequantize_ref
+from constant_state.cache.quant import kivi_name
 from models_under_test import TINY_LLAMA
 
-QUANT = ["fp8", "int8", "int4", "int4-g32"]
+QUANT = ["fp8", "int8", "int4", "int4-g32", "kivi2"]
 
 
 def _model(kv):
@@ -27,10 +28,12 @@ def _model(kv):
 @pytest.mark.parametrize("fmt", QUANT)
 @pytest.mark.parametrize("bs, h, d", [(16, 8, 128), (4, 2, 64), (8, 3, 32)])
 def test_page_bytes_equal_allocated_bytes(fmt, bs, h, d):
-    f = get_format(fmt)
+    f = get_format(fmt if fmt != "kivi2" else kivi_name(32, 16))
     st = f.make_storage(5, bs, h, d, "cpu")
     allocated = sum(t.numel() * t.element_size() for t in st.tensors())
     assert allocated == 5 * f.page_bytes(bs, h, d)
+    rows = f.row_tensors(3, h, d, "cpu")
+    assert sum(t.numel() * t.element_size() for t in rows.values()) == 3 * f.extra_bytes_per_sequence(h, d)
 
 
 def test_memory_formulas():
@@ -40,6 +43,22 @@ def test_memory_formulas():
     assert get_format("int4").page_bytes(16, 8, 128) == 2 * 16 * 8 * (64 + 2 * 2 * 2)
     assert get_format("int4-g32").page_bytes(16, 8, 128) == 2 * 16 * 8 * (64 + 4 * 2 * 2)
     assert get_format("int4-g64").name == "int4"
+    # kivi2, 16-token blocks, value groups of 64, residual window 128 (fp16 K and V per sequence).
+    assert get_format("kivi2").page_bytes(16, 8, 128) == 2 * 16 * 8 * 32 + 2 * 2 * 8 * 128 + 2 * 2 * 16 * 8 * 2
+    assert get_format("kivi2").extra_bytes_per_sequence(8, 128) == 2 * 128 * 8 * 128 * 2
+
+
+def test_memory_targets_llama3_8b_32k_in_100gib():
+    """The issue's capacity targets, from the formulas (the GPU benchmark checks them by allocating)."""
+    from constant_state.models.config import PRESETS
+    from constant_state.state import spec_bytes_per_sequence
+
+    cfg = PRESETS["llama-3-8b"]
+    fit = lambda kv: int(100 * 2 ** 30 // spec_bytes_per_sequence(cfg.state_specs(cs.KVConfig(**kv)), 32768))  # noqa
+    assert fit({"format": "bf16"}) == 25
+    assert fit({"format": "fp8"}) >= 48 and fit({"format": "int8"}) >= 48
+    assert fit({"format": "int4"}) >= 75 and fit({"format": "int4", "group_size": 32}) >= 75
+    assert fit({"format": "kivi2", "block_size": 32}) >= 125
 
 
 def test_config_selection_and_validation():
@@ -48,6 +67,9 @@ def test_config_selection_and_validation():
         cs.KVConfig(format="int4", group_size=48)
     with pytest.raises(ValueError, match="--kv"):
         get_format("int3")
+    with pytest.raises(ValueError, match="--kv-residual"):
+        cs.KVConfig(format="kivi2", residual_window=20, block_size=16)
+    assert cs.KVConfig(format="kivi2", residual_window=64, group_size=32).format_for(0, "bf16") == "kivi2-g32-r64"
     m = cs.load("tiny-llama", kv="int8")
     assert {s.kv_format for s in m.state_specs()} == {"int8"}
     m = cs.load("tiny-llama", kv={"format": "int4", "group_size": 32})
@@ -70,13 +92,14 @@ def test_generate_cli_with_quantized_kv(capsys):
 @torch.no_grad()
 @pytest.mark.parametrize("fmt", QUANT)
 def test_generate_loop_close_to_full_precision(fmt):
+    kv = {"format": fmt, "block_size": 4, **({"residual_window": 8} if fmt == "kivi2" else {})}
     ids = torch.randint(0, TINY_LLAMA.vocab_size, (2, 21), generator=torch.Generator().manual_seed(0))
-    out = _model(fmt).generate(ids, max_new_tokens=6)
+    out = _model(kv).generate(ids, max_new_tokens=6)
     assert out.shape == (2, 27)
     # Logits with the quantized cache stay near full precision (loose: quantization error).
     full, _ = _model("fp32")(ids)
-    quant, _ = _model(fmt)(ids)
-    tol = {"fp8": 0.05, "int8": 0.01, "int4": 0.1, "int4-g32": 0.1}[fmt]
+    quant, _ = _model(kv)(ids)
+    tol = {"fp8": 0.05, "int8": 0.01, "int4": 0.1, "int4-g32": 0.1, "kivi2": 0.3}[fmt]
     assert (full - quant).abs().max().item() <= tol
 
 

@@ -18,7 +18,9 @@ class KVConfig:
     layer_formats: dict[int, str] = field(default_factory=dict)
     """Per-layer overrides of ``format``, keyed by layer index."""
     group_size: int | None = None
-    """Dims per scale group of int4 (32 or 64; default 64) (--kv-group-size)."""
+    """Dims per scale group: int4 32 or 64 (default 64), kivi2 values 32, 64 or 128 (default 64) (--kv-group-size)."""
+    residual_window: int | None = None
+    """kivi2: newest tokens per sequence kept fp16, a multiple of block_size (default 128) (--kv-residual)."""
 
     def __post_init__(self):
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
@@ -26,17 +28,23 @@ class KVConfig:
         if self.num_blocks is not None and self.num_blocks <= 0:
             raise ValueError(f"KVConfig.num_blocks (--kv-blocks) must be positive, got {self.num_blocks}")
 
-        if self.group_size is not None:
-            from .quant import int4_name
-            int4_name(self.group_size)  # validates --kv-group-size
+        if self.residual_window is not None and (self.residual_window <= 0 or self.residual_window % self.block_size):
+            raise ValueError(f"KVConfig.residual_window (--kv-residual) must be a positive multiple of the block "
+                             f"size {self.block_size} (--kv-block-size), got {self.residual_window}")
+        for fmt in {self.format, *self.layer_formats.values()}:
+            self.format_for(-1, "bf16", fmt)  # validates --kv-group-size / --kv-residual against the format
 
-    def format_for(self, layer_idx: int, default: str) -> str:
-        fmt = self.layer_formats.get(layer_idx, self.format)
+    def format_for(self, layer_idx: int, default: str, fmt: str | None = None) -> str:
+        """The resolved format name of a layer (settings such as the int4 group size folded in)."""
+        from .quant import DEFAULT_KIVI_GROUP, DEFAULT_KIVI_RESIDUAL, int4_name, kivi_name
+
+        fmt = fmt or self.layer_formats.get(layer_idx, self.format)
         if fmt == "auto":
             return default
         if fmt == "int4" and self.group_size is not None:
-            from .quant import int4_name
             return int4_name(self.group_size)
+        if fmt == "kivi2":
+            return kivi_name(self.group_size or DEFAULT_KIVI_GROUP, self.residual_window or DEFAULT_KIVI_RESIDUAL)
         return fmt
 
     def to_dict(self) -> dict:

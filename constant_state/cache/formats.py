@@ -51,6 +51,11 @@ class KVFormat:
         """Bytes held per sequence outside the blocks (e.g. a full-precision residual window)."""
         return 0
 
+    def row_tensors(self, batch_size: int, num_kv_heads: int, head_dim: int, device) -> dict[str, torch.Tensor]:
+        """Per-sequence tensors ``[B, ...]`` this format keeps beside its blocks (their bytes are
+        ``extra_bytes_per_sequence``); passed by name to ``write`` and ``attend``."""
+        return {}
+
     def make_storage(self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
                      device: torch.device | str | None) -> KVStorage:
         raise NotImplementedError

@@ -8,7 +8,10 @@ with ``storage.backend = "ref"``, the pure-PyTorch references.
 Memory per token, per layer (H KV heads, head dim D, group G), keys plus values:
 
 - fp8, int8: ``2 * H * (D + 2)`` bytes (one fp16 scale per token and head);
-- int4-gG:   ``2 * H * (D / 2 + 4 * D / G)`` bytes (fp16 scale and fp16 zero per group).
+- int4-gG:   ``2 * H * (D / 2 + 4 * D / G)`` bytes (fp16 scale and fp16 zero per group);
+- kivi2 (block size bs, value group G, residual window R): per block ``2 * bs * H * D / 4`` bytes of
+  codes + ``4 * H * D`` (key scale and zero per channel) + ``4 * bs * H * D / G`` (value scale and
+  zero per token group); per sequence ``4 * R * H * D`` bytes of fp16 residual keys and values.
 """
 
 from __future__ import annotations
@@ -18,8 +21,9 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from ..kernels.paged_attention.ref import QuantKV, quant_paged_attention_ref, quant_write_ref
-from .formats import _ALIASES, KVFormat, KVStorage, register_format
+from ..kernels.paged_attention.ref import (QuantKV, kivi_update_residual, kivi_window, kivi_write_ref,
+                                           quant_paged_attention_ref, quant_write_ref)
+from .formats import _ALIASES, KVFormat, KVStorage, format_names, register_format
 
 log = logging.getLogger(__name__)
 _warned: set[str] = set()
@@ -45,17 +49,18 @@ def kernels_for(device: torch.device, backend: str = "auto"):
             raise
         warn_once(f"Triton paged-attention kernels unavailable ({e}); using the PyTorch reference")
         return None
-    return _Ops(decode.paged_attention, prefill.paged_prefill, write.quant_write)
+    return _Ops(decode.paged_attention, prefill.paged_prefill, write.quant_write, write.kivi_flush)
 
 
 class _Ops(NamedTuple):
     decode: Callable
     prefill: Callable
     quant_write: Callable
+    kivi_flush: Callable
 
-    def paged_attention(self, q, cache, block_tables, seq_lens, scale, sliding_window=None):
+    def paged_attention(self, q, cache, block_tables, seq_lens, scale, sliding_window=None, **rows):
         fn = self.decode if q.shape[1] == 1 else self.prefill
-        return fn(q, cache, block_tables, seq_lens, scale, sliding_window)
+        return fn(q, cache, block_tables, seq_lens, scale, sliding_window, **rows)
 
 
 class QuantStorage(KVStorage):
@@ -95,6 +100,88 @@ class QuantStorage(KVStorage):
     def tensors(self):
         c = self.cache
         return [t for t in (c.k, c.v, c.k_scale, c.v_scale, c.k_zero, c.v_zero) if t is not None]
+
+
+class KiviStorage(QuantStorage):
+    """KIVI 2-bit: blocks hold flushed groups; each row's newest tokens sit in ``res_k/res_v``."""
+
+    def write(self, k, v, slot_mapping, *, seq_lens, block_tables, res_k, res_v):
+        ops = kernels_for(k.device, self.backend)
+        if ops is None:
+            kivi_write_ref(self.cache, k, v, seq_lens, block_tables, res_k, res_v)
+            return
+        wk, wv = kivi_window(k, v, seq_lens, res_k, res_v, self.cache.residual)
+        ops.kivi_flush(self.cache, wk, wv, seq_lens, block_tables, k.shape[1])
+        kivi_update_residual(wk, wv, seq_lens, res_k, res_v, self.cache.residual, k.shape[1])
+
+    def attend(self, q, block_tables, seq_lens, scale, sliding_window=None, *, res_k, res_v):
+        ops = kernels_for(q.device, self.backend)
+        if ops is None:
+            return quant_paged_attention_ref(q, self.cache, block_tables, seq_lens, scale, sliding_window,
+                                             res_k, res_v)
+        return ops.paged_attention(q, self.cache, block_tables, seq_lens, scale, sliding_window,
+                                   res_k=res_k, res_v=res_v)
+
+
+class KiviFormat(KVFormat):
+    """KIVI 2-bit (Liu et al. 2024): keys per channel over each block, values per token in groups
+    of G dims, asymmetric with fp16 scale and zero; the newest < R tokens of a row stay fp16."""
+
+    per_byte, has_zero, code_dtype, kind = 4, True, torch.uint8, "kivi2"
+
+    def __init__(self, group_size: int = 64, residual: int = 128):
+        self.group_size, self.residual = group_size, residual
+        self.name = kivi_name(group_size, residual)
+
+    def group_for(self, head_dim: int) -> int:
+        g = min(self.group_size, head_dim)
+        if head_dim % g or g % 4:
+            raise ValueError(f"{self.name}: head_dim {head_dim} must be a multiple of the group size {g} "
+                             f"(--kv-group-size)")
+        return g
+
+    def page_bytes(self, block_size, num_kv_heads, head_dim):
+        g = self.group_for(head_dim)
+        codes = 2 * block_size * num_kv_heads * head_dim // 4
+        return codes + 2 * 2 * num_kv_heads * head_dim + 2 * 2 * block_size * num_kv_heads * (head_dim // g)
+
+    def extra_bytes_per_sequence(self, num_kv_heads, head_dim):
+        return 2 * self.residual * num_kv_heads * head_dim * 2
+
+    def row_tensors(self, batch_size, num_kv_heads, head_dim, device):
+        shape = (batch_size, self.residual, num_kv_heads, head_dim)
+        return {"res_k": torch.zeros(shape, dtype=torch.float16, device=device),
+                "res_v": torch.zeros(shape, dtype=torch.float16, device=device)}
+
+    def make_storage(self, num_blocks, block_size, num_kv_heads, head_dim, device):
+        if self.residual % block_size:
+            raise ValueError(f"{self.name}: the residual window ({self.residual}, --kv-residual) must be a "
+                             f"multiple of the block size ({block_size}, --kv-block-size)")
+        st = KiviStorage.__new__(KiviStorage)
+        st.fmt, st.num_blocks, st.block_size = self, num_blocks, block_size
+        n, bs, h, d = num_blocks, block_size, num_kv_heads, head_dim
+        g = self.group_for(d)
+        z = lambda *shape, dt=torch.float16: torch.zeros(shape, dtype=dt, device=device)  # noqa: E731
+        st.cache = QuantKV("kivi2", z(n, bs, h, d // 4, dt=torch.uint8), z(n, bs, h, d // 4, dt=torch.uint8),
+                           z(n, h, d), z(n, bs, h, d // g), z(n, h, d), z(n, bs, h, d // g),
+                           group_size=g, residual=self.residual)
+        return st
+
+
+DEFAULT_KIVI_GROUP, DEFAULT_KIVI_RESIDUAL = 64, 128
+
+
+def kivi_name(group_size: int = DEFAULT_KIVI_GROUP, residual: int = DEFAULT_KIVI_RESIDUAL) -> str:
+    """Format name of KIVI 2-bit with these settings, registered on first use (``kivi2-g32-r64``)."""
+    if group_size not in (32, 64, 128):
+        raise ValueError(f"KVConfig.group_size (--kv-group-size) must be 32, 64 or 128 for kivi2, got {group_size}")
+    if residual <= 0:
+        raise ValueError(f"KVConfig.residual_window (--kv-residual) must be positive, got {residual}")
+    name = "kivi2" + (f"-g{group_size}" if group_size != DEFAULT_KIVI_GROUP else "") + \
+        (f"-r{residual}" if residual != DEFAULT_KIVI_RESIDUAL else "")
+    if name not in format_names():
+        register_format(name, lambda: KiviFormat(group_size, residual))
+    return name
 
 
 class QuantFormat(KVFormat):
@@ -142,3 +229,5 @@ def int4_name(group_size: int) -> str:
     if group_size not in INT4_GROUPS:
         raise ValueError(f"KVConfig.group_size (--kv-group-size) must be one of {INT4_GROUPS} for int4, got {group_size}")
     return "int4" if group_size == DEFAULT_INT4_GROUP else f"int4-g{group_size}"
+
+register_format("kivi2", lambda: KiviFormat())

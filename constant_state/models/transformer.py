@@ -66,8 +66,8 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)  # [B, T, Hkv, D]
         cos, sin = ctx.extras["rope"]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        kv.storage.write(k, v, ctx.slot_mapping)
-        o = kv.storage.attend(q, ctx.block_tables, ctx.seq_lens, self.scale, self.window)  # [B, T, Hq, D]
+        kv.write(k, v, ctx)
+        o = kv.attend(q, ctx, self.scale, self.window)  # [B, T, Hq, D]
         return self.o_proj(o.reshape(b, t, -1))
 
 

@@ -129,7 +129,7 @@ def test_cuda_graph_capture_of_decode():
         assert (out.float() - ref).abs().max().item() <= TIGHT
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", FORMATS + ["kivi2"])
 def test_generate_on_gpu(fmt):
     """The generate loop (prefill kernel, write kernel, decode kernel in a CUDA graph) vs the reference path."""
     import constant_state as cs
@@ -138,7 +138,7 @@ def test_generate_on_gpu(fmt):
     cfg = TransformerConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_layers=2, num_heads=8,
                             num_kv_heads=2, head_dim=64, dtype="bfloat16")
     m = cs.build_model(cfg, dtype="bfloat16", seed=0).to("cuda")
-    m.kv_config = cs.KVConfig(format=fmt)
+    m.kv_config = cs.KVConfig(format=fmt, **({"residual_window": 32} if fmt == "kivi2" else {}))
     ids = torch.randint(0, 256, (3, 50), generator=torch.Generator().manual_seed(0)).to("cuda")
     out = m.generate(ids, max_new_tokens=20)
     assert out.shape == (3, 70)
@@ -150,3 +150,43 @@ def test_generate_on_gpu(fmt):
     a, _ = m(ids, s1)
     b, _ = m(ids, s2)
     assert (a.float() - b.float()).abs().max().item() <= 0.1
+
+
+@pytest.mark.parametrize("gqa", [1, 4, 8])
+@pytest.mark.parametrize("d", [64, 128])
+def test_kivi2(gqa, d):
+    """KIVI 2-bit: a 1500-token prefill then decode steps across a flush, kernels vs the reference
+    path (bit-equal blocks and residual windows; attention tight) and vs full precision (loose)."""
+    from constant_state.cache.quant import kivi_name
+    from constant_state.kernels.paged_attention.ref import paged_attention_ref
+
+    fmt = get_format(kivi_name(64, 128))
+    hkv, bs, b = 2, 16, 3
+    m = 2048 // bs
+    n_blocks = b * m + 11
+    gen = torch.Generator().manual_seed(0)
+    bt = torch.randperm(n_blocks, generator=gen)[:b * m].view(b, m).int().cuda()
+    sts = [fmt.make_storage(n_blocks, bs, hkv, d, "cuda") for _ in range(2)]
+    sts[1].backend = "ref"
+    rows = [fmt.row_tensors(b, hkv, d, "cuda") for _ in range(2)]
+    n = torch.zeros(b, dtype=torch.int32, device="cuda")
+    kall, vall = [], []
+    for t in [1501, 1, 1, 130, 1]:
+        k = torch.randn(b, t, hkv, d, generator=gen).cuda()
+        v = torch.randn(b, t, hkv, d, generator=gen).cuda()
+        kall.append(k)
+        vall.append(v)
+        n = n + t
+        pos = (n.long() - t)[:, None] + torch.arange(t, device="cuda")
+        slots = bt.long().gather(1, pos // bs) * bs + pos % bs
+        for st, r in zip(sts, rows):
+            st.write(k, v, slots, seq_lens=n, block_tables=bt, **r)
+        for x, y in zip(sts[0].tensors() + list(rows[0].values()), sts[1].tensors() + list(rows[1].values())):
+            assert torch.equal(x, y)
+        q = torch.randn(b, t, hkv * gqa, d, generator=gen).to("cuda", torch.bfloat16)
+        out = sts[0].attend(q, bt, n, d ** -0.5, None, **rows[0])
+        ref = sts[1].attend(q.float(), bt, n, d ** -0.5, None, **rows[1])
+        assert (out.float() - ref).abs().max().item() <= TIGHT
+        kf, vf = torch.cat(kall, 1), torch.cat(vall, 1)  # [B, n, H, D] full precision
+        full = paged_attention_ref(q.float(), kf, vf, torch.arange(b, device="cuda")[:, None].int(), n, d ** -0.5)
+        assert (out.float() - full).abs().max().item() <= 0.6

@@ -8,7 +8,9 @@ softmaxes. The split count depends only on shapes (block-table width, batch, hea
 ``seq_lens`` values, so the launch is CUDA-graph capturable.
 
 Formats (``KIND``): 0 dense, 1 fp8 e4m3 + fp16 scale per token and head, 2 int8 likewise, 3 int4
-with fp16 scale and zero per group of ``GROUP`` dims. Packed codes are unpacked to ``[N, D]`` in
+with fp16 scale and zero per group of ``GROUP`` dims, 4 KIVI 2-bit (keys: scale and zero per
+channel and block; values: per group of ``GROUP`` dims; the newest tokens from the row's fp16
+residual window). Packed codes are unpacked to ``[N, D]`` in
 byte order (see ``ref.pack_order``); queries are loaded and outputs stored through that order.
 """
 
@@ -24,7 +26,7 @@ from .ref import QuantKV
 
 # Triton's interpreter computes bf16 tl.dot wrongly; there the dots run in fp32.
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-KIND_IDS = {"dense": 0, "fp8": 1, "int8": 2, "int4": 3}
+KIND_IDS = {"dense": 0, "fp8": 1, "int8": 2, "int4": 3, "kivi2": 4}
 
 
 @triton.jit
@@ -37,10 +39,11 @@ def _pack_order(offs_d, P: tl.constexpr, GROUP: tl.constexpr):
 
 
 @triton.jit
-def _load_tile(codes_ptr, scale_ptr, zero_ptr, row, srow, mask_n, offs_d,
-               KIND: tl.constexpr, D: tl.constexpr, GROUP: tl.constexpr):
-    """Dequantized ``[N, D]`` fp32 tile; ``row``/``srow`` are int64 element offsets of each token's
-    head vector in the codes / scales tensors."""
+def _load_tile(codes_ptr, scale_ptr, zero_ptr, row, srow, mask_n, offs_d, dim,
+               KIND: tl.constexpr, D: tl.constexpr, GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr):
+    """Dequantized ``[N, D]`` fp32 tile in unpacked order; ``row``/``srow`` are int64 element offsets
+    of each token's head vector in the codes / scales tensors. ``PER_CHANNEL``: one scale and zero
+    per head-dim channel at ``srow`` (kivi2 keys), instead of per token."""
     if KIND == 0:
         x = tl.load(codes_ptr + row[:, None] + offs_d[None, :], mask=mask_n[:, None], other=0.0).to(tl.float32)
     elif KIND == 1 or KIND == 2:
@@ -50,24 +53,50 @@ def _load_tile(codes_ptr, scale_ptr, zero_ptr, row, srow, mask_n, offs_d,
         s = tl.load(scale_ptr + srow, mask=mask_n, other=0.0).to(tl.float32)
         x = c.to(tl.float32) * s[:, None]
     else:
-        # int4: byte i of the token holds unpacked positions 2i (low nibble) and 2i + 1.
-        c = tl.load(codes_ptr + row[:, None] + offs_d[None, :] // 2, mask=mask_n[:, None], other=0).to(tl.int32)
-        q = (c >> ((offs_d[None, :] % 2) * 4)) & 15
-        g = offs_d // GROUP
-        s = tl.load(scale_ptr + srow[:, None] + g[None, :], mask=mask_n[:, None], other=0.0).to(tl.float32)
-        z = tl.load(zero_ptr + srow[:, None] + g[None, :], mask=mask_n[:, None], other=0.0).to(tl.float32)
+        # int4 / 2-bit: byte i of the token holds unpacked positions P*i .. P*i + P - 1, low bits first.
+        P: tl.constexpr = 2 if KIND == 3 else 4
+        BITS: tl.constexpr = 8 // P
+        c = tl.load(codes_ptr + row[:, None] + offs_d[None, :] // P, mask=mask_n[:, None], other=0).to(tl.int32)
+        q = (c >> ((offs_d[None, :] % P) * BITS)) & ((1 << BITS) - 1)
+        if PER_CHANNEL:
+            sc = dim
+        else:
+            sc = offs_d // GROUP
+        s = tl.load(scale_ptr + srow[:, None] + sc[None, :], mask=mask_n[:, None], other=0.0).to(tl.float32)
+        z = tl.load(zero_ptr + srow[:, None] + sc[None, :], mask=mask_n[:, None], other=0.0).to(tl.float32)
         x = q.to(tl.float32) * s + z
+    return x
+
+
+@triton.jit
+def _load_kv(codes_ptr, scale_ptr, zero_ptr, res_ptr, blk, tok, offs_n, mask_n, offs_d, dim, b, h, F, R, HKV,
+             stride_cb, stride_ct, stride_ch, stride_sb, stride_st, stride_sh,
+             KIND: tl.constexpr, D: tl.constexpr, GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr):
+    """A K or V tile ``[N, D]``: quantized blocks, and for kivi2 the row's fp16 residual window
+    for the tokens at ``F`` and after."""
+    row = blk * stride_cb + tok * stride_ct + h * stride_ch
+    srow = blk * stride_sb + tok * stride_st + h * stride_sh
+    if KIND == 4:
+        in_res = offs_n >= F
+        x = _load_tile(codes_ptr, scale_ptr, zero_ptr, row, srow, mask_n & (offs_n < F), offs_d, dim,
+                       KIND, D, GROUP, PER_CHANNEL)
+        rrow = ((b.to(tl.int64) * R + (offs_n - F)) * HKV + h) * D
+        r = tl.load(res_ptr + rrow[:, None] + dim[None, :], mask=(mask_n & in_res)[:, None], other=0.0)
+        x = tl.where(in_res[:, None], r.to(tl.float32), x)
+    else:
+        x = _load_tile(codes_ptr, scale_ptr, zero_ptr, row, srow, mask_n, offs_d, dim, KIND, D, GROUP, PER_CHANNEL)
     return x
 
 
 @triton.jit
 def _paged_attn_kernel(
     q_ptr, o_ptr, part_ptr, ml_ptr,
-    k_ptr, v_ptr, ks_ptr, vs_ptr, kz_ptr, vz_ptr,
+    k_ptr, v_ptr, ks_ptr, vs_ptr, kz_ptr, vz_ptr, rk_ptr, rv_ptr,
     bt_ptr, seq_ptr,
-    T, HQ, HKV, M, scale_log2,
+    T, HQ, HKV, M, R, scale_log2,
     stride_cb, stride_ct, stride_ch,  # codes: block, token, head (elements)
-    stride_sb, stride_st, stride_sh,  # scales / zeros: block, token, head
+    stride_kb, stride_kt, stride_kh,  # key scales / zeros: block, token, head
+    stride_vb, stride_vt, stride_vh,  # value scales / zeros: block, token, head
     WINDOW,
     KIND: tl.constexpr, P: tl.constexpr, D: tl.constexpr, GROUP: tl.constexpr, BS: tl.constexpr,
     G: tl.constexpr, GPAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -106,14 +135,16 @@ def _paged_attn_kernel(
     l_i = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, D], tl.float32)
     bt_row = bt_ptr + b.to(tl.int64) * M
+    F = seq_len
+    if KIND == 4:
+        F = seq_len // R * R  # kivi2: tokens from F on sit in the residual window
     for start in range(k_lo, k_hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         mask_n = offs_n < k_hi
         blk = tl.load(bt_row + offs_n // BS, mask=mask_n, other=0).to(tl.int64)
         tok = offs_n % BS
-        row = blk * stride_cb + tok * stride_ct + h * stride_ch
-        srow = blk * stride_sb + tok * stride_st + h * stride_sh
-        k = _load_tile(k_ptr, ks_ptr, kz_ptr, row, srow, mask_n, offs_d, KIND, D, GROUP)
+        k = _load_kv(k_ptr, ks_ptr, kz_ptr, rk_ptr, blk, tok, offs_n, mask_n, offs_d, dim, b, h, F, R, HKV,
+                     stride_cb, stride_ct, stride_ch, stride_kb, stride_kt, stride_kh, KIND, D, GROUP, KIND == 4)
         s = tl.dot(q, tl.trans(k.to(q.dtype))) * scale_log2  # [ROWS, N]
         ok = mask_n[None, :] & (offs_n[None, :] <= qpos[:, None])
         if HAS_WINDOW:
@@ -124,7 +155,8 @@ def _paged_attn_kernel(
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_tile(v_ptr, vs_ptr, vz_ptr, row, srow, mask_n, offs_d, KIND, D, GROUP)
+        v = _load_kv(v_ptr, vs_ptr, vz_ptr, rv_ptr, blk, tok, offs_n, mask_n, offs_d, dim, b, h, F, R, HKV,
+                     stride_cb, stride_ct, stride_ch, stride_vb, stride_vt, stride_vh, KIND, D, GROUP, False)
         acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
         m_i = m_new
 
@@ -175,9 +207,11 @@ def _cache_args(cache: QuantKV | tuple[torch.Tensor, torch.Tensor]):
 
 
 def paged_attention(q: torch.Tensor, cache, block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                    sliding_window: int | None = None, *, num_splits: int | None = None) -> torch.Tensor:
+                    sliding_window: int | None = None, *, num_splits: int | None = None,
+                    res_k: torch.Tensor | None = None, res_v: torch.Tensor | None = None) -> torch.Tensor:
     """Triton twin of ``paged_attention_ref`` (``cache = (k_cache, v_cache)``) and of
-    ``quant_paged_attention_ref`` (``cache`` a :class:`QuantKV`): ``q [B, T, Hq, D]`` -> ``[B, T, Hq, D]``."""
+    ``quant_paged_attention_ref`` (``cache`` a :class:`QuantKV`; kivi2 with its residual windows
+    ``res_k, res_v [B, R, Hkv, D]``): ``q [B, T, Hq, D]`` -> ``[B, T, Hq, D]``."""
     kind, p, group, (k, v, ks, vs, kz, vz) = _cache_args(cache)
     b, t, hq, d = q.shape
     n, bs, hkv = k.shape[:3]
@@ -202,7 +236,7 @@ def paged_attention(q: torch.Tensor, cache, block_tables: torch.Tensor, seq_lens
         gpad = max(gpad, 16)  # tl.dot needs 16 rows
     else:
         block_t = max(16 // gpad, 64 // gpad, 1)
-    block_n = 128 if kind == "int4" else 64
+    block_n = 128 if kind in ("int4", "kivi2") else 64
     n_tiles = triton.cdiv(m * bs, block_n)
     if num_splits is None:
         # Static: enough programs for ~2 waves of SMs at any batch, from shapes only.
@@ -215,12 +249,21 @@ def paged_attention(q: torch.Tensor, cache, block_tables: torch.Tensor, seq_lens
         ml = torch.empty((b * t * hq * num_splits, 2), dtype=torch.float32, device=q.device)
     else:
         part = ml = out
-    sb, st, sh = (ks.stride(0), ks.stride(1), ks.stride(2)) if kind != "dense" else (0, 0, 0)
+    if kind == "kivi2":
+        if res_k is None or res_v is None or res_k.shape[0] != b:
+            raise ValueError(f"kivi2 needs res_k, res_v [B={b}, R, Hkv, D]")
+        r = res_k.shape[1]
+        kstr = (ks.stride(0), 0, ks.stride(1))  # per channel: [N, H, D]
+    else:
+        res_k = res_v = k
+        r = 0
+        kstr = (ks.stride(0), ks.stride(1), ks.stride(2)) if kind != "dense" else (0, 0, 0)
+    vstr = (vs.stride(0), vs.stride(1), vs.stride(2)) if kind != "dense" else (0, 0, 0)
     grid = (b * hkv, triton.cdiv(t, block_t), num_splits)
     _paged_attn_kernel[grid](
-        q, out, part, ml, k, v, ks, vs, kz, vz, block_tables, seq_lens,
-        t, hq, hkv, m, scale * 1.4426950408889634,
-        k.stride(0), k.stride(1), k.stride(2), sb, st, sh,
+        q, out, part, ml, k, v, ks, vs, kz, vz, res_k, res_v, block_tables, seq_lens,
+        t, hq, hkv, m, r, scale * 1.4426950408889634,
+        k.stride(0), k.stride(1), k.stride(2), *kstr, *vstr,
         sliding_window or 0,
         KIND=KIND_IDS[kind], P=p, D=d, GROUP=group, BS=bs, G=gq, GPAD=gpad, BLOCK_T=block_t, BLOCK_N=block_n,
         CHUNK=chunk, SPLITS=num_splits, HAS_WINDOW=sliding_window is not None,

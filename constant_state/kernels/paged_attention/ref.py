@@ -68,9 +68,11 @@ MIN_SCALE = 1e-7  # keeps fp16 scales positive (fp16 subnormals reach 6e-8)
 class QuantKV:
     """One layer's paged cache in a quantized format (the tensors kernels read and write).
 
-    kind: "fp8" | "int8" (codes ``[N, bs, H, D]``, scales ``[N, bs, H, 1]``), "int4" (codes
-    ``[N, bs, H, D/2]`` uint8, scale/zero ``[N, bs, H, D/G]``). ``v_group`` is G for values,
-    ``k_group`` for keys (int4 uses one group size for both).
+    kind: "fp8" | "int8" (codes ``[N, bs, H, D]``, scales ``[N, bs, H, 1]``); "int4" (codes
+    ``[N, bs, H, D/2]`` uint8, scale/zero ``[N, bs, H, D/G]``); "kivi2" (2-bit codes
+    ``[N, bs, H, D/4]``; keys per channel over the block's tokens, scale/zero ``[N, H, D]``;
+    values per token, scale/zero ``[N, bs, H, D/G]``; the newest tokens of each sequence, up to
+    ``residual`` of them, live in per-row full-precision buffers instead, see :func:`kivi_write_ref`).
     """
 
     kind: str
@@ -81,10 +83,11 @@ class QuantKV:
     k_zero: torch.Tensor | None = None
     v_zero: torch.Tensor | None = None
     group_size: int = 0
+    residual: int = 0
 
     @property
     def per_byte(self) -> int:
-        return 2 if self.kind == "int4" else 1
+        return {"int4": 2, "kivi2": 4}.get(self.kind, 1)
 
     @property
     def head_dim(self) -> int:
@@ -92,7 +95,7 @@ class QuantKV:
 
     @property
     def group(self) -> int:
-        return self.group_size if self.kind == "int4" else self.head_dim
+        return self.group_size if self.kind in ("int4", "kivi2") else self.head_dim
 
 
 def pack_order(d: int, g: int, p: int) -> torch.Tensor:
@@ -127,15 +130,31 @@ def _quant_token(x: torch.Tensor, kind: str, g: int) -> tuple[torch.Tensor, torc
     raise ValueError(f"unknown quantized kind {kind!r}")
 
 
+def _pack(q: torch.Tensor, g: int, p: int) -> torch.Tensor:
+    """Integer codes ``[..., D]`` (original dim order) -> bytes ``[..., D / p]``, ``p`` per byte."""
+    d, bits = q.shape[-1], 8 // p
+    q = q.to(torch.uint8)[..., pack_order(d, g, p)].unflatten(-1, (d // p, p))
+    out = q[..., 0]
+    for j in range(1, p):
+        out = out | (q[..., j] << (bits * j))
+    return out
+
+
+def _unpack(codes: torch.Tensor, g: int, p: int) -> torch.Tensor:
+    """Bytes ``[..., D / p]`` -> fp32 codes ``[..., D]`` in original dim order."""
+    bits = 8 // p
+    q = torch.stack([(codes >> (bits * j)) & ((1 << bits) - 1) for j in range(p)], -1).flatten(-2).float()
+    out = torch.empty_like(q)
+    out[..., pack_order(q.shape[-1], g, p)] = q
+    return out
+
+
 def _dequant_token(codes: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, kind: str, g: int) -> torch.Tensor:
     if kind in ("fp8", "int8"):
         return codes.float() * s.float()
-    if kind == "int4":
-        d = codes.shape[-1] * 2
-        q = torch.stack([codes & 15, codes >> 4], -1).flatten(-2).float()  # [..., D] in byte order
-        out = torch.empty_like(q)
-        out[..., pack_order(d, g, 2)] = q
-        out = out.unflatten(-1, (d // g, g)) * s.float()[..., None] + z.float()[..., None]
+    if kind in ("int4", "kivi2"):
+        q = _unpack(codes, g, 2 if kind == "int4" else 4)
+        out = q.unflatten(-1, (q.shape[-1] // g, g)) * s.float()[..., None] + z.float()[..., None]
         return out.flatten(-2)
     raise ValueError(f"unknown quantized kind {kind!r}")
 
@@ -154,19 +173,115 @@ def quant_write_ref(cache: QuantKV, k: torch.Tensor, v: torch.Tensor, slot_mappi
 
 
 def dequantize_ref(cache: QuantKV) -> tuple[torch.Tensor, torch.Tensor]:
-    """The whole cache dequantized to fp32 ``[N, bs, Hkv, D]`` (keys, values)."""
-    k = _dequant_token(cache.k, cache.k_scale, cache.k_zero, cache.kind, cache.group)
+    """The whole cache dequantized to fp32 ``[N, bs, Hkv, D]`` (keys, values; kivi2: the
+    quantized blocks only, without the residual window)."""
+    if cache.kind == "kivi2":
+        k = _unpack(cache.k, cache.group, 4) * cache.k_scale.float()[:, None] + cache.k_zero.float()[:, None]
+    else:
+        k = _dequant_token(cache.k, cache.k_scale, cache.k_zero, cache.kind, cache.group)
     v = _dequant_token(cache.v, cache.v_scale, cache.v_zero, cache.kind, cache.group)
     return k, v
 
 
 def quant_paged_attention_ref(q: torch.Tensor, cache: QuantKV, block_tables: torch.Tensor, seq_lens: torch.Tensor,
-                              scale: float, sliding_window: int | None = None) -> torch.Tensor:
-    """:func:`paged_attention_ref` over a quantized cache (dequantized first, only the blocks used)."""
+                              scale: float, sliding_window: int | None = None, res_k: torch.Tensor | None = None,
+                              res_v: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`paged_attention_ref` over a quantized cache (dequantized first, only the blocks used).
+    kivi2 also takes the per-row residual windows ``res_k, res_v [B, R, Hkv, D]``."""
     used = block_tables.long().unique()
     sub = QuantKV(cache.kind, *(t[used] if t is not None else None for t in
                                 (cache.k, cache.v, cache.k_scale, cache.v_scale, cache.k_zero, cache.v_zero)),
-                  group_size=cache.group_size)
+                  group_size=cache.group_size, residual=cache.residual)
     k, v = dequantize_ref(sub)
     remap = torch.searchsorted(used, block_tables.long())
+    if cache.kind == "kivi2":
+        return paged_attention_ref(q, *_with_residual(k, v, remap, seq_lens, res_k, res_v, cache.residual),
+                                   seq_lens, scale, sliding_window)
     return paged_attention_ref(q, k, v, remap, seq_lens, scale, sliding_window)
+
+
+# -- KIVI 2-bit: quantize-on-flush with a full-precision residual window -----------------------------
+#
+# A row with n cached tokens keeps its newest ``n - F`` tokens (F = n // R * R) in ``res_k/res_v
+# [B, R, Hkv, D]`` (fp16); tokens below F sit 2-bit in their paged blocks. When a write completes a
+# group of R tokens, the group is quantized once (keys per channel over each block of bs tokens,
+# values per token in groups of G dims) and flushed into its blocks. R is a multiple of bs.
+
+
+def _with_residual(k, v, block_tables, seq_lens, res_k, res_v, r):
+    """Each row's cache as one dense block ``[B, M * bs + 1, H, D]`` with its residual tokens written
+    over positions ``[F, n)``; returns (k, v, block_tables) for :func:`paged_attention_ref`."""
+    kg, vg = gather_paged(k, block_tables), gather_paged(v, block_tables)  # [B, L, H, D]
+    b, L = kg.shape[:2]
+    n = seq_lens.to(kg.device).long()
+    pos = (n // r * r)[:, None] + torch.arange(r, device=kg.device)  # [B, R]
+    ok = (pos < n[:, None]) & (pos < L)
+    idx = torch.where(ok, pos, L)  # out-of-range rows go to a scratch column
+    pad = lambda x: torch.cat([x, x.new_zeros(b, 1, *x.shape[2:])], 1)  # noqa: E731
+    kg, vg = pad(kg), pad(vg)
+    kg.scatter_(1, idx[:, :, None, None].expand_as(res_k), res_k.float())
+    vg.scatter_(1, idx[:, :, None, None].expand_as(res_v), res_v.float())
+    bt = torch.arange(b, device=kg.device)[:, None]
+    return kg, vg, bt
+
+
+def _kivi_quant_group(wk: torch.Tensor, wv: torch.Tensor, bs: int, g: int):
+    """Quantize ``R`` tokens ``[R, H, D]``: keys per channel over each block of ``bs`` tokens, values
+    per token in groups of ``g`` dims. Returns per-block (k codes, ks, kz) and per-token (v codes, vs, vz)."""
+    r, h, d = wk.shape
+    kb = wk.view(r // bs, bs, h, d)
+    mn, mx = kb.amin(1), kb.amax(1)  # [R/bs, H, D]
+    ks = ((mx - mn) / 3).clamp_min(MIN_SCALE).half()
+    kz = mn.half()
+    kq = torch.floor((kb - kz.float()[:, None]) / ks.float()[:, None] + 0.5).clamp(0, 3)
+    vg = wv.unflatten(-1, (d // g, g))  # [R, H, D/G, G]
+    vmn, vmx = vg.amin(-1), vg.amax(-1)
+    vs = ((vmx - vmn) / 3).clamp_min(MIN_SCALE).half()
+    vz = vmn.half()
+    vq = torch.floor((vg - vz.float()[..., None]) / vs.float()[..., None] + 0.5).clamp(0, 3).flatten(-2)
+    return _pack(kq, g, 4), ks, kz, _pack(vq.view(r // bs, bs, h, d), g, 4), vs.view(r // bs, bs, h, -1), vz.view(r // bs, bs, h, -1)
+
+
+def kivi_window(k, v, seq_lens, res_k, res_v, r):
+    """The tokens of the open groups: residual then new tokens, ``[B, L, H, D]`` fp32 with
+    ``L = R * ceil((R + T) / R)``; index ``j`` holds position ``F0 + j`` (F0 = first open position)."""
+    b, t = k.shape[:2]
+    n0 = seq_lens.long() - t
+    off = n0 - n0 // r * r  # [B] residual tokens before this write
+    L = r * (-(-(r + t) // r))
+    wk = torch.zeros(b, L, *k.shape[2:], device=k.device)
+    wv = torch.zeros_like(wk)
+    wk[:, :r], wv[:, :r] = res_k.float(), res_v.float()
+    idx = (off[:, None] + torch.arange(t, device=k.device))[:, :, None, None].expand(b, t, *k.shape[2:])
+    wk.scatter_(1, idx, k.float())
+    wv.scatter_(1, idx, v.float())
+    return wk, wv
+
+
+def kivi_update_residual(wk, wv, seq_lens, res_k, res_v, r, t):
+    """New residual windows: window tokens from the last open group start (sync-free)."""
+    n0 = seq_lens.long() - t
+    start = (seq_lens.long() // r * r) - (n0 // r * r)  # [B], offset of the new open group in the window
+    idx = (start[:, None] + torch.arange(r, device=wk.device)).clamp_max(wk.shape[1] - 1)
+    idx = idx[:, :, None, None].expand(-1, -1, *wk.shape[2:])
+    res_k.copy_(wk.gather(1, idx))
+    res_v.copy_(wv.gather(1, idx))
+
+
+def kivi_write_ref(cache: QuantKV, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor,
+                   block_tables: torch.Tensor, res_k: torch.Tensor, res_v: torch.Tensor) -> None:
+    """Append ``k, v [B, T, H, D]`` to each row (``seq_lens`` counts them already): fill the residual
+    window, quantize and flush every group of R tokens it completes into the row's blocks."""
+    r, bs, t = cache.residual, cache.k.shape[1], k.shape[1]
+    wk, wv = kivi_window(k, v, seq_lens, res_k, res_v, r)
+    n1 = seq_lens.long().tolist()
+    for b, n in enumerate(n1):
+        f0 = (n - t) // r * r
+        for gi in range((n // r * r - f0) // r):  # groups completed by this write
+            lo = gi * r
+            kc, ks, kz, vc, vs, vz = _kivi_quant_group(wk[b, lo:lo + r], wv[b, lo:lo + r], bs, cache.group)
+            cols = torch.arange(f0 + lo, f0 + lo + r, bs) // bs
+            blk = block_tables[b, cols.to(block_tables.device)].long()
+            cache.k[blk], cache.k_scale[blk], cache.k_zero[blk] = kc, ks, kz
+            cache.v[blk], cache.v_scale[blk], cache.v_zero[blk] = vc, vs, vz
+    kivi_update_residual(wk, wv, seq_lens, res_k, res_v, r, t)

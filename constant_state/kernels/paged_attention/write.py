@@ -100,3 +100,72 @@ def quant_write(cache: QuantKV, k: torch.Tensor, v: torch.Tensor, slot_mapping: 
         cache.k_scale.stride(0), cache.k_scale.stride(1), cache.k_scale.stride(2),
         KIND=KIND_IDS[cache.kind], P=cache.per_byte, D=d, GROUP=cache.group, BS=bs, num_warps=1,
     )
+
+
+@triton.jit
+def _pack2(q, ROWS: tl.constexpr, D: tl.constexpr):
+    """2-bit codes ``[ROWS, D]`` (int32, unpacked order) -> bytes ``[ROWS, D / 4]``."""
+    quads = tl.reshape(q, [ROWS, D // 4, 4])
+    shift = tl.arange(0, 4) * 2
+    return tl.sum(quads << shift[None, None, :], 2).to(tl.uint8)
+
+
+@triton.jit
+def _kivi_flush_kernel(wk_ptr, wv_ptr, seq_ptr, bt_ptr, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr,
+                       T, L, H, M, R,
+                       stride_cb, stride_ct, stride_ch, stride_vb, stride_vt, stride_vh,
+                       D: tl.constexpr, GROUP: tl.constexpr, BS: tl.constexpr):
+    """One block of one head of one row's open-group window: quantize and store it if its group of
+    ``R`` tokens is complete (keys per channel over the block, values per token and group)."""
+    b = tl.program_id(0)
+    j = tl.program_id(1)
+    h = tl.program_id(2)
+    n1 = tl.load(seq_ptr + b)
+    f0 = (n1 - T) // R * R
+    if f0 + (j * BS // R + 1) * R <= n1:
+        blk = tl.load(bt_ptr + b.to(tl.int64) * M + (f0 + j * BS) // BS).to(tl.int64)
+        offs_d = tl.arange(0, D)
+        dim = _pack_order(offs_d, 4, GROUP)
+        tok = tl.arange(0, BS)
+        src = ((b.to(tl.int64) * L + j * BS + tok[:, None]) * H + h) * D + dim[None, :]
+        row = blk * stride_cb + tok * stride_ct + h * stride_ch
+        # Keys: scale and zero per channel over the block's BS tokens.
+        x = tl.load(wk_ptr + src)
+        mn = tl.min(x, 0)
+        s = tl.maximum((tl.max(x, 0) - mn) / 3.0, _MIN_SCALE).to(tl.float16)
+        z = mn.to(tl.float16)
+        q = tl.floor((x - z.to(tl.float32)[None, :]) / s.to(tl.float32)[None, :] + 0.5)
+        q = tl.minimum(tl.maximum(q, 0.0), 3.0).to(tl.int32)
+        tl.store(kc_ptr + row[:, None] + tl.arange(0, D // 4)[None, :], _pack2(q, BS, D))
+        tl.store(ks_ptr + (blk * H + h) * D + dim, s)
+        tl.store(kz_ptr + (blk * H + h) * D + dim, z)
+        # Values: scale and zero per token and group of GROUP dims (contiguous in unpacked order).
+        NG: tl.constexpr = D // GROUP
+        xv = tl.reshape(tl.load(wv_ptr + src), [BS, NG, GROUP])
+        mnv = tl.min(xv, 2)
+        sv = tl.maximum((tl.max(xv, 2) - mnv) / 3.0, _MIN_SCALE).to(tl.float16)
+        zv = mnv.to(tl.float16)
+        qv = tl.floor((xv - zv.to(tl.float32)[:, :, None]) / sv.to(tl.float32)[:, :, None] + 0.5)
+        qv = tl.reshape(tl.minimum(tl.maximum(qv, 0.0), 3.0).to(tl.int32), [BS, D])
+        tl.store(vc_ptr + row[:, None] + tl.arange(0, D // 4)[None, :], _pack2(qv, BS, D))
+        srow = blk * stride_vb + tok * stride_vt + h * stride_vh
+        g = tl.arange(0, NG)
+        tl.store(vs_ptr + srow[:, None] + g[None, :], sv)
+        tl.store(vz_ptr + srow[:, None] + g[None, :], zv)
+
+
+def kivi_flush(cache: QuantKV, wk: torch.Tensor, wv: torch.Tensor, seq_lens: torch.Tensor,
+               block_tables: torch.Tensor, t: int) -> None:
+    """Quantize and store every group of ``R`` tokens completed by a write of ``t`` tokens; ``wk, wv
+    [B, L, H, D]`` fp32 are the open-group windows of ``ref.kivi_window`` (the flush loop of
+    ``ref.kivi_write_ref``, with completeness decided on the device)."""
+    b, L, h, d = wk.shape
+    bs = cache.k.shape[1]
+    vs = cache.v_scale
+    _kivi_flush_kernel[(b, L // bs, h)](
+        wk.contiguous(), wv.contiguous(), seq_lens.to(torch.int32).contiguous(),
+        block_tables.to(torch.int32).contiguous(), cache.k, cache.v, cache.k_scale, cache.k_zero, vs, cache.v_zero,
+        t, L, h, block_tables.shape[1], cache.residual,
+        cache.k.stride(0), cache.k.stride(1), cache.k.stride(2), vs.stride(0), vs.stride(1), vs.stride(2),
+        D=d, GROUP=cache.group, BS=bs, num_warps=4,
+    )
