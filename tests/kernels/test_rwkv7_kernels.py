@@ -89,7 +89,8 @@ def test_kernel_validates_inputs(kernel):
 @pytest.mark.parametrize("t", CASES)
 @pytest.mark.parametrize("first_layer", [True, False], ids=["layer0", "layer1"])
 def test_fused_timemix_matches_reference(t, first_layer):
-    from constant_state.kernels.rwkv7.fused_layer import fused_timemix_rwkv7
+    from constant_state.kernels.rwkv7.chunk import chunk_rwkv7
+    from constant_state.kernels.rwkv7.fused_layer import fused_timemix_rwkv7, timemix_chunked_rwkv7
     from constant_state.kernels.rwkv7.ref import timemix_core_ref
 
     g = torch.Generator().manual_seed(t)
@@ -108,6 +109,11 @@ def test_fused_timemix_matches_reference(t, first_layer):
     y = fused_timemix_rwkv7(*args, s_out)
     assert_close("fused timemix y", y_ref, y, 2e-4)
     assert_close("fused timemix state", s_ref, s_out, 5e-5)
+    # The long-input form: fused prologue, chunked kernel, fused epilogue.
+    s_chunk = s0.clone()
+    y2 = timemix_chunked_rwkv7(*args, s_chunk, wkv=lambda *a: chunk_rwkv7(*a, inplace=True)[0])
+    assert_close("chunked timemix y", y_ref, y2, 2e-4)
+    assert_close("chunked timemix state", s_ref, s_chunk, 5e-5)
 
 
 @torch.no_grad()

@@ -31,9 +31,9 @@ def triton_available() -> bool:
     if _TRITON is None:
         try:
             from .chunk import chunk_rwkv7
-            from .fused_layer import fused_timemix_rwkv7
+            from .fused_layer import fused_timemix_rwkv7, timemix_chunked_rwkv7
             from .fused_recurrent import fused_recurrent_rwkv7
-            _TRITON = (chunk_rwkv7, fused_recurrent_rwkv7, fused_timemix_rwkv7)
+            _TRITON = (chunk_rwkv7, fused_recurrent_rwkv7, fused_timemix_rwkv7, timemix_chunked_rwkv7)
         except ImportError as e:
             _TRITON = ()
             _warn_once("import", f"RWKV-7 Triton kernels unavailable ({e}); using the PyTorch reference")
@@ -61,11 +61,14 @@ def timemix_core(r, k, v, w_lo, a_lo, v_lo, v_first, g, w0, a0, v0, k_k, k_a, r_
                  state: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """RWKV-7's time-mix core (see :func:`timemix_core_ref`); ``state`` is updated in place.
 
-    Triton, short inputs (decode): one fused kernel. Otherwise the PyTorch elementwise ops around
-    :func:`wkv7` (the chunked kernel on CUDA).
+    Triton: short inputs (decode) in one fused kernel; long ones as a fused prologue, the chunked
+    kernel and a fused epilogue. PyTorch: the elementwise ops around :func:`wkv7`.
     """
-    if _use_triton(backend, r) and r.shape[1] < CHUNK_MIN_T and state.is_contiguous():
-        return _TRITON[2](r, k, v, w_lo, a_lo, v_lo, v_first, g, w0, a0, v0, k_k, k_a, r_k, ln_w, ln_b, eps, state)
+    if _use_triton(backend, r) and state.is_contiguous():
+        args = (r, k, v, w_lo, a_lo, v_lo, v_first, g, w0, a0, v0, k_k, k_a, r_k, ln_w, ln_b, eps, state)
+        if r.shape[1] < CHUNK_MIN_T:
+            return _TRITON[2](*args)
+        return _TRITON[3](*args, wkv=lambda *a: _TRITON[0](*a, inplace=True)[0])
     return timemix_core_ref(r, k, v, w_lo, a_lo, v_lo, v_first, g, w0, a0, v0, k_k, k_a, r_k, ln_w, ln_b, eps,
                             state, wkv=lambda *args: wkv7(*args, backend=backend))
 
@@ -75,7 +78,7 @@ def wkv7(r, w, k, v, a, b, state: torch.Tensor, backend: str = "auto") -> torch.
     t = r.shape[1]
     use_triton = _use_triton(backend, r)
     if use_triton and state.is_contiguous():
-        chunk_rwkv7, fused_recurrent_rwkv7, _ = _TRITON
+        chunk_rwkv7, fused_recurrent_rwkv7 = _TRITON[:2]
         fn = chunk_rwkv7 if t >= CHUNK_MIN_T else fused_recurrent_rwkv7
         o, _ = fn(r, w, k, v, a, b, state, inplace=True)
         return o

@@ -98,3 +98,87 @@ def fused_timemix_rwkv7(r, k, v, w_lo, a_lo, v_lo, v_first, g, w0, a0, v0, k_k, 
                                       y, state, t, eps, H=h, N=n, BN=triton.next_power_of_2(n), HAS_V_LO=has_v,
                                       DECAY=DECAY_SCALE, num_warps=4)
     return y
+
+
+@triton.jit
+def _prep_kernel(k, v, w_lo, a_lo, v_lo, v_first, w0, a0, v0, k_k, k_a, log_w, k_out, v_out, a_out, b_out, rows,
+                 C: tl.constexpr, N: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, HAS_V_LO: tl.constexpr,
+                 DECAY: tl.constexpr):
+    # rows = B * T * H head-rows of N channels; channel c = (row % H) * N + n.
+    o_r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    o_n = tl.arange(0, BN)
+    m = (o_r < rows)[:, None] & (o_n < N)[None, :]
+    off = o_r[:, None] * N + o_n[None, :]  # [BR, BN] flat, 64-bit
+    ch = off % C
+    b_k = tl.load(k + off, mask=m, other=0.0).to(tl.float32)
+    b_a = tl.sigmoid(tl.load(a0 + ch, mask=m, other=0.0).to(tl.float32)
+                     + tl.load(a_lo + off, mask=m, other=0.0).to(tl.float32))
+    wz = tl.load(w0 + ch, mask=m, other=0.0).to(tl.float32) + tl.load(w_lo + off, mask=m, other=0.0).to(tl.float32)
+    tl.store(log_w + off, -DECAY * tl.sigmoid(wz), mask=m)
+    kk = b_k * tl.load(k_k + ch, mask=m, other=0.0).to(tl.float32)
+    kk = kk / tl.maximum(tl.sqrt(tl.sum(kk * kk, axis=1)), 1e-12)[:, None]
+    tl.store(a_out + off, (-kk).to(a_out.dtype.element_ty), mask=m)
+    tl.store(b_out + off, (kk * b_a).to(b_out.dtype.element_ty), mask=m)
+    b_k = b_k * (1 + (b_a - 1) * tl.load(k_a + ch, mask=m, other=0.0).to(tl.float32))
+    tl.store(k_out + off, b_k.to(k_out.dtype.element_ty), mask=m)
+    if HAS_V_LO:
+        b_v = tl.load(v + off, mask=m, other=0.0).to(tl.float32)
+        gate = tl.sigmoid(tl.load(v0 + ch, mask=m, other=0.0).to(tl.float32)
+                          + tl.load(v_lo + off, mask=m, other=0.0).to(tl.float32))
+        b_v = b_v + (tl.load(v_first + off, mask=m, other=0.0).to(tl.float32) - b_v) * gate
+        tl.store(v_out + off, b_v.to(v_out.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _out_kernel(o, r, k, v, g, r_k, ln_w, ln_b, y, rows, eps, C: tl.constexpr, N: tl.constexpr, BN: tl.constexpr,
+                BR: tl.constexpr):
+    o_r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    o_n = tl.arange(0, BN)
+    m_n = o_n < N
+    m = (o_r < rows)[:, None] & m_n[None, :]
+    off = o_r[:, None] * N + o_n[None, :]
+    ch = off % C
+    b_o = tl.load(o + off, mask=m, other=0.0).to(tl.float32)
+    mean = tl.sum(b_o, axis=1) / N
+    diff = tl.where(m_n[None, :], b_o - mean[:, None], 0.0)
+    var = tl.sum(diff * diff, axis=1) / N
+    b_o = diff / tl.sqrt(var + eps)[:, None] * tl.load(ln_w + ch, mask=m, other=0.0).to(tl.float32) \
+        + tl.load(ln_b + ch, mask=m, other=0.0).to(tl.float32)
+    b_r = tl.load(r + off, mask=m, other=0.0).to(tl.float32)
+    b_k = tl.load(k + off, mask=m, other=0.0).to(tl.float32)
+    rk = tl.sum(b_r * b_k * tl.load(r_k + ch, mask=m, other=0.0).to(tl.float32), axis=1)  # [BR]
+    b_v = tl.load(v + off, mask=m, other=0.0).to(tl.float32)
+    b_g = tl.load(g + off, mask=m, other=0.0).to(tl.float32)
+    tl.store(y + off, ((b_o + rk[:, None] * b_v) * b_g).to(y.dtype.element_ty), mask=m)
+
+
+def timemix_chunked_rwkv7(r, k, v, w_lo, a_lo, v_lo, v_first, g, w0, a0, v0, k_k, k_a, r_k, ln_w, ln_b, eps: float,
+                          state: torch.Tensor, wkv) -> torch.Tensor:
+    """The time-mix core for long inputs: a fused elementwise prologue, ``wkv`` (the chunked kernel,
+    updating ``state`` in place), a fused GroupNorm/bonus/gate epilogue. Same contract as
+    :func:`timemix_core_ref`."""
+    bsz, t, c = r.shape
+    h, n = r_k.shape
+    has_v = v_lo is not None
+    r, k, v, w_lo, a_lo, g = (x.contiguous() for x in (r, k, v, w_lo, a_lo, g))
+    if has_v:
+        v_lo, v_first = v_lo.contiguous(), v_first.contiguous()
+        v_out = torch.empty_like(v)
+    else:
+        v_lo = v_first = v_out = v
+        v0 = w0
+    rows = bsz * t * h
+    log_w = torch.empty(r.shape, dtype=torch.float32, device=r.device)
+    k_out, a_out, b_out = torch.empty_like(k), torch.empty_like(k), torch.empty_like(k)
+    bn = triton.next_power_of_2(n)
+    br = max(1, 2048 // bn)
+    grid = (triton.cdiv(rows, br),)
+    _prep_kernel[grid](k, v, w_lo, a_lo, v_lo, v_first, w0, a0, v0, k_k, k_a, log_w, k_out, v_out, a_out, b_out,
+                       rows, C=c, N=n, BN=bn, BR=br, HAS_V_LO=has_v, DECAY=DECAY_SCALE, num_warps=4)
+    shape = (bsz, t, h, n)
+    o = wkv(r.view(shape), log_w.view(shape), k_out.view(shape), v_out.view(shape), a_out.view(shape),
+            b_out.view(shape), state)
+    y = torch.empty_like(r)
+    _out_kernel[grid](o.contiguous(), r, k_out, v_out, g, r_k, ln_w, ln_b, y, rows, eps, C=c, N=n, BN=bn, BR=br,
+                      num_warps=4)
+    return y
