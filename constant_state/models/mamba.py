@@ -495,7 +495,7 @@ def to_mamba_ssm(model: MambaLM) -> tuple[dict[str, Any], dict[str, torch.Tensor
         ssm.update(layer="Mamba1", dt_rank=c.time_step_rank)
     cfg = {"d_model": c.hidden_size, "d_intermediate": 0, "n_layer": c.num_layers, "vocab_size": c.vocab_size,
            "ssm_cfg": ssm, "attn_layer_idx": [], "attn_cfg": {}, "rms_norm": True,
-           "residual_in_fp32": c.residual_in_fp32, "fused_add_norm": True, "pad_vocab_size_multiple": 8,
+           "residual_in_fp32": c.residual_in_fp32, "fused_add_norm": True, "pad_vocab_size_multiple": 1,
            "tie_embeddings": c.tie_word_embeddings}
     names = {"embed_tokens.weight": "backbone.embedding.weight", "norm.weight": "backbone.norm_f.weight",
              "lm_head.weight": "lm_head.weight"}
@@ -507,10 +507,10 @@ register_family(Family("mamba", MambaConfig, MambaLM, ("mamba",), MambaConfig.fr
 register_family(Family("mamba2", Mamba2Config, MambaLM, ("mamba2",), Mamba2Config.from_hf, _convert_keys))
 MODEL_TYPE_DETECTORS.append(detect_mamba_ssm)
 
-# Shapes of state-spaces' checkpoints (vocab 50277 padded to 50280, fp16).
+# Shapes of state-spaces' checkpoints: vocab 50277 padded to a multiple of 8 (Mamba-1) or 16 (Mamba-2).
 for _name, _d, _n in (("mamba-130m", 768, 24), ("mamba-370m", 1024, 48), ("mamba-790m", 1536, 48),
                       ("mamba-1.4b", 2048, 48), ("mamba-2.8b", 2560, 64)):
     register_preset(_name, MambaConfig(vocab_size=50280, hidden_size=_d, num_layers=_n))
 for _name, _d, _n in (("mamba2-130m", 768, 24), ("mamba2-370m", 1024, 48), ("mamba2-780m", 1536, 48),
                       ("mamba2-1.3b", 2048, 48), ("mamba2-2.7b", 2560, 64)):
-    register_preset(_name, Mamba2Config(vocab_size=50280, hidden_size=_d, num_layers=_n))
+    register_preset(_name, Mamba2Config(vocab_size=50288, hidden_size=_d, num_layers=_n))
