@@ -286,6 +286,21 @@ def test_time_step_limit_applies_to_every_token():
     assert max_diff(torch.cat(parts, 1), full) <= 1e-4
 
 
+@pytest.mark.parametrize("kind", ["mamba", "mamba2"])
+@torch.no_grad()
+def test_layer_interface_matches_fused_loop(hf_dirs, kind):
+    """Each block also works on its own through forward(x, layer_state, ctx), as the base loop calls it."""
+    from constant_state.models.base import StatefulLM
+
+    ours = cs.load(str(hf_dirs[kind]), dtype="float32")
+    ids = _ids(2, 19, seed=2)
+    fused, _ = ours(ids)
+    state = ours.init_state(2)
+    state.reserve(19)
+    per_layer = StatefulLM.forward_reserved(ours, ids, state)
+    assert max_diff(per_layer, fused) <= 1e-5
+
+
 def test_set_backend_validates():
     m = cs.build_model(MambaConfig(vocab_size=V, hidden_size=16, num_layers=1, dtype="float32"))
     m.set_backend("ref")
