@@ -10,7 +10,7 @@ the chunk and ``g~ = g - w`` the exclusive one::
     O = R e^{g} S0 + L_rb U + L_rk V
     S_end = e^{g_last} S0 + (B e^{g_last - g})^T U + (K e^{g_last - g})^T V
 
-The unit lower-triangular system is solved by forward substitution, row by row (the product
+The unit lower-triangular ``(I - L_ab)`` is inverted by forward substitution, row by row (the product
 form ``(I + L)(I + L^2)(I + L^4)...`` is cheaper but loses all precision when keys are correlated,
 as powers of ``L`` then grow huge before cancelling). One program per (V block, batch x head) walks the chunks in order
 with its ``[K, BV]`` fp32 state slice in registers and writes it back in place at the end.
@@ -78,13 +78,16 @@ def _chunk_rwkv7_kernel(r, w, k, v, a, b, o, s, T, H: tl.constexpr, K: tl.conste
         l_ak = tl.where(strict, tl.dot(a_g, tl.trans(k_g), input_precision=PRECISION), 0.0)
         l_rb = tl.where(incl, tl.dot(r_g, tl.trans(b_g), input_precision=PRECISION), 0.0)
         l_rk = tl.where(incl, tl.dot(r_g, tl.trans(k_g), input_precision=PRECISION), 0.0)
-        u = tl.dot(a_g, state, input_precision=PRECISION) + tl.dot(l_ak, b_v, input_precision=PRECISION)
-        # Forward substitution u_i += sum_{s<i} L_ab[i, s] u_s, row by row (rows s < i are final).
-        # Stable where (I + L)(I + L^2)(I + L^4)... is not: powers of L grow large for correlated keys.
+        # (I - L_ab)^{-1} by forward substitution, row by row (rows s < i are final): stable where
+        # (I + L)(I + L^2)(I + L^4)... is not (powers of L grow huge for correlated keys). It does not
+        # depend on the state, and works on [BT, BT] rather than [BT, BV].
+        inv = tl.where(o_c[:, None] == o_c[None, :], 1.0, 0.0)
         for i in range(BT):
             sel = o_c == i
             l_i = tl.sum(tl.where(sel[:, None], l_ab, 0.0), axis=0)  # [BT] row i of L_ab
-            u += tl.where(sel[:, None], tl.sum(l_i[:, None] * u, axis=0)[None, :], 0.0)
+            inv += tl.where(sel[:, None], tl.sum(l_i[:, None] * inv, axis=0)[None, :], 0.0)
+        rhs = tl.dot(a_g, state, input_precision=PRECISION) + tl.dot(l_ak, b_v, input_precision=PRECISION)
+        u = tl.dot(inv, rhs, input_precision=PRECISION)
         b_o = (tl.dot(r_g, state, input_precision=PRECISION) + tl.dot(l_rb, u, input_precision=PRECISION)
                + tl.dot(l_rk, b_v, input_precision=PRECISION))
         tl.store(o + off_v, b_o.to(o.dtype.element_ty), mask=m_tv)
