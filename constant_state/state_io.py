@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .state import ModelState, RecurrentSpec, RecurrentState
+from .state import ModelState, RecurrentState
 
 FORMAT = "constant_state.recurrent_state/1"
 
@@ -81,4 +81,4 @@ def load_state(path: str | Path, model, device=None) -> ModelState:
     return state
 
 
-__all__ = ["save_state", "load_state", "RecurrentSpec"]
+__all__ = ["save_state", "load_state"]
