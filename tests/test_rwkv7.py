@@ -204,3 +204,9 @@ def test_kernel_backend_validation():
     x = torch.zeros(1, 2, 1, 4)
     with pytest.raises(ValueError, match="backend"):
         k7.wkv7(x, x, x, x, x, x, torch.zeros(1, 1, 4, 4), backend="cuda")
+
+
+def test_memory_of_a_pth_reads_its_shapes(pth):
+    cfg = cs.resolve_config(str(pth))
+    assert (cfg.hidden_size, cfg.num_layers, cfg.dtype) == (128, 2, "float32")
+    assert sum(s.fixed_bytes for s in cfg.state_specs()) == 2 * (2 * 128 * 4 + 2 * 64 * 64 * 4)

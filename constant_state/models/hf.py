@@ -203,6 +203,10 @@ def resolve_config(path_or_preset: str) -> ModelConfig:
     """The config of a preset or of a checkpoint directory / config.json, without loading weights."""
     if path_or_preset in PRESETS and not os.path.exists(path_or_preset):
         return PRESETS[path_or_preset]
+    pth = _blinkdl_pth(path_or_preset)
+    if pth is not None:
+        from .rwkv7 import config_from_pth
+        return config_from_pth(pth)
     p = Path(path_or_preset).expanduser()
     cfg_file = p if p.is_file() else resolve_checkpoint_dir(path_or_preset) / "config.json"
     if not cfg_file.exists():

@@ -370,6 +370,12 @@ def convert_keys(sd: dict[str, torch.Tensor], cfg: RWKV7Config) -> dict[str, tor
     return sd  # our own names (save_checkpoint)
 
 
+def config_from_pth(path) -> RWKV7Config:
+    """The config of a BlinkDL ``.pth`` (tensors memory-mapped, not read)."""
+    sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    return config_from_blinkdl(sd, dtype=str(next(iter(sd.values())).dtype).replace("torch.", ""))
+
+
 def load_pth(path, *, device=None, dtype=None) -> RWKV7:
     """A model from a BlinkDL ``.pth`` file (torch.load with weights_only=True)."""
     from .hf import assign_weights
