@@ -210,3 +210,44 @@ def test_memory_of_a_pth_reads_its_shapes(pth):
     cfg = cs.resolve_config(str(pth))
     assert (cfg.hidden_size, cfg.num_layers, cfg.dtype) == (128, 2, "float32")
     assert sum(s.fixed_bytes for s in cfg.state_specs()) == 2 * (2 * 128 * 4 + 2 * 64 * 64 * 4)
+
+
+@pytest.mark.parametrize("kernel", ["chunk-bf16", "chunk-fp32", "fused_recurrent", "fused_timemix", "prep", "out"])
+def test_triton_kernels_compile_for_sm90(kernel):
+    """Ahead-of-time compile for an H100/H200 (sm_90) target, no GPU needed: catches what the
+    interpreter does not (types, layouts, tl.dot constraints)."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from constant_state.kernels.rwkv7 import chunk, fused_layer, fused_recurrent
+
+    def ptrs(fn, dtype, **special):
+        skip = set(special.get("_consts", ()))
+        return {n: special.get(n, f"*{dtype}") if n not in skip else "constexpr" for n in fn.arg_names}
+
+    if kernel.startswith("chunk"):
+        dt, prec = ("bf16", "tf32") if kernel == "chunk-bf16" else ("fp32", "ieee")
+        consts = dict(H=12, K=64, V=64, BK=64, PRECISION=prec, BT=32, BV=64)
+        fn = chunk._chunk_rwkv7_kernel.fn
+        sig = ptrs(fn, dt, w="*fp32", s="*fp32", T="i32", _consts=consts)
+        opts = dict(num_warps=8, num_stages=2)
+    elif kernel == "fused_recurrent":
+        consts = dict(H=12, K=64, V=64, BK=64, BV=16)
+        fn = fused_recurrent._fused_recurrent_rwkv7_kernel
+        sig, opts = ptrs(fn, "bf16", s="*fp32", T="i32", _consts=consts), dict(num_warps=2)
+    elif kernel == "fused_timemix":
+        consts = dict(H=12, N=64, BN=64, HAS_V_LO=True, DECAY=0.606531)
+        fn = fused_layer._fused_timemix_kernel
+        sig, opts = ptrs(fn, "bf16", s="*fp32", T="i32", eps="fp32", _consts=consts), dict(num_warps=4)
+    elif kernel == "prep":
+        consts = dict(C=768, N=64, BN=64, BR=32, HAS_V_LO=True, DECAY=0.606531)
+        fn = fused_layer._prep_kernel
+        sig, opts = ptrs(fn, "bf16", log_w="*fp32", rows="i64", _consts=consts), dict(num_warps=4)
+    else:
+        consts = dict(C=768, N=64, BN=64, BR=32)
+        fn = fused_layer._out_kernel
+        sig, opts = ptrs(fn, "bf16", rows="i64", eps="fp32", _consts=consts), dict(num_warps=4)
+    compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                              options=opts)
+    assert compiled.asm.get("cubin")
