@@ -145,14 +145,24 @@ class PagedKVState:
             self.storage.write(k, v, ctx.slot_mapping)
 
     def attend(self, q: torch.Tensor, ctx: "ForwardContext", scale: float, sliding_window: int | None) -> torch.Tensor:
-        """Attention of ``q [B, T, Hq, D]`` over each row's cache (this call's tokens included)."""
-        return self.storage.attend(q, ctx.block_tables, ctx.seq_lens, scale, sliding_window, **self.rows)
+        """Attention of ``q [B, T, Hq, D]`` over each row's cache (this call's tokens included);
+        with eviction, StreamingLLM's sinks + window mask, or H2O's score accumulation."""
+        ev = ctx.extras.get("kv_eviction")
+        if ev is None:
+            return self.storage.attend(q, ctx.block_tables, ctx.seq_lens, scale, sliding_window, **self.rows)
+        policy, scores = ev
+        sinks, window = policy.attention_mask()
+        if scores is not None:
+            from .cache.eviction import accumulate_scores, cached_keys
+            accumulate_scores(scores, q, cached_keys(self.storage, ctx.block_tables), ctx.block_tables,
+                              ctx.seq_lens, scale)
+        return self.storage.attend(q, ctx.block_tables, ctx.seq_lens, scale, window, sinks=sinks, **self.rows)
 
 
 class KVPool:
     """Block pool bookkeeping plus every paged layer's storage; shared by forked states."""
 
-    def __init__(self, specs: Sequence[PagedKVSpec], num_blocks: int, device):
+    def __init__(self, specs: Sequence[PagedKVSpec], num_blocks: int, device, eviction=None):
         sizes = {s.block_size for s in specs}
         if len(sizes) != 1:
             raise ValueError(f"all paged layers must share one block_size, got {sorted(sizes)}")
@@ -164,6 +174,9 @@ class KVPool:
                                                               s.head_dim, device)
             for s in specs
         }
+        # Eviction policy (cache.eviction) and, for H2O, accumulated attention per block.
+        self.eviction = eviction
+        self.scores = torch.zeros(num_blocks, device=device) if getattr(eviction, "name", "") == "h2o" else None
 
     @property
     def num_blocks(self) -> int:
@@ -199,7 +212,7 @@ class ModelState:
     each row's block table; ``block_tables`` (device, int32 ``[B, M]``) is what kernels read.
     """
 
-    def __init__(self, specs, layers, seqs, seq_lens, kv_pool, block_tables, max_context, device):
+    def __init__(self, specs, layers, seqs, seq_lens, kv_pool, block_tables, max_context, device, pos_offset=None):
         self.specs: list[StateSpec] = list(specs)
         self.layers: list[RecurrentState | PagedKVState | None] = layers
         self.seqs: list[SeqBlocks] = seqs
@@ -208,12 +221,15 @@ class ModelState:
         self.block_tables: torch.Tensor | None = block_tables
         self.max_context: int | None = max_context
         self.device = torch.device(device)
+        # Tokens evicted per row (device, int32 [B]): a token's position is its cache index + this.
+        self.pos_offset: torch.Tensor = torch.zeros_like(seq_lens) if pos_offset is None else pos_offset
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
     def allocate(cls, specs: Sequence[StateSpec], batch_size: int, *, max_context: int | None = None,
-                 num_blocks: int | None = None, device=None) -> "ModelState":
-        """Zero state for ``batch_size`` sequences. Paged layers need ``max_context``."""
+                 num_blocks: int | None = None, device=None, eviction=None) -> "ModelState":
+        """Zero state for ``batch_size`` sequences. Paged layers need ``max_context``; ``eviction`` is
+        a policy of :mod:`constant_state.cache.eviction` (None: keep every token)."""
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         device = torch.device(device or "cpu")
@@ -226,7 +242,7 @@ class ModelState:
             max_blocks = -(-max_context // bs)
             if num_blocks is None:
                 num_blocks = batch_size * max_blocks
-            kv_pool = KVPool(paged, num_blocks, device)
+            kv_pool = KVPool(paged, num_blocks, device, eviction)
             block_tables = torch.zeros((batch_size, max_blocks), dtype=torch.int32, device=device)
         layers: list = []
         for s in specs:
@@ -282,9 +298,39 @@ class ModelState:
             for s in self.seqs:
                 s.num_tokens += num_tokens
             return
+        if self.kv_pool.eviction is not None:
+            self._evict(num_tokens)
         copies, writes = self.kv_pool.manager.reserve(self.seqs, num_tokens)
         self.kv_pool.copy_blocks(copies)
         self._write_block_tables(writes)
+        if self.kv_pool.scores is not None and writes:  # fresh blocks start with no attention
+            self.kv_pool.scores[torch.tensor([w[2] for w in writes], device=self.device)] = 0.0
+
+    def _evict(self, num_tokens: int) -> None:
+        """Drop the blocks the eviction policy no longer needs, before this call's tokens arrive:
+        they return to the pool, later blocks move up in the block table (cache indices shift down
+        by the dropped tokens), and ``pos_offset`` keeps positions unchanged."""
+        from .cache.eviction import plan_evictions
+
+        bs = self.kv_pool.block_size
+        plan = plan_evictions(self.kv_pool.eviction, self.seqs, num_tokens, bs, self.kv_pool.scores)
+        writes, rows, dropped = [], [], []
+        for r, cols in enumerate(plan):
+            if not cols:
+                continue
+            seq = self.seqs[r]
+            for c in sorted(cols, reverse=True):
+                self.kv_pool.manager.pool.decref(seq.blocks.pop(c))
+            seq.num_tokens -= len(cols) * bs
+            writes += [(r, c, b) for c, b in enumerate(seq.blocks)]
+            rows.append(r)
+            dropped.append(len(cols) * bs)
+        if rows:
+            self._write_block_tables(writes)
+            idx = torch.tensor(rows, device=self.device)
+            d = torch.tensor(dropped, dtype=self.seq_lens.dtype, device=self.device)
+            self.seq_lens.index_add_(0, idx, -d)
+            self.pos_offset.index_add_(0, idx, d)
 
     def _write_block_tables(self, writes: list[tuple[int, int, int]]) -> None:
         if not writes:
@@ -295,22 +341,26 @@ class ModelState:
 
     def context(self, num_tokens: int) -> ForwardContext:
         """Device-only per-call values for a forward of ``num_tokens`` tokens (graph-capturable)."""
-        pos = self.seq_lens.long()[:, None] + torch.arange(num_tokens, device=self.seq_lens.device)  # [B, T]
+        idx = self.seq_lens.long()[:, None] + torch.arange(num_tokens, device=self.seq_lens.device)  # [B, T]
         slot = None
+        extras = {}
         if self.block_tables is not None:
             bs = self.kv_pool.block_size
-            blk = self.block_tables.gather(1, pos // bs).long()  # [B, T]
-            slot = blk * bs + pos % bs
-        return ForwardContext(pos, self.seq_lens + num_tokens, num_tokens, slot, self.block_tables)
+            blk = self.block_tables.gather(1, idx // bs).long()  # [B, T]
+            slot = blk * bs + idx % bs
+            if self.kv_pool.eviction is not None:
+                extras["kv_eviction"] = (self.kv_pool.eviction, self.kv_pool.scores)
+        pos = idx + self.pos_offset.long()[:, None]  # absolute positions (cache index + evicted tokens)
+        return ForwardContext(pos, self.seq_lens + num_tokens, num_tokens, slot, self.block_tables, extras)
 
     def advance(self, num_tokens: int) -> None:
         """Device side of a finished forward: ``seq_lens += num_tokens`` in place."""
         self.seq_lens.add_(num_tokens)
 
     # -- views and copies ----------------------------------------------------------------------
-    def _derive(self, layers, seqs, seq_lens, block_tables) -> "ModelState":
+    def _derive(self, layers, seqs, seq_lens, block_tables, pos_offset) -> "ModelState":
         return ModelState(self.specs, layers, seqs, seq_lens, self.kv_pool, block_tables,
-                          self.max_context, self.device)
+                          self.max_context, self.device, pos_offset)
 
     def narrow(self, start: int, length: int) -> "ModelState":
         """Rows ``start:start+length`` as a view: updates through it land in this state."""
@@ -319,7 +369,8 @@ class ModelState:
         layers = [l.map(lambda t: t.narrow(0, start, length)) if isinstance(l, (RecurrentState, PagedKVState)) else l
                   for l in self.layers]
         bt = None if self.block_tables is None else self.block_tables.narrow(0, start, length)
-        return self._derive(layers, self.seqs[start:start + length], self.seq_lens.narrow(0, start, length), bt)
+        return self._derive(layers, self.seqs[start:start + length], self.seq_lens.narrow(0, start, length), bt,
+                            self.pos_offset.narrow(0, start, length))
 
     def _rows(self, index: Sequence[int] | None) -> list[int]:
         rows = list(range(self.batch_size)) if index is None else [int(i) for i in index]
@@ -343,7 +394,7 @@ class ModelState:
             bt = self.block_tables.index_select(0, sel)
         else:
             seqs, bt = [SeqBlocks([], self.seqs[i].num_tokens) for i in rows], None
-        return self._derive(layers, seqs, self.seq_lens.index_select(0, sel), bt)
+        return self._derive(layers, seqs, self.seq_lens.index_select(0, sel), bt, self.pos_offset.index_select(0, sel))
 
     def clone(self, index: Sequence[int] | None = None) -> "ModelState":
         """Like :meth:`fork`, but paged rows get physical copies of their blocks."""
@@ -363,7 +414,8 @@ class ModelState:
         self.kv_pool.copy_blocks(pairs)
         bt = torch.zeros((len(rows), self.block_tables.shape[1]), dtype=torch.int32, device=self.device)
         state = self._derive([l.map(lambda t: t.index_select(0, sel)) if isinstance(l, (RecurrentState, PagedKVState)) else l
-                              for l in self.layers], seqs, self.seq_lens.index_select(0, sel), bt)
+                              for l in self.layers], seqs, self.seq_lens.index_select(0, sel), bt,
+                             self.pos_offset.index_select(0, sel))
         state._write_block_tables([(r, c, b) for r, s in enumerate(seqs) for c, b in enumerate(s.blocks)])
         return state
 
@@ -376,6 +428,7 @@ class ModelState:
             for s in self.seqs:
                 s.num_tokens = 0
         self.seq_lens.zero_()
+        self.pos_offset.zero_()
         for l in self.layers:
             if isinstance(l, RecurrentState):
                 for t in l.tensors.values():

@@ -21,6 +21,14 @@ class KVConfig:
     """Dims per scale group: int4 32 or 64 (default 64), kivi2 values 32, 64 or 128 (default 64) (--kv-group-size)."""
     residual_window: int | None = None
     """kivi2: newest tokens per sequence kept fp16, a multiple of block_size (default 128) (--kv-residual)."""
+    eviction: str = "none"
+    """Token eviction: none, streaming (StreamingLLM sinks + window) or h2o (heavy hitters) (--kv-eviction)."""
+    sink_tokens: int | None = None
+    """streaming: first tokens always kept (default 4) (--kv-sinks)."""
+    window_tokens: int | None = None
+    """Recent tokens kept: streaming default 1020, h2o default budget // 2 (--kv-window)."""
+    budget: int | None = None
+    """h2o: tokens kept per sequence, recent window included (default 1024) (--kv-budget)."""
 
     def __post_init__(self):
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
@@ -33,6 +41,18 @@ class KVConfig:
                              f"size {self.block_size} (--kv-block-size), got {self.residual_window}")
         for fmt in {self.format, *self.layer_formats.values()}:
             self.format_for(-1, "bf16", fmt)  # validates --kv-group-size / --kv-residual against the format
+        policy = self.eviction_policy()  # validates --kv-eviction / --kv-sinks / --kv-window / --kv-budget
+        if policy is not None and any(f.startswith("kivi2") for f in {self.format, *self.layer_formats.values()}):
+            raise ValueError("--kv-eviction does not combine with --kv kivi2 (its residual groups are aligned "
+                             "to cache positions); choose another format or --kv-eviction none")
+
+    def eviction_policy(self):
+        """The :mod:`constant_state.cache.eviction` policy of these settings, or None."""
+        from .eviction import make_policy
+
+        if self.eviction == "none" and (self.sink_tokens, self.window_tokens, self.budget) != (None, None, None):
+            raise ValueError("--kv-sinks / --kv-window / --kv-budget need --kv-eviction streaming or h2o")
+        return make_policy(self.eviction, sinks=self.sink_tokens, window=self.window_tokens, budget=self.budget)
 
     def format_for(self, layer_idx: int, default: str, fmt: str | None = None) -> str:
         """The resolved format name of a layer (settings such as the int4 group size folded in)."""

@@ -26,8 +26,9 @@ class KVStorage:
         raise NotImplementedError
 
     def attend(self, q: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
-               scale: float, sliding_window: int | None = None) -> torch.Tensor:
-        """Attention of ``q [B, T, Hq, D]`` (the last T tokens) over each row's cache."""
+               scale: float, sliding_window: int | None = None, sinks: int = 0) -> torch.Tensor:
+        """Attention of ``q [B, T, Hq, D]`` (the last T tokens) over each row's cache; with a window,
+        the first ``sinks`` cached tokens stay visible."""
         raise NotImplementedError
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
@@ -77,14 +78,15 @@ class DenseStorage(KVStorage):
         self.k.view(-1, h, d).index_copy_(0, slots, k.reshape(-1, h, d).to(self.k.dtype))
         self.v.view(-1, h, d).index_copy_(0, slots, v.reshape(-1, h, d).to(self.v.dtype))
 
-    def attend(self, q, block_tables, seq_lens, scale, sliding_window=None):
+    def attend(self, q, block_tables, seq_lens, scale, sliding_window=None, sinks=0):
         from .quant import kernels_for
 
         ops = kernels_for(q.device, self.backend)
         if ops is not None:
-            return ops.paged_attention(q, (self.k, self.v), block_tables, seq_lens, scale, sliding_window)
+            return ops.paged_attention(q, (self.k, self.v), block_tables, seq_lens, scale, sliding_window,
+                                       sinks=sinks)
         return paged_attention_ref(q, self.k, self.v, block_tables, seq_lens, scale,
-                                   sliding_window=sliding_window)
+                                   sliding_window=sliding_window, sinks=sinks)
 
     def copy_blocks(self, pairs):
         if not pairs:

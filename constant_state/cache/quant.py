@@ -81,11 +81,12 @@ class QuantStorage(KVStorage):
         ops = kernels_for(k.device, self.backend)
         (ops.quant_write if ops else quant_write_ref)(self.cache, k, v, slot_mapping)
 
-    def attend(self, q, block_tables, seq_lens, scale, sliding_window=None):
+    def attend(self, q, block_tables, seq_lens, scale, sliding_window=None, sinks=0):
         ops = kernels_for(q.device, self.backend)
         if ops is None:
-            return quant_paged_attention_ref(q, self.cache, block_tables, seq_lens, scale, sliding_window)
-        return ops.paged_attention(q, self.cache, block_tables, seq_lens, scale, sliding_window)
+            return quant_paged_attention_ref(q, self.cache, block_tables, seq_lens, scale, sliding_window,
+                                             sinks=sinks)
+        return ops.paged_attention(q, self.cache, block_tables, seq_lens, scale, sliding_window, sinks=sinks)
 
     def copy_blocks(self, pairs):
         if not pairs:
@@ -114,12 +115,12 @@ class KiviStorage(QuantStorage):
         ops.kivi_flush(self.cache, wk, wv, seq_lens, block_tables, k.shape[1])
         kivi_update_residual(wk, wv, seq_lens, res_k, res_v, self.cache.residual, k.shape[1])
 
-    def attend(self, q, block_tables, seq_lens, scale, sliding_window=None, *, res_k, res_v):
+    def attend(self, q, block_tables, seq_lens, scale, sliding_window=None, sinks=0, *, res_k, res_v):
         ops = kernels_for(q.device, self.backend)
         if ops is None:
             return quant_paged_attention_ref(q, self.cache, block_tables, seq_lens, scale, sliding_window,
-                                             res_k, res_v)
-        return ops.paged_attention(q, self.cache, block_tables, seq_lens, scale, sliding_window,
+                                             res_k, res_v, sinks=sinks)
+        return ops.paged_attention(q, self.cache, block_tables, seq_lens, scale, sliding_window, sinks=sinks,
                                    res_k=res_k, res_v=res_v)
 
 

@@ -53,7 +53,8 @@ class StatefulLM(nn.Module):
         """
         kv_cfg = KVConfig.coerce(kv) if kv is not None else self.kv_config
         return ModelState.allocate(self.config.state_specs(kv_cfg), batch_size, max_context=max_context,
-                                   num_blocks=num_blocks or kv_cfg.num_blocks, device=device or self.device)
+                                   num_blocks=num_blocks or kv_cfg.num_blocks, device=device or self.device,
+                                   eviction=kv_cfg.eviction_policy())
 
     @property
     def device(self) -> torch.device:

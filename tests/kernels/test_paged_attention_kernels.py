@@ -149,3 +149,27 @@ def test_kivi_write_and_attention_match_reference(lens_steps, gqa, d, group, r, 
             out = ker_st.attend(q, bt, n, d ** -0.5, window, **ker_rows)
             ref = ref_st.attend(q, bt, n, d ** -0.5, window, **ref_rows)
             assert_close(f"kivi2 attention T={t} window={window}", ref, out, 1e-4)
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "int8", "int4"])
+@pytest.mark.parametrize("t", [1, 6])
+def test_attention_sinks_and_window(fmt, t):
+    """StreamingLLM's mask: the first ``sinks`` cached tokens plus a sliding window."""
+    from constant_state.kernels.paged_attention.decode import paged_attention
+
+    hkv, d, bs, lens = 2, 32, 8, [141, 60]
+    m = -(-max(lens) // bs)
+    n = 2 * m + 1
+    g = torch.Generator().manual_seed(4)
+    bt = torch.randperm(n, generator=g)[:2 * m].view(2, m).int()
+    st = make_cache(fmt, n, bs, hkv, d)
+    fill(st, lens, bt, hkv, d)
+    dtype = torch.bfloat16 if fmt == "bf16" else torch.float32
+    q = torch.randn(2, t, hkv * 4, d, generator=g).to(DEVICE, dtype)
+    bt, seq = bt.to(DEVICE), torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    out = paged_attention(q, cache_arg(st), bt, seq, d ** -0.5, 20, sinks=3)
+    if hasattr(st, "cache"):
+        ref = quant_paged_attention_ref(q, st.cache, bt, seq, d ** -0.5, 20, sinks=3)
+    else:
+        ref = paged_attention_ref(q, st.k, st.v, bt, seq, d ** -0.5, 20, sinks=3)
+    assert_close(f"{fmt} sinks", ref, out, 2e-2 if dtype == torch.bfloat16 else 1e-4)

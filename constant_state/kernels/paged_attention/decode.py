@@ -97,7 +97,7 @@ def _paged_attn_kernel(
     stride_cb, stride_ct, stride_ch,  # codes: block, token, head (elements)
     stride_kb, stride_kt, stride_kh,  # key scales / zeros: block, token, head
     stride_vb, stride_vt, stride_vh,  # value scales / zeros: block, token, head
-    WINDOW,
+    WINDOW, SINKS,
     KIND: tl.constexpr, P: tl.constexpr, D: tl.constexpr, GROUP: tl.constexpr, BS: tl.constexpr,
     G: tl.constexpr, GPAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
     CHUNK: tl.constexpr, SPLITS: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_F32: tl.constexpr,
@@ -129,7 +129,9 @@ def _paged_attn_kernel(
     k_hi = tl.minimum(seq_len - T + t_last, (pid_s + 1) * CHUNK)
     k_lo = pid_s * CHUNK
     if HAS_WINDOW:
-        k_lo = tl.maximum(k_lo, (seq_len - T + pid_t * BLOCK_T - WINDOW + 1) // BLOCK_N * BLOCK_N)
+        # Skip keys before the window of the first query (not with sinks: those stay visible).
+        win_lo = (seq_len - T + pid_t * BLOCK_T - WINDOW + 1) // BLOCK_N * BLOCK_N
+        k_lo = tl.maximum(k_lo, tl.where(SINKS > 0, 0, win_lo))
 
     m_i = tl.full([ROWS], float("-inf"), tl.float32)
     l_i = tl.zeros([ROWS], tl.float32)
@@ -148,7 +150,7 @@ def _paged_attn_kernel(
         s = tl.dot(q, tl.trans(k.to(q.dtype))) * scale_log2  # [ROWS, N]
         ok = mask_n[None, :] & (offs_n[None, :] <= qpos[:, None])
         if HAS_WINDOW:
-            ok &= offs_n[None, :] > qpos[:, None] - WINDOW
+            ok &= (offs_n[None, :] > qpos[:, None] - WINDOW) | (offs_n[None, :] < SINKS)
         s = tl.where(ok, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -208,7 +210,8 @@ def _cache_args(cache: QuantKV | tuple[torch.Tensor, torch.Tensor]):
 
 def paged_attention(q: torch.Tensor, cache, block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                     sliding_window: int | None = None, *, num_splits: int | None = None,
-                    res_k: torch.Tensor | None = None, res_v: torch.Tensor | None = None) -> torch.Tensor:
+                    res_k: torch.Tensor | None = None, res_v: torch.Tensor | None = None,
+                    sinks: int = 0) -> torch.Tensor:
     """Triton twin of ``paged_attention_ref`` (``cache = (k_cache, v_cache)``) and of
     ``quant_paged_attention_ref`` (``cache`` a :class:`QuantKV`; kivi2 with its residual windows
     ``res_k, res_v [B, R, Hkv, D]``): ``q [B, T, Hq, D]`` -> ``[B, T, Hq, D]``."""
@@ -264,7 +267,7 @@ def paged_attention(q: torch.Tensor, cache, block_tables: torch.Tensor, seq_lens
         q, out, part, ml, k, v, ks, vs, kz, vz, res_k, res_v, block_tables, seq_lens,
         t, hq, hkv, m, r, scale * 1.4426950408889634,
         k.stride(0), k.stride(1), k.stride(2), *kstr, *vstr,
-        sliding_window or 0,
+        sliding_window or 0, sinks,
         KIND=KIND_IDS[kind], P=p, D=d, GROUP=group, BS=bs, G=gq, GPAD=gpad, BLOCK_T=block_t, BLOCK_N=block_n,
         CHUNK=chunk, SPLITS=num_splits, HAS_WINDOW=sliding_window is not None,
         DOT_F32=_INTERPRET or q.dtype == torch.float32,

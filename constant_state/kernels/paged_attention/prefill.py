@@ -16,7 +16,7 @@ from .decode import paged_attention
 
 def paged_prefill(q: torch.Tensor, cache, block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                   sliding_window: int | None = None, res_k: torch.Tensor | None = None,
-                  res_v: torch.Tensor | None = None) -> torch.Tensor:
+                  res_v: torch.Tensor | None = None, sinks: int = 0) -> torch.Tensor:
     """Triton twin of ``paged_attention_ref`` / ``quant_paged_attention_ref`` for ``T >= 1`` new tokens."""
     return paged_attention(q, cache, block_tables, seq_lens, scale, sliding_window, num_splits=1,
-                           res_k=res_k, res_v=res_v)
+                           res_k=res_k, res_v=res_v, sinks=sinks)

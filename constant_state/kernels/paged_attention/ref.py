@@ -22,6 +22,7 @@ def paged_attention_ref(
     seq_lens: torch.Tensor,
     scale: float,
     sliding_window: int | None = None,
+    sinks: int = 0,
 ) -> torch.Tensor:
     """Causal attention of the newest ``T`` tokens of each row over that row's cached tokens.
 
@@ -29,7 +30,8 @@ def paged_attention_ref(
     tokens); block_tables: ``[B, M]`` block ids (columns past a row's length are ignored);
     seq_lens: ``[B]`` tokens in the cache per row, the T new ones included. Query ``t`` of row
     ``b`` sits at position ``seq_lens[b] - T + t`` and sees keys at positions ``<=`` its own
-    (and ``> pos - sliding_window`` when a window is set). Returns ``[B, T, Hq, D]`` in q's dtype.
+    (and ``> pos - sliding_window`` when a window is set, except the first ``sinks`` cached tokens,
+    which stay visible: StreamingLLM's attention sinks). Returns ``[B, T, Hq, D]`` in q's dtype.
     """
     b, t, hq, d = q.shape
     hkv = k_cache.shape[2]
@@ -43,7 +45,7 @@ def paged_attention_ref(
     qpos = seq_lens.to(q.device).long()[:, None] - t + torch.arange(t, device=q.device)  # [B, T]
     mask = kpos[None, None, :] <= qpos[:, :, None]  # [B, T, L]
     if sliding_window is not None:
-        mask &= kpos[None, None, :] > qpos[:, :, None] - sliding_window
+        mask &= (kpos[None, None, :] > qpos[:, :, None] - sliding_window) | (kpos[None, None, :] < sinks)
     qf = q.float().view(b, t, hkv, g, d)
     scores = torch.einsum("bthgd,blhd->bhgtl", qf, k) * scale  # [B, Hkv, G, T, L]
     scores = scores.masked_fill(~mask[:, None, None], float("-inf"))
@@ -185,7 +187,7 @@ def dequantize_ref(cache: QuantKV) -> tuple[torch.Tensor, torch.Tensor]:
 
 def quant_paged_attention_ref(q: torch.Tensor, cache: QuantKV, block_tables: torch.Tensor, seq_lens: torch.Tensor,
                               scale: float, sliding_window: int | None = None, res_k: torch.Tensor | None = None,
-                              res_v: torch.Tensor | None = None) -> torch.Tensor:
+                              res_v: torch.Tensor | None = None, sinks: int = 0) -> torch.Tensor:
     """:func:`paged_attention_ref` over a quantized cache (dequantized first, only the blocks used).
     kivi2 also takes the per-row residual windows ``res_k, res_v [B, R, Hkv, D]``."""
     used = block_tables.long().unique()
@@ -196,8 +198,8 @@ def quant_paged_attention_ref(q: torch.Tensor, cache: QuantKV, block_tables: tor
     remap = torch.searchsorted(used, block_tables.long())
     if cache.kind == "kivi2":
         return paged_attention_ref(q, *_with_residual(k, v, remap, seq_lens, res_k, res_v, cache.residual),
-                                   seq_lens, scale, sliding_window)
-    return paged_attention_ref(q, k, v, remap, seq_lens, scale, sliding_window)
+                                   seq_lens, scale, sliding_window, sinks)
+    return paged_attention_ref(q, k, v, remap, seq_lens, scale, sliding_window, sinks)
 
 
 # -- KIVI 2-bit: quantize-on-flush with a full-precision residual window -----------------------------
