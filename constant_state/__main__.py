@@ -15,6 +15,23 @@ def _add_kv_args(p: argparse.ArgumentParser, allow_all: bool = False) -> None:
                    help="KV cache format of attention layers (auto = model dtype, bf16, fp16, fp32"
                         + (", ...; repeat it or say 'all')" if allow_all else ", ...)"))
     p.add_argument("--kv-block-size", type=int, default=16, help="tokens per KV block (default 16)")
+    p.add_argument("--kv-group-size", type=int, default=None, help="int4 / kivi2 dims per scale group (32, 64)")
+    p.add_argument("--kv-residual", type=int, default=None, help="kivi2: fp16 residual window in tokens (128)")
+    p.add_argument("--kv-eviction", default="none", choices=["none", "streaming", "h2o"],
+                   help="evict tokens: StreamingLLM sinks + window, or H2O heavy hitters (default none)")
+    p.add_argument("--kv-sinks", type=int, default=None, help="streaming: sink tokens kept (default 4)")
+    p.add_argument("--kv-window", type=int, default=None,
+                   help="recent tokens kept (streaming default 1020, h2o default budget/2)")
+    p.add_argument("--kv-budget", type=int, default=None, help="h2o: tokens kept per sequence (default 1024)")
+
+
+def _kv_config(args: argparse.Namespace, fmt: str | None = None):
+    """The KVConfig of the --kv* flags (``fmt`` overrides --kv)."""
+    from .cache.config import KVConfig
+
+    return KVConfig(format=fmt or args.kv or "auto", block_size=args.kv_block_size, group_size=args.kv_group_size,
+                    residual_window=args.kv_residual, eviction=args.kv_eviction, sink_tokens=args.kv_sinks,
+                    window_tokens=args.kv_window, budget=args.kv_budget)
 
 
 def cmd_memory(args: argparse.Namespace) -> int:
@@ -26,12 +43,12 @@ def cmd_memory(args: argparse.Namespace) -> int:
     context = parse_tokens(args.context)
     if args.batch <= 0:
         raise ValueError(f"--batch must be positive, got {args.batch}")
-    KVConfig(block_size=args.kv_block_size)  # validates --kv-block-size
     formats = resolve_kv_formats(args.kv)
+    kv = _kv_config(args, "auto")  # validates the --kv-* flags
     rows = []
     for name in args.model or DEFAULT_MEMORY_MODELS:
         cfg = resolve_config(name)
-        for r in memory_rows(name, cfg, context, args.batch, formats):
+        for r in memory_rows(name, cfg, context, args.batch, formats, kv):
             rows.append(r)
     if args.json:
         print(json.dumps([r.to_dict() for r in rows], indent=2))
@@ -57,7 +74,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .cache.config import KVConfig
     from .tokenizer import tokenizer_for
 
-    kv = KVConfig(format=args.kv or "auto", block_size=args.kv_block_size)
+    kv = _kv_config(args)
     model = load(args.model, device=args.device, dtype=args.dtype, kv=kv)
     tok = tokenizer_for(model)
     if args.prompt_ids:

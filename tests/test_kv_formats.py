@@ -143,3 +143,17 @@ def test_kernels_under_triton_interpreter():
                        cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     assert " passed" in r.stdout
+
+
+def test_kv_flags_in_help_and_memory_with_eviction(capsys):
+    from constant_state.__main__ import build_parser
+
+    helptext = build_parser()._subparsers._group_actions[0].choices["generate"].format_help()
+    for flag in ("--kv-group-size", "--kv-residual", "--kv-eviction", "--kv-sinks", "--kv-window", "--kv-budget"):
+        assert flag in helptext
+    assert main(["memory", "--model", "llama-3-8b", "--context", "128k", "--kv", "bf16", "--kv-eviction",
+                 "streaming", "--json"]) == 0
+    import json
+    row = json.loads(capsys.readouterr().out)[0]
+    assert row["per_sequence"] == 32 * 8 * 128 * 2 * 2 * (16 + 1024 + 16)  # sink block + window + open block
+    assert main(["memory", "--kv", "kivi2", "--kv-residual", "20"]) == 2

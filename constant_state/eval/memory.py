@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 
@@ -51,14 +52,32 @@ class MemoryRow:
         return dict(self.__dict__, per_sequence_human=human_bytes(self.per_sequence), total_human=human_bytes(self.total))
 
 
-def memory_rows(name: str, config, context: int, batch: int, kv_formats: list[str]) -> list[MemoryRow]:
-    """One row per KV format (one row for models without attention layers)."""
+def held_tokens(kv: KVConfig, context: int) -> int:
+    """Tokens a sequence of ``context`` tokens keeps in its cache: all of them, or at most the
+    eviction policy's bound (sink block, window or budget, and the block being filled)."""
+    policy = kv.eviction_policy()
+    bs = kv.block_size
+    if policy is None:
+        return context
+    if policy.name == "streaming":
+        bound = -(-policy.sinks // bs) * bs + (-(-policy.window // bs) + 1) * bs
+    else:
+        bound = (-(-policy.budget // bs) + 1) * bs
+    return min(context, bound)
+
+
+def memory_rows(name: str, config, context: int, batch: int, kv_formats: list[str],
+                kv: KVConfig | None = None) -> list[MemoryRow]:
+    """One row per KV format (one row for models without attention layers); ``kv`` carries the
+    other settings (block size, group size, residual window, eviction)."""
+    kv = kv or KVConfig()
     rows = []
     probe = config.state_specs(KVConfig())
     has_kv = any(isinstance(s, PagedKVSpec) for s in probe)
     for fmt in (kv_formats if has_kv else ["-"]):
-        specs = config.state_specs(KVConfig(format=fmt) if has_kv else KVConfig())
-        per_seq = spec_bytes_per_sequence(specs, context)
+        cfg = dataclasses.replace(kv, format=fmt) if has_kv else KVConfig()
+        specs = config.state_specs(cfg)
+        per_seq = spec_bytes_per_sequence(specs, held_tokens(cfg, context) if has_kv else context)
         paged = [s for s in specs if isinstance(s, PagedKVSpec)]
         per_tok = sum(s.page_size_bytes / s.block_size for s in paged)
         label = paged[0].kv_format if paged else "-"
@@ -71,7 +90,8 @@ def resolve_kv_formats(kv: list[str] | None) -> list[str]:
     if not kv:
         return ["auto"]
     if "all" in kv:
-        return format_names()
+        # Registered names, without the kivi2 variants registered on first use by a config.
+        return [f for f in format_names() if not (f.startswith("kivi2-"))]
     return kv
 
 
