@@ -228,9 +228,9 @@ def test_triton_kernels_compile_for_sm90(kernel):
 
     if kernel.startswith("chunk"):
         dt, prec = ("bf16", "tf32") if kernel == "chunk-bf16" else ("fp32", "ieee")
-        consts = dict(H=12, K=64, V=64, BK=64, PRECISION=prec, BT=32, BV=64)
+        consts = dict(K=64, V=64, BK=64, PRECISION=prec, BT=16, BV=64)
         fn = chunk._chunk_rwkv7_kernel.fn
-        sig = ptrs(fn, dt, w="*fp32", s="*fp32", T="i32", _consts=consts)
+        sig = ptrs(fn, dt, w="*fp32", s="*fp32", T="i32", H="i32", _consts=consts)
         opts = dict(num_warps=8, num_stages=2)
     elif kernel == "fused_recurrent":
         consts = dict(H=12, K=64, V=64, BK=64, BV=16)

@@ -38,9 +38,10 @@ _CONFIGS = ([triton.Config({"BT": 16, "BV": 16}, num_warps=4)] if _INTERPRET els
 # Configs that do not spill (or barely: BT 32) on sm_90 by ptxas -v; 2 warps and BT 32 with fewer warps spill.
 
 
+# H is a runtime argument (no recompilation per head count); autotuning is still per H.
 @triton.autotune(configs=_CONFIGS, key=["H", "K", "V", "PRECISION"], restore_value=["s"])
 @triton.jit
-def _chunk_rwkv7_kernel(r, w, k, v, a, b, o, s, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+def _chunk_rwkv7_kernel(r, w, k, v, a, b, o, s, T, H, K: tl.constexpr, V: tl.constexpr,
                         BK: tl.constexpr, PRECISION: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr):
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
