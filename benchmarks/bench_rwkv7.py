@@ -159,6 +159,7 @@ def main():
         ratio = None if fla_v is None else (fla_v / ours_v if lower_is_better else ours_v / fla_v)
         rows.append(dict(name=name, unit=unit, ours=ours_v, fla=fla_v, ours_ms=ours_ms, fla_ms=fla_ms,
                          speedup=ratio))
+        print(f"# {name}: ours {ours_v:.3f} {unit}, fla {fla_v if fla_v is None else round(fla_v, 3)}", flush=True)
 
     row(f"prefill {b}x{t}", "M tok/s", lambda: ours_prefill(model, b, t),
         (lambda: fla_prefill(fla, b, t)) if fla else None, b * t, False)
