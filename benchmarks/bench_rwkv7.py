@@ -139,13 +139,14 @@ def main():
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument("--no-fla", action="store_true", help="ours only (skips fla's 2-4 minute compile/autotune)")
     args = ap.parse_args()
     b, t = args.batch, args.seq
     torch.manual_seed(0)
     rows, notes = [], []
 
     model = ours_model()
-    fla, err = attempt(fla_model)
+    fla, err = (None, "--no-fla") if args.no_fla else attempt(fla_model)
     if err:
         notes.append(f"fla RWKV7Model unavailable: {err}")
 
@@ -167,7 +168,7 @@ def main():
         row(f"decode step, CUDA graph, batch {db}", "ms", lambda: ours_decode(model, db),
             (lambda: fla_decode(fla, db)) if fla else None, db, True)
     row(f"chunk kernel {b}x{t}, 12 heads x 64, bf16", "M tok/s", lambda: ours_chunk(b, t),
-        lambda: fla_chunk(b, t), b * t, False)
+        None if args.no_fla else (lambda: fla_chunk(b, t)), b * t, False)
 
     print(f"\nRWKV-7 0.1B shape (12 x 768, head 64), bf16, {torch.cuda.get_device_name()}\n")
     print("| measurement | unit | ours | fla 0.6.0 | ours vs fla (>1: ours faster) |")
