@@ -9,6 +9,7 @@ from typing import Callable
 
 import constant_state as cs
 from constant_state.models.config import TransformerConfig
+from constant_state.models.hybrid import HybridConfig
 from constant_state.models.mamba import Mamba2Config, MambaConfig
 from constant_state.models.rwkv7 import RWKV7Config
 
@@ -16,9 +17,9 @@ TINY_LLAMA = TransformerConfig(vocab_size=96, hidden_size=64, intermediate_size=
                                num_kv_heads=2, dtype="float32")
 
 
-def _llama(kv: str = "auto", block_size: int = 4, **kv_fields):
+def _llama(kv: str = "auto", block_size: int = 4, config=TINY_LLAMA, **kv_fields):
     def make():
-        m = cs.build_model(TINY_LLAMA, dtype="float32", seed=0)
+        m = cs.build_model(config, dtype="float32", seed=0)
         m.kv_config = cs.KVConfig(format=kv, block_size=block_size, **kv_fields)
         return m
     return make
@@ -42,6 +43,11 @@ def _mamba(cfg):
     return lambda: cs.build_model(cfg, dtype="float32", seed=0)
 
 
+# Layers 1 and 2 of 3 mix with Mamba-2, layer 0 keeps attention: paged KV and recurrent state side by side.
+TINY_HYBRID = HybridConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_layers=3, num_heads=4,
+                           num_kv_heads=2, mamba_layers=[1, 2], mamba_chunk_size=8, dtype="float32")
+
+
 FACTORIES: dict[str, Callable[[], object]] = {
     "llama": _llama(),
     "llama-kv-bf16": _llama("bf16"),
@@ -54,4 +60,5 @@ FACTORIES: dict[str, Callable[[], object]] = {
     "rwkv7": _rwkv7,
     "mamba": _mamba(TINY_MAMBA),
     "mamba2": _mamba(TINY_MAMBA2),
+    "hybrid": _llama(config=TINY_HYBRID),
 }

@@ -42,7 +42,7 @@ def family_for_model_type(model_type: str | None) -> Family:
 def family_for_config(config) -> Family:
     from . import _load_all  # noqa: F401
 
-    for f in FAMILIES.values():
-        if isinstance(config, f.config_cls):
-            return f
-    raise TypeError(f"no model family for config {type(config).__name__}")
+    family = FAMILIES.get(getattr(config, "family", None))
+    if family is None or not isinstance(config, family.config_cls):
+        raise TypeError(f"no model family for config {type(config).__name__}")
+    return family
