@@ -21,7 +21,8 @@ def blinkdl_state_dict(seed: int = 0, vocab=TINY["vocab"], c=TINY["c"], layers=T
     def n(*shape, scale=1.0):
         return torch.randn(shape, generator=g) * scale
 
-    sd = {"emb.weight": n(vocab, c), "blocks.0.ln0.weight": u(c, lo=0.7, hi=1.3), "blocks.0.ln0.bias": u(c, lo=-.1, hi=.1)}
+    sd = {"emb.weight": n(vocab, c), "blocks.0.ln0.weight": u(c, lo=0.7, hi=1.3),
+          "blocks.0.ln0.bias": u(c, lo=-.1, hi=.1)}
     for i in range(layers):
         p = f"blocks.{i}."
         sd[p + "ln1.weight"], sd[p + "ln1.bias"] = u(c, lo=0.7, hi=1.3), u(c, lo=-.1, hi=.1)

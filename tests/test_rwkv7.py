@@ -69,7 +69,8 @@ def test_logits_match_rwkv_package_one_token_mode(ours, rwkv_pkg):
 
 def test_pth_config_inferred_from_tensors(ours):
     cfg = ours.config
-    assert (cfg.vocab_size, cfg.hidden_size, cfg.num_layers, cfg.head_size, cfg.intermediate_size) == (97, 128, 2, 64, 512)
+    shape = (cfg.vocab_size, cfg.hidden_size, cfg.num_layers, cfg.head_size, cfg.intermediate_size)
+    assert shape == (97, 128, 2, 64, 512)
     assert (cfg.decay_lora, cfg.a_lora, cfg.v_lora, cfg.gate_lora) == (32, 32, 32, 32)
     assert cfg.model_type == "blinkdl" and ours.dtype == torch.float32
 

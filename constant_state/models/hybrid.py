@@ -18,7 +18,7 @@ from ..cache.config import KVConfig
 from ..state import ForwardContext, StateSpec
 from .base import RMSNorm
 from .config import TransformerConfig, parse_dtype, register_preset
-from .mamba import Mamba2Config, Mamba2Mixer
+from .mamba import Mamba2Config, Mamba2Mixer, init_ssm_params_
 from .registry import Family, register_family
 from .transformer import SwiGLU, Transformer, TransformerBlock
 
@@ -104,20 +104,10 @@ class HybridLM(Transformer):
         return ModelState.allocate(self.state_specs(kv_cfg), batch_size, max_context=max_context,
                                    num_blocks=num_blocks or kv_cfg.num_blocks, device=device or self.device)
 
-    @torch.no_grad()
     def init_random(self, gen: torch.Generator) -> None:
         """Mamba-style initialisation of the SSM parameters of the Mamba layers."""
-        import math
-
         for i in self.config.mamba_layers:
-            m = self.layers[i].mixer
-            m.A_log.copy_(torch.log(torch.rand(m.A_log.shape, generator=gen) * 15 + 1))
-            m.D.fill_(1.0)
-            dt = torch.exp(torch.rand(m.dt_bias.shape, generator=gen) * (math.log(0.1) - math.log(1e-3))
-                           + math.log(1e-3)).clamp(min=1e-4)
-            m.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
-            k = m.conv1d.weight.shape[-1]
-            m.conv1d.weight.copy_((torch.rand(m.conv1d.weight.shape, generator=gen) * 2 - 1) / math.sqrt(k))
+            init_ssm_params_(self.layers[i].mixer, gen)
 
 
 def _convert_keys(sd: dict[str, torch.Tensor], cfg: HybridConfig) -> dict[str, torch.Tensor]:

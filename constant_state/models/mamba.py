@@ -450,20 +450,25 @@ class MambaLM(StatefulLM):
     def init_random(self, gen: torch.Generator) -> None:
         """mamba-ssm's initialisation of the SSM parameters (used by build_model)."""
         for layer in self.layers:
-            m = layer.mixer
-            n = m.A_log.shape[-1] if m.A_log.dim() == 2 else m.A_log.shape[0]
-            if m.A_log.dim() == 2:
-                A = torch.arange(1, n + 1, dtype=torch.float32).expand_as(m.A_log)
-            else:
-                A = torch.rand(n, generator=gen) * 15 + 1
-            m.A_log.copy_(torch.log(A))
-            m.D.fill_(1.0)
-            bias = m.dt_proj.bias if hasattr(m, "dt_proj") else m.dt_bias
-            dt = torch.exp(torch.rand(bias.shape, generator=gen) * (math.log(0.1) - math.log(1e-3))
-                           + math.log(1e-3)).clamp(min=1e-4)
-            bias.copy_(dt + torch.log(-torch.expm1(-dt)))
-            k = m.conv1d.weight.shape[-1]
-            m.conv1d.weight.copy_((torch.rand(m.conv1d.weight.shape, generator=gen) * 2 - 1) / math.sqrt(k))
+            init_ssm_params_(layer.mixer, gen)
+
+
+@torch.no_grad()
+def init_ssm_params_(m: nn.Module, gen: torch.Generator) -> None:
+    """mamba-ssm's initialisation of a mixer's A_log, D, dt bias and conv weight, in place."""
+    n = m.A_log.shape[-1] if m.A_log.dim() == 2 else m.A_log.shape[0]
+    if m.A_log.dim() == 2:
+        A = torch.arange(1, n + 1, dtype=torch.float32).expand_as(m.A_log)
+    else:
+        A = torch.rand(n, generator=gen) * 15 + 1
+    m.A_log.copy_(torch.log(A))
+    m.D.fill_(1.0)
+    bias = m.dt_proj.bias if hasattr(m, "dt_proj") else m.dt_bias
+    dt = torch.exp(torch.rand(bias.shape, generator=gen) * (math.log(0.1) - math.log(1e-3))
+                   + math.log(1e-3)).clamp(min=1e-4)
+    bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+    k = m.conv1d.weight.shape[-1]
+    m.conv1d.weight.copy_((torch.rand(m.conv1d.weight.shape, generator=gen) * 2 - 1) / math.sqrt(k))
 
 
 def _convert_keys(sd: dict[str, torch.Tensor], cfg) -> dict[str, torch.Tensor]:

@@ -32,7 +32,8 @@ def check_inputs(name: str, r, w, k, v, a, b, state) -> tuple[int, int, int, int
         raise ValueError(f"{name}: expected at least one token, got T={t}")
     if state is not None:
         if tuple(state.shape) != (bsz, h, dk, dv):
-            raise ValueError(f"{name}: state shape expected {(bsz, h, dk, dv)} ([B, H, K, V]), got {tuple(state.shape)}")
+            raise ValueError(f"{name}: state shape expected {(bsz, h, dk, dv)} ([B, H, K, V]), "
+                             f"got {tuple(state.shape)}")
         if state.dtype != torch.float32:
             raise ValueError(f"{name}: state dtype expected torch.float32, got {state.dtype}")
         if state.device != r.device:

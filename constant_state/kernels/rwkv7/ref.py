@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["rwkv7_ref", "rwkv7_chunk_ref"]
+__all__ = ["rwkv7_ref", "rwkv7_chunk_ref", "timemix_core_ref", "DECAY_SCALE"]
 
 
 def rwkv7_ref(r, w, k, v, a, b, state: torch.Tensor | None = None):
