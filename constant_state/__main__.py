@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Callable
 
-DEFAULT_MEMORY_MODELS = ["llama-3-8b", "llama-3-70b"]
+DEFAULT_MEMORY_MODELS = ["llama-3-8b", "llama-3-70b", "llama-3-8b-hybrid-50", "mamba-2.8b", "mamba2-2.7b", "rwkv7-2.9b"]
 
 
 def _add_kv_args(p: argparse.ArgumentParser, allow_all: bool = False) -> None:
