@@ -213,7 +213,8 @@ def test_memory_of_a_pth_reads_its_shapes(pth):
     assert sum(s.fixed_bytes for s in cfg.state_specs()) == 2 * (2 * 128 * 4 + 2 * 64 * 64 * 4)
 
 
-@pytest.mark.parametrize("kernel", ["chunk-bf16", "chunk-fp32", "fused_recurrent", "fused_timemix", "prep", "out"])
+@pytest.mark.parametrize("kernel", ["chunk-bf16", "chunk-fp32", "chunk_inverse", "fused_recurrent", "fused_timemix",
+                                    "prep", "out"])
 def test_triton_kernels_compile_for_sm90(kernel):
     """Ahead-of-time compile for an H100/H200 (sm_90) target, no GPU needed: catches what the
     interpreter does not (types, layouts, tl.dot constraints)."""
@@ -231,8 +232,12 @@ def test_triton_kernels_compile_for_sm90(kernel):
         dt, prec = ("bf16", "tf32") if kernel == "chunk-bf16" else ("fp32", "ieee")
         consts = dict(K=64, V=64, BK=64, PRECISION=prec, BT=16, BV=64)
         fn = chunk._chunk_rwkv7_kernel.fn
-        sig = ptrs(fn, dt, w="*fp32", s="*fp32", T="i32", H="i32", _consts=consts)
+        sig = ptrs(fn, dt, w="*fp32", s="*fp32", inv="*fp32", T="i32", H="i32", _consts=consts)
         opts = dict(num_warps=8, num_stages=2)
+    elif kernel == "chunk_inverse":
+        consts = dict(K=64, BK=64, BT=16, PRECISION="tf32")
+        fn = chunk._chunk_inverse_kernel
+        sig, opts = ptrs(fn, "bf16", w="*fp32", inv="*fp32", T="i32", H="i32", _consts=consts), dict(num_warps=4)
     elif kernel == "fused_recurrent":
         consts = dict(H=12, K=64, V=64, BK=64, BV=16)
         fn = fused_recurrent._fused_recurrent_rwkv7_kernel

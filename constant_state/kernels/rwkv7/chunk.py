@@ -10,13 +10,14 @@ the chunk and ``g~ = g - w`` the exclusive one::
     O = R e^{g} S0 + L_rb U + L_rk V
     S_end = e^{g_last} S0 + (B e^{g_last - g})^T U + (K e^{g_last - g})^T V
 
-The unit lower-triangular ``(I - L_ab)`` is inverted by forward substitution, row by row (the product
-form ``(I + L)(I + L^2)(I + L^4)...`` is cheaper but loses all precision when keys are correlated,
-as powers of ``L`` then grow huge before cancelling). One program per (V block, batch x head) walks the chunks in order
+``(I - L_ab)^{-1}`` does not depend on the state: a first kernel computes it for every chunk in
+parallel, by forward substitution row by row (the product form ``(I + L)(I + L^2)(I + L^4)...`` is
+cheaper but loses all precision when keys are correlated, as powers of ``L`` grow huge before
+cancelling). The second kernel, one program per (V block, batch x head), walks the chunks in order
 with its ``[K, BV]`` fp32 state slice in registers and writes it back in place at the end.
 
 Range: ``e^{-g}`` must stay finite in fp32, so the summed log decay over one chunk must stay above
-about -80; the model's ``w >= -exp(-0.5)`` gives at most 64 * 0.607 = 39 for BT = 64.
+about -80; the model's ``w >= -exp(-0.5)`` gives at most 16 * 0.607 = 9.7 for BT = 16.
 """
 
 from __future__ import annotations
@@ -32,19 +33,48 @@ from ._common import check_inputs, contiguous
 __all__ = ["chunk_rwkv7"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-_CONFIGS = ([triton.Config({"BT": 16, "BV": 16}, num_warps=4)] if _INTERPRET else
-            [triton.Config({"BT": bt, "BV": bv}, num_warps=nw, num_stages=ns)
-             for bt, bv, nw in ((16, 16, 2), (16, 16, 4), (16, 32, 4), (16, 32, 8), (16, 64, 4), (16, 64, 8),
-                                (32, 64, 8))
-             for ns in (1, 2)])
-# Configs that do not spill (or barely: BT 32) on sm_90 by ptxas -v. Small BV: more programs (up to
-# 4 per SM at 2 warps) to hide the chunk-to-chunk dependency of the state.
+CHUNK = 16
+"""Tokens per chunk (BT)."""
+_CONFIGS = ([triton.Config({"BV": 16}, num_warps=4)] if _INTERPRET else
+            [triton.Config({"BV": bv}, num_warps=nw, num_stages=ns)
+             for bv, nw in ((16, 4), (32, 4), (32, 8), (64, 4), (64, 8)) for ns in (1, 2)])
+# Configs that do not spill on sm_90 for bf16 inputs by ptxas -v (fp32/IEEE inputs spill some). Small
+# BV: more programs per SM to hide the chunk-to-chunk dependency of the state.
+
+
+@triton.jit
+def _chunk_inverse_kernel(w, a, b, inv, T, H, K: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr,
+                          PRECISION: tl.constexpr):
+    """(I - L_ab)^{-1} of every chunk, all chunks in parallel (it does not depend on the state)."""
+    i_c, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_k = tl.arange(0, BK)
+    o_c = tl.arange(0, BT)
+    t_idx = i_c * BT + o_c
+    m_tk = (t_idx < T)[:, None] & (o_k < K)[None, :]
+    off_k = (i_b.to(tl.int64) * T * H + i_h) * K + t_idx[:, None].to(tl.int64) * (H * K) + o_k[None, :]
+    b_w = tl.load(w + off_k, mask=m_tk, other=0.0).to(tl.float32)
+    b_a = tl.load(a + off_k, mask=m_tk, other=0.0).to(tl.float32)
+    b_b = tl.load(b + off_k, mask=m_tk, other=0.0).to(tl.float32)
+    g = tl.cumsum(b_w, axis=0)
+    a_g = b_a * tl.exp(g - b_w)
+    b_g = b_b * tl.exp(-g)
+    l_ab = tl.where(o_c[:, None] > o_c[None, :], tl.dot(a_g, tl.trans(b_g), input_precision=PRECISION), 0.0)
+    # Forward substitution, row by row (rows s < i are final): stable where the power series
+    # (I + L)(I + L^2)(I + L^4)... is not (powers of L grow huge for correlated keys).
+    m = tl.where(o_c[:, None] == o_c[None, :], 1.0, 0.0)
+    for i in range(BT):
+        sel = o_c == i
+        l_i = tl.sum(tl.where(sel[:, None], l_ab, 0.0), axis=0)  # [BT] row i of L_ab
+        m += tl.where(sel[:, None], tl.sum(l_i[:, None] * m, axis=0)[None, :], 0.0)
+    p_inv = inv + ((i_bh.to(tl.int64) * tl.cdiv(T, BT) + i_c) * BT + o_c[:, None]) * BT + o_c[None, :]
+    tl.store(p_inv, m)
 
 
 # H is a runtime argument (no recompilation per head count); autotuning is still per H.
 @triton.autotune(configs=_CONFIGS, key=["H", "K", "V", "PRECISION"], restore_value=["s"])
 @triton.jit
-def _chunk_rwkv7_kernel(r, w, k, v, a, b, o, s, T, H, K: tl.constexpr, V: tl.constexpr,
+def _chunk_rwkv7_kernel(r, w, k, v, a, b, o, s, inv, T, H, K: tl.constexpr, V: tl.constexpr,
                         BK: tl.constexpr, PRECISION: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr):
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
@@ -59,6 +89,7 @@ def _chunk_rwkv7_kernel(r, w, k, v, a, b, o, s, T, H, K: tl.constexpr, V: tl.con
     state = tl.load(p_s, mask=m_k[:, None] & m_v[None, :], other=0.0).to(tl.float32)  # [BK, BV]
     base_k = (i_b.to(tl.int64) * T * H + i_h) * K
     base_v = (i_b.to(tl.int64) * T * H + i_h) * V
+    p_inv = inv + (i_bh.to(tl.int64) * tl.cdiv(T, BT) * BT + o_c[:, None]) * BT + o_c[None, :]
     for c in range(tl.cdiv(T, BT)):
         t_idx = c * BT + o_c
         m_t = t_idx < T
@@ -76,23 +107,15 @@ def _chunk_rwkv7_kernel(r, w, k, v, a, b, o, s, T, H, K: tl.constexpr, V: tl.con
         g_last = tl.sum(b_w, axis=0)  # [BK]
         r_g = b_r * tl.exp(g)
         a_g = b_a * tl.exp(g - b_w)
-        inv = tl.exp(-g)
-        b_g = b_b * inv
-        k_g = b_k * inv
-        l_ab = tl.where(strict, tl.dot(a_g, tl.trans(b_g), input_precision=PRECISION), 0.0)  # [BT, BT]
+        e_neg = tl.exp(-g)
+        b_g = b_b * e_neg
+        k_g = b_k * e_neg
         l_ak = tl.where(strict, tl.dot(a_g, tl.trans(k_g), input_precision=PRECISION), 0.0)
         l_rb = tl.where(incl, tl.dot(r_g, tl.trans(b_g), input_precision=PRECISION), 0.0)
         l_rk = tl.where(incl, tl.dot(r_g, tl.trans(k_g), input_precision=PRECISION), 0.0)
-        # (I - L_ab)^{-1} by forward substitution, row by row (rows s < i are final): stable where
-        # (I + L)(I + L^2)(I + L^4)... is not (powers of L grow huge for correlated keys). It does not
-        # depend on the state, and works on [BT, BT] rather than [BT, BV].
-        inv = tl.where(o_c[:, None] == o_c[None, :], 1.0, 0.0)
-        for i in range(BT):
-            sel = o_c == i
-            l_i = tl.sum(tl.where(sel[:, None], l_ab, 0.0), axis=0)  # [BT] row i of L_ab
-            inv += tl.where(sel[:, None], tl.sum(l_i[:, None] * inv, axis=0)[None, :], 0.0)
+        m_inv = tl.load(p_inv + c * BT * BT)  # (I - L_ab)^{-1} [BT, BT], from _chunk_inverse_kernel
         rhs = tl.dot(a_g, state, input_precision=PRECISION) + tl.dot(l_ak, b_v, input_precision=PRECISION)
-        u = tl.dot(inv, rhs, input_precision=PRECISION)
+        u = tl.dot(m_inv, rhs, input_precision=PRECISION)
         b_o = (tl.dot(r_g, state, input_precision=PRECISION) + tl.dot(l_rb, u, input_precision=PRECISION)
                + tl.dot(l_rk, b_v, input_precision=PRECISION))
         tl.store(o + off_v, b_o.to(o.dtype.element_ty), mask=m_tv)
@@ -125,8 +148,13 @@ def chunk_rwkv7(r, w, k, v, a, b, state: torch.Tensor | None = None, *, inplace:
     precision = "ieee" if torch.float32 in (r.dtype, k.dtype, v.dtype, a.dtype, b.dtype) else "tf32"
     bk = max(16, triton.next_power_of_2(dk))
 
+    nt = triton.cdiv(t, CHUNK)
+    inv = torch.empty(bsz * h * nt * CHUNK * CHUNK, dtype=torch.float32, device=r.device)
+    _chunk_inverse_kernel[(nt, bsz * h)](w, a, b, inv, t, h, K=dk, BK=bk, BT=CHUNK, PRECISION=precision,
+                                         num_warps=4)
+
     def grid(meta):
         return (triton.cdiv(dv, meta["BV"]), bsz * h)
 
-    _chunk_rwkv7_kernel[grid](r, w, k, v, a, b, o, s, t, H=h, K=dk, V=dv, BK=bk, PRECISION=precision)
+    _chunk_rwkv7_kernel[grid](r, w, k, v, a, b, o, s, inv, t, h, K=dk, V=dv, BK=bk, PRECISION=precision, BT=CHUNK)
     return o, s
