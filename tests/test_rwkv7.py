@@ -35,7 +35,10 @@ def rwkv_pkg(pth):
     os.environ["RWKV_V7_ON"] = "1"
     os.environ.setdefault("RWKV_JIT_ON", "1")
     os.environ["RWKV_CUDA_ON"] = "0"
+    # Importing rwkv.model switches on TF32 and cudnn.benchmark process-wide: restore them afterwards.
+    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
     rwkv_model = pytest.importorskip("rwkv.model")
+    (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark) = flags
     if not hasattr(rwkv_model, "RWKV_x070"):
         pytest.fail("rwkv.model was imported before RWKV_V7_ON=1 was set; run this file in its own process")
     return rwkv_model.RWKV_x070(str(pth)[: -len(".pth")], "cpu fp32")

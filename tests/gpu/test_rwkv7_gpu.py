@@ -10,6 +10,15 @@ from constant_state.models.rwkv7 import RWKV7Config
 
 pytestmark = pytest.mark.gpu
 
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    """fp32 comparisons need IEEE fp32 matmuls (the rwkv package, if imported, switches TF32 on)."""
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = saved
+
 # Error bounds written once: max |err| / max |ref| (the reference sees the same rounded inputs).
 RATIO = {torch.float32: 2e-4, torch.bfloat16: 1e-2}
 
