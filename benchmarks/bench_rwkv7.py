@@ -177,7 +177,8 @@ def main():
         fla_s = "n/a" if r["fla"] is None else f"{r['fla']:.3f}"
         ratio = "n/a" if r["speedup"] is None else f"{r['speedup']:.2f}x"
         print(f"| {r['name']} | {r['unit']} | {r['ours']:.3f} | {fla_s} | {ratio} |")
-    print(f"\nTargets: {TARGETS}")
+    print("\nOurs includes the LM head on the last token (prefill and decode); fla's RWKV7Model is the backbone.")
+    print(f"Targets: {TARGETS}")
     for n in notes:
         print(f"note: {n}")
     if args.out:
