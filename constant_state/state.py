@@ -443,7 +443,8 @@ class ModelState:
     def _mutable(self) -> list[torch.Tensor]:
         """Device tensors a forward updates in place (besides KV blocks)."""
         return [self.seq_lens] + [t for l in self.layers if isinstance(l, RecurrentState) for t in l.tensors.values()] \
-            + [t for l in self.layers if isinstance(l, PagedKVState) for t in l.rows.values()]
+            + [t for l in self.layers if isinstance(l, PagedKVState) for t in l.rows.values()] \
+            + ([self.kv_pool.scores] if self.kv_pool is not None and self.kv_pool.scores is not None else [])
 
     def restore(self, snap: list[torch.Tensor]) -> None:
         live = self._mutable()
