@@ -54,16 +54,25 @@ def _load_tile(codes_ptr, scale_ptr, zero_ptr, row, srow, mask_n, offs_d, dim,
         x = c.to(tl.float32) * s[:, None]
     else:
         # int4 / 2-bit: byte i of the token holds unpacked positions P*i .. P*i + P - 1, low bits first.
+        # Each byte / scale is loaded once and broadcast in registers (unpacked order keeps a
+        # byte's values, and a group's dims, adjacent).
         P: tl.constexpr = 2 if KIND == 3 else 4
         BITS: tl.constexpr = 8 // P
-        c = tl.load(codes_ptr + row[:, None] + offs_d[None, :] // P, mask=mask_n[:, None], other=0).to(tl.int32)
+        N: tl.constexpr = row.shape[0]
+        offs_c = tl.arange(0, D // P)
+        c = tl.load(codes_ptr + row[:, None] + offs_c[None, :], mask=mask_n[:, None], other=0).to(tl.int32)
+        c = tl.reshape(tl.broadcast_to(c[:, :, None], [N, D // P, P]), [N, D])
         q = (c >> ((offs_d[None, :] % P) * BITS)) & ((1 << BITS) - 1)
         if PER_CHANNEL:
-            sc = dim
+            s = tl.load(scale_ptr + srow[:, None] + dim[None, :], mask=mask_n[:, None], other=0.0).to(tl.float32)
+            z = tl.load(zero_ptr + srow[:, None] + dim[None, :], mask=mask_n[:, None], other=0.0).to(tl.float32)
         else:
-            sc = offs_d // GROUP
-        s = tl.load(scale_ptr + srow[:, None] + sc[None, :], mask=mask_n[:, None], other=0.0).to(tl.float32)
-        z = tl.load(zero_ptr + srow[:, None] + sc[None, :], mask=mask_n[:, None], other=0.0).to(tl.float32)
+            NG: tl.constexpr = D // GROUP
+            g = tl.arange(0, NG)
+            s = tl.load(scale_ptr + srow[:, None] + g[None, :], mask=mask_n[:, None], other=0.0).to(tl.float32)
+            z = tl.load(zero_ptr + srow[:, None] + g[None, :], mask=mask_n[:, None], other=0.0).to(tl.float32)
+            s = tl.reshape(tl.broadcast_to(s[:, :, None], [N, NG, GROUP]), [N, D])
+            z = tl.reshape(tl.broadcast_to(z[:, :, None], [N, NG, GROUP]), [N, D])
         x = q.to(tl.float32) * s + z
     return x
 
