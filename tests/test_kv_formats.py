@@ -14,6 +14,7 @@ from constant_state.__main__ import main
 from constant_state.cache.formats import format_names, get_format
 from constant_state.kernels.paged_attention.ref import dequantize_ref
 from constant_state.cache.quant import kivi_name
+from constant_state.eval.memory import resolve_kv_formats
 from models_under_test import TINY_LLAMA
 
 QUANT = ["fp8", "int8", "int4", "int4-g32", "kivi2"]
@@ -79,8 +80,9 @@ def test_config_selection_and_validation():
 def test_memory_cli_reports_every_format(capsys):
     assert main(["memory", "--model", "llama-3-8b", "--context", "32k", "--kv", "all"]) == 0
     out = capsys.readouterr().out
-    for fmt in format_names():
+    for fmt in ["bf16", "fp16", "fp32", "fp8", "int8", "int4", "int4-g32", "kivi2"]:
         assert f" {fmt} " in out, fmt
+    assert set(resolve_kv_formats(["all"])) <= set(format_names())
 
 
 def test_generate_cli_with_quantized_kv(capsys):
