@@ -118,6 +118,39 @@ def attn_table(formats, batches, contexts) -> list[dict]:
     return rows
 
 
+def tune_table(formats, batch: int, ctx: int) -> list[dict]:
+    """Decode-attention time per tile config (BLOCK_N, num_warps, num_stages) and format, to pick
+    ``decode.TILE_CONFIGS`` on this GPU."""
+    from constant_state.kernels.paged_attention.decode import TILE_CONFIGS, paged_attention
+
+    rows = []
+    q = torch.randn(batch, 1, HQ, D, device=DEVICE, dtype=torch.bfloat16)
+    seq = torch.full((batch,), ctx, dtype=torch.int32, device=DEVICE)
+    for fmt in formats:
+        bs = block_size(fmt)
+        m = ctx // bs
+        st, extra = random_storage(fmt, batch * m, batch)
+        bt = torch.randperm(batch * m, device=DEVICE).int().view(batch, m)
+        cache = st.cache if hasattr(st, "cache") else (st.k, st.v)
+        kind = getattr(getattr(st, "cache", None), "kind", "dense")
+        nbytes = batch * m * get_format(fmt).page_bytes(bs, HKV, D)
+        for cfg in [(16, 4, 2), (16, 8, 2), (32, 4, 2), (32, 4, 3), (32, 8, 2), (64, 4, 2), (64, 4, 3), (64, 8, 2),
+                    (64, 8, 3), (128, 4, 2), (128, 8, 2), (128, 8, 3)]:
+            try:
+                us = bench_graph(lambda: paged_attention(q, cache, bt, seq, D ** -0.5, config=cfg, **extra))
+            except Exception as e:  # a config that does not compile (shared memory, registers)
+                rows.append(dict(format=fmt, config=str(cfg), us=float("nan"), tb_s=float("nan"),
+                                 default=cfg == TILE_CONFIGS[(kind, True)], note=type(e).__name__))
+                continue
+            rows.append(dict(format=fmt, config=str(cfg), us=us, tb_s=nbytes / us / 1e6,
+                             default=cfg == TILE_CONFIGS[(kind, True)], note=""))
+        print_rows([r for r in rows if r["format"] == fmt], ["format", "config", "us", "tb_s", "default", "note"])
+        del st, bt
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
 def random_llama(preset: str):
     """Llama-shaped model with random bf16 weights, initialised on the GPU (fast for 8B)."""
     from constant_state.models.transformer import Transformer
@@ -226,7 +259,8 @@ def print_rows(rows: list[dict], cols: list[str]) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--only", choices=["attn", "e2e", "capacity"], action="append")
+    p.add_argument("--only", choices=["attn", "e2e", "capacity", "tune"], action="append",
+                   help="parts to run (default attn, e2e, capacity; tune sweeps tile configs)")
     p.add_argument("--formats", default=",".join(FORMATS))
     p.add_argument("--batches", default="1,8,32")
     p.add_argument("--contexts", default="4096,32768,131072")
@@ -240,7 +274,8 @@ def main() -> None:
     if a.smoke:  # a CPU check of this script: tiny shapes through the Triton interpreter
         global DEVICE
         DEVICE = "cpu"
-        out = {"attn": attn_table(a.formats.split(","), [1, 2], [64, 128]),
+        out = {"tune": tune_table(a.formats.split(",")[:2], 1, 64),
+               "attn": attn_table(a.formats.split(","), [1, 2], [64, 128]),
                "e2e": e2e_table(a.formats.split(","), "tiny-llama", 2, 40)}
         print(json.dumps(out)[:200])
         return
@@ -249,6 +284,9 @@ def main() -> None:
     formats = a.formats.split(",")
     only = set(a.only or ["attn", "e2e", "capacity"])
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    if "tune" in only:
+        print("## Tile configs, decode attention, batch 8, context 32k\n")
+        out["tune"] = tune_table(formats, 8, 32768)
     if "attn" in only:
         print("## Decode attention, one layer (32 q heads, 8 KV heads, head dim 128)\n")
         out["attn"] = attn_table(formats, [int(x) for x in a.batches.split(",")],

@@ -198,6 +198,19 @@ def _combine_splits(part_ptr, ml_ptr, o_ptr, SPLITS: tl.constexpr, SPAD: tl.cons
     tl.store(o_ptr + pid * D + offs_d, out.to(o_ptr.dtype.element_ty))
 
 
+# (BLOCK_N, num_warps, num_stages) per (format, decode?), from sm_90 register use of the compiled
+# kernels (offline, 16-byte aligned arguments): the largest tiles without spills. Packed formats
+# unpack to fp32 [BLOCK_N, D] tiles and need small tiles; re-tune on the H200 with
+# `benchmarks/bench_kv_decode.py --only tune`.
+TILE_CONFIGS = {
+    ("dense", True): (64, 4, 3), ("dense", False): (64, 4, 2),
+    ("fp8", True): (64, 8, 2), ("fp8", False): (32, 4, 2),
+    ("int8", True): (64, 8, 2), ("int8", False): (32, 4, 2),
+    ("int4", True): (16, 8, 2), ("int4", False): (16, 8, 2),
+    ("kivi2", True): (16, 8, 2), ("kivi2", False): (16, 8, 2),
+}
+
+
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -220,10 +233,11 @@ def _cache_args(cache: QuantKV | tuple[torch.Tensor, torch.Tensor]):
 def paged_attention(q: torch.Tensor, cache, block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                     sliding_window: int | None = None, *, num_splits: int | None = None,
                     res_k: torch.Tensor | None = None, res_v: torch.Tensor | None = None,
-                    sinks: int = 0) -> torch.Tensor:
+                    sinks: int = 0, config: tuple[int, int, int] | None = None) -> torch.Tensor:
     """Triton twin of ``paged_attention_ref`` (``cache = (k_cache, v_cache)``) and of
     ``quant_paged_attention_ref`` (``cache`` a :class:`QuantKV`; kivi2 with its residual windows
-    ``res_k, res_v [B, R, Hkv, D]``): ``q [B, T, Hq, D]`` -> ``[B, T, Hq, D]``."""
+    ``res_k, res_v [B, R, Hkv, D]``): ``q [B, T, Hq, D]`` -> ``[B, T, Hq, D]``. ``config``
+    overrides the tile choice ``(BLOCK_N, num_warps, num_stages)`` (benchmarks/bench_kv_decode.py --only tune)."""
     kind, p, group, (k, v, ks, vs, kz, vz) = _cache_args(cache)
     b, t, hq, d = q.shape
     n, bs, hkv = k.shape[:3]
@@ -248,7 +262,7 @@ def paged_attention(q: torch.Tensor, cache, block_tables: torch.Tensor, seq_lens
         gpad = max(gpad, 16)  # tl.dot needs 16 rows
     else:
         block_t = max(16 // gpad, 64 // gpad, 1)
-    block_n = 128 if kind in ("int4", "kivi2") else 64
+    block_n, num_warps, num_stages = (config or TILE_CONFIGS[(kind, t == 1)])
     n_tiles = triton.cdiv(m * bs, block_n)
     if num_splits is None:
         # Static: enough programs for ~2 waves of SMs at any batch, from shapes only.
@@ -280,7 +294,7 @@ def paged_attention(q: torch.Tensor, cache, block_tables: torch.Tensor, seq_lens
         KIND=KIND_IDS[kind], P=p, D=d, GROUP=group, BS=bs, G=gq, GPAD=gpad, BLOCK_T=block_t, BLOCK_N=block_n,
         CHUNK=chunk, SPLITS=num_splits, HAS_WINDOW=sliding_window is not None,
         DOT_F32=_INTERPRET or q.dtype == torch.float32,
-        num_warps=4, num_stages=3,
+        num_warps=num_warps, num_stages=num_stages,
     )
     if num_splits > 1:
         _combine_splits[(b * t * hq,)](part, ml, out, SPLITS=num_splits,
