@@ -311,17 +311,28 @@ def test_set_backend_validates():
 
 # -- the CUDA backend's glue, on the CPU: mamba-ssm's kernels replaced by fakes with their semantics --
 
+def _assert_aligned(**tensors):
+    """The CUDA kernels load 16 bytes at a time from each tensor's base: a view starting a few
+    elements into its storage faults with 'misaligned address' on the GPU."""
+    for name, t in tensors.items():
+        if t is not None:
+            assert t.data_ptr() % 16 == 0, f"{name} starts at a misaligned address"
+
+
 def _fake_kernels():
     def conv_fn(x, weight, bias=None, activation=None):  # zero-padded causal conv, any layout
+        _assert_aligned(x=x)
         return ref.causal_conv1d_ref(x, weight, bias, x.new_zeros(x.shape[0], x.shape[1], weight.shape[1]),
                                      activation)
 
     def scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False):
+        _assert_aligned(u=u, delta=delta, B=B, C=C, z=z)
         y, last = ref.selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus)  # zero initial state
         return (y, last) if return_last_state else y
 
     def chunk_fn(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states=None, dt_softplus=False,
                  dt_limit=(0.0, float("inf")), return_final_states=False):
+        _assert_aligned(x=x, dt=dt, B=B, C=C)
         y, final = ref.ssd_ref(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_limit, initial_states)
         return (y, final) if return_final_states else y
 

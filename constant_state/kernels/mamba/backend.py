@@ -134,7 +134,9 @@ class MambaOps:
         xin = torch.cat([conv_state[:, :, 1:].to(x.dtype), x], dim=2)  # [B, C, K - 1 + T]
         out = self._k["causal_conv1d_fn"](xin, weight, bias, activation=activation)
         conv_state.copy_(xin[:, :, -k:])
-        return out[:, :, k - 1:]
+        # A fresh tensor: the view out[:, :, K-1:] starts K-1 elements into its storage, and the
+        # scan kernels' 16-byte vector loads fault on it ("misaligned address").
+        return out[:, :, k - 1:].contiguous()
 
     def causal_conv1d_update(self, x, conv_state, weight, bias, activation="silu"):
         """One token ``x [B, C]``; ``conv_state [B, C, K]`` updated in place."""
