@@ -80,7 +80,16 @@ def random_storage(fmt: str, num_blocks: int, batch: int):
     return st, rows
 
 
-def attn_table(formats, batches, contexts) -> list[dict]:
+def best_tuned(tune_rows) -> dict:
+    """Fastest (config, num_splits) per format from ``tune_table`` rows."""
+    best = {}
+    for r in tune_rows:
+        if r["us"] == r["us"] and (r["format"] not in best or r["us"] < best[r["format"]][0]):
+            best[r["format"]] = (r["us"], eval(r["config"]), r["splits"] or None)
+    return {f: dict(config=c, num_splits=n) for f, (_, c, n) in best.items()}
+
+
+def attn_table(formats, batches, contexts, tuned=None) -> list[dict]:
     from constant_state.kernels.paged_attention.decode import paged_attention
 
     rows = []
@@ -105,7 +114,8 @@ def attn_table(formats, batches, contexts) -> list[dict]:
                 st, extra = random_storage(fmt, b * m, b)
                 bt = torch.randperm(b * m, device=DEVICE).int().view(b, m)  # non-contiguous blocks
                 cache = st.cache if hasattr(st, "cache") else (st.k, st.v)
-                t = bench_graph(lambda: paged_attention(q, cache, bt, seq, D ** -0.5, **extra))
+                kw = dict((tuned or {}).get(fmt, {}), **extra)
+                t = bench_graph(lambda: paged_attention(q, cache, bt, seq, D ** -0.5, **kw))
                 # Bytes read: every block (codes, scales, zeros; kivi2's residual holds ctx % R tokens).
                 res = (ctx % st.cache.residual) * HKV * D * 2 * 2 * b if extra else 0
                 nbytes = b * m * get_format(fmt).page_bytes(bs, HKV, D) + res + q.numel() * 2 * 2 + bt.numel() * 4
@@ -118,9 +128,20 @@ def attn_table(formats, batches, contexts) -> list[dict]:
     return rows
 
 
-def tune_table(formats, batch: int, ctx: int) -> list[dict]:
+# (BLOCK_N, num_warps, num_stages[, 8-bit variant: 1 = dots in bf16 with the value scale folded into p])
+TUNE_CONFIGS = {
+    "dense": [(64, 4, 2), (64, 4, 3), (128, 8, 3)],
+    "fp8": [(64, 4, 3, 1), (128, 4, 2, 1), (128, 4, 3, 1), (128, 8, 2, 1), (256, 4, 2, 1), (256, 8, 2, 1), (128, 4, 2, 0)],
+    "int8": [(64, 4, 3, 1), (128, 4, 2, 1), (128, 4, 3, 1), (128, 8, 2, 1), (256, 4, 2, 1), (256, 8, 2, 1), (128, 4, 2, 0)],
+    "int4": [(32, 2, 2), (64, 2, 2), (64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 4, 3)],
+    "kivi2": [(32, 2, 2), (32, 4, 2), (32, 4, 3), (32, 8, 2)],
+}
+
+
+def tune_table(formats, batch: int, ctx: int, configs=None, splits=(1, 2, 4, 8, 16)) -> list[dict]:
     """Decode-attention time per tile config (BLOCK_N, num_warps, num_stages) and format, to pick
-    ``decode.TILE_CONFIGS`` on this GPU."""
+    ``decode.TILE_CONFIGS`` on this GPU; then the default config at several split counts
+    (``splits=0``: the shape heuristic)."""
     from constant_state.kernels.paged_attention.decode import TILE_CONFIGS, paged_attention
 
     rows = []
@@ -134,17 +155,22 @@ def tune_table(formats, batch: int, ctx: int) -> list[dict]:
         cache = st.cache if hasattr(st, "cache") else (st.k, st.v)
         kind = getattr(getattr(st, "cache", None), "kind", "dense")
         nbytes = batch * m * get_format(fmt).page_bytes(bs, HKV, D)
-        for cfg in [(16, 4, 2), (16, 8, 2), (32, 4, 2), (32, 4, 3), (32, 8, 2), (64, 4, 2), (64, 4, 3), (64, 8, 2),
-                    (64, 8, 3), (128, 4, 2), (128, 8, 2), (128, 8, 3)]:
+        default = TILE_CONFIGS[(kind, True)]
+        runs = [(cfg, None) for cfg in (configs or TUNE_CONFIGS[kind])] + [(default, n) for n in splits]
+        for cfg, n in runs:
+            if kind == "kivi2" and cfg[0] > bs:
+                continue  # kivi2 tiles stay inside one block (channel scales fold into the queries)
             try:
-                us = bench_graph(lambda: paged_attention(q, cache, bt, seq, D ** -0.5, config=cfg, **extra))
+                us = bench_graph(lambda: paged_attention(q, cache, bt, seq, D ** -0.5, config=cfg, num_splits=n,
+                                                         **extra))
             except Exception as e:  # a config that does not compile (shared memory, registers)
-                rows.append(dict(format=fmt, config=str(cfg), us=float("nan"), tb_s=float("nan"),
-                                 default=cfg == TILE_CONFIGS[(kind, True)], note=type(e).__name__))
+                rows.append(dict(format=fmt, config=str(cfg), splits=n or 0, us=float("nan"), tb_s=float("nan"),
+                                 default=cfg == default and n is None, note=type(e).__name__))
                 continue
-            rows.append(dict(format=fmt, config=str(cfg), us=us, tb_s=nbytes / us / 1e6,
-                             default=cfg == TILE_CONFIGS[(kind, True)], note=""))
-        print_rows([r for r in rows if r["format"] == fmt], ["format", "config", "us", "tb_s", "default", "note"])
+            rows.append(dict(format=fmt, config=str(cfg), splits=n or 0, us=us, tb_s=nbytes / us / 1e6,
+                             default=cfg == default and n is None, note=""))
+        print_rows([r for r in rows if r["format"] == fmt], ["format", "config", "splits", "us", "tb_s", "default",
+                                                             "note"])
         del st, bt
         if DEVICE == "cuda":
             torch.cuda.empty_cache()
@@ -268,13 +294,15 @@ def main() -> None:
     p.add_argument("--e2e-batch", type=int, default=32)
     p.add_argument("--e2e-context", type=int, default=32768)
     p.add_argument("--budget-gib", type=float, default=100.0)
+    p.add_argument("--tune-batch", type=int, default=32)
+    p.add_argument("--attn-from-tune", action="store_true", help="attn with the fastest tuned config per format")
     p.add_argument("--json", default=None, help="write all rows to this file")
     p.add_argument("--smoke", action="store_true", help="CPU check (set TRITON_INTERPRET=1)")
     a = p.parse_args()
     if a.smoke:  # a CPU check of this script: tiny shapes through the Triton interpreter
         global DEVICE
         DEVICE = "cpu"
-        out = {"tune": tune_table(a.formats.split(",")[:2], 1, 64),
+        out = {"tune": tune_table(a.formats.split(","), 1, 64, configs=[(16, 4, 2), (32, 4, 2)], splits=(1, 2)),
                "attn": attn_table(a.formats.split(","), [1, 2], [64, 128]),
                "e2e": e2e_table(a.formats.split(","), "tiny-llama", 2, 40)}
         print(json.dumps(out)[:200])
@@ -285,12 +313,15 @@ def main() -> None:
     only = set(a.only or ["attn", "e2e", "capacity"])
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     if "tune" in only:
-        print("## Tile configs, decode attention, batch 8, context 32k\n")
-        out["tune"] = tune_table(formats, 8, 32768)
+        print(f"## Tile configs, decode attention, batch {a.tune_batch}, context 32k\n")
+        out["tune"] = tune_table(formats, a.tune_batch, 32768)
     if "attn" in only:
         print("## Decode attention, one layer (32 q heads, 8 KV heads, head dim 128)\n")
+        tuned = best_tuned(out["tune"]) if a.attn_from_tune and "tune" in out else None
+        if tuned:
+            print(f"(tile config and splits per format from the tune above: {tuned})\n")
         out["attn"] = attn_table(formats, [int(x) for x in a.batches.split(",")],
-                                 [int(x) for x in a.contexts.split(",")])
+                                 [int(x) for x in a.contexts.split(",")], tuned)
     if "e2e" in only:
         print(f"## End-to-end decode, random {a.preset}, batch {a.e2e_batch}, context {a.e2e_context}\n")
         out["e2e"] = e2e_table(formats, a.preset, a.e2e_batch, a.e2e_context)

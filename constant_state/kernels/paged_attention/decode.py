@@ -39,62 +39,41 @@ def _pack_order(offs_d, P: tl.constexpr, GROUP: tl.constexpr):
 
 
 @triton.jit
-def _load_tile(codes_ptr, scale_ptr, zero_ptr, row, srow, mask_n, offs_d, dim,
-               KIND: tl.constexpr, D: tl.constexpr, GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr):
-    """Dequantized ``[N, D]`` fp32 tile in unpacked order; ``row``/``srow`` are int64 element offsets
-    of each token's head vector in the codes / scales tensors. ``PER_CHANNEL``: one scale and zero
-    per head-dim channel at ``srow`` (kivi2 keys), instead of per token."""
-    if KIND == 0:
-        x = tl.load(codes_ptr + row[:, None] + offs_d[None, :], mask=mask_n[:, None], other=0.0).to(tl.float32)
-    elif KIND == 1 or KIND == 2:
-        c = tl.load(codes_ptr + row[:, None] + offs_d[None, :], mask=mask_n[:, None], other=0)
-        if KIND == 1:
-            c = c.to(tl.float8e4nv, bitcast=True)
-        s = tl.load(scale_ptr + srow, mask=mask_n, other=0.0).to(tl.float32)
-        x = c.to(tl.float32) * s[:, None]
-    else:
-        # int4 / 2-bit: byte i of the token holds unpacked positions P*i .. P*i + P - 1, low bits first.
-        # Each byte / scale is loaded once and broadcast in registers (unpacked order keeps a
-        # byte's values, and a group's dims, adjacent).
-        P: tl.constexpr = 2 if KIND == 3 else 4
-        BITS: tl.constexpr = 8 // P
-        N: tl.constexpr = row.shape[0]
-        offs_c = tl.arange(0, D // P)
-        c = tl.load(codes_ptr + row[:, None] + offs_c[None, :], mask=mask_n[:, None], other=0).to(tl.int32)
-        c = tl.reshape(tl.broadcast_to(c[:, :, None], [N, D // P, P]), [N, D])
-        q = (c >> ((offs_d[None, :] % P) * BITS)) & ((1 << BITS) - 1)
-        if PER_CHANNEL:
-            s = tl.load(scale_ptr + srow[:, None] + dim[None, :], mask=mask_n[:, None], other=0.0).to(tl.float32)
-            z = tl.load(zero_ptr + srow[:, None] + dim[None, :], mask=mask_n[:, None], other=0.0).to(tl.float32)
-        else:
-            NG: tl.constexpr = D // GROUP
-            g = tl.arange(0, NG)
-            s = tl.load(scale_ptr + srow[:, None] + g[None, :], mask=mask_n[:, None], other=0.0).to(tl.float32)
-            z = tl.load(zero_ptr + srow[:, None] + g[None, :], mask=mask_n[:, None], other=0.0).to(tl.float32)
-            s = tl.reshape(tl.broadcast_to(s[:, :, None], [N, NG, GROUP]), [N, D])
-            z = tl.reshape(tl.broadcast_to(z[:, :, None], [N, NG, GROUP]), [N, D])
-        x = q.to(tl.float32) * s + z
+def _slot_dims(j: tl.constexpr, P: tl.constexpr, D: tl.constexpr, GROUP: tl.constexpr):
+    """Head-dim index of value slot ``j`` of each byte: ``[D / P]`` (dense / 8-bit: ``arange(D)``)."""
+    return _pack_order(tl.arange(0, D // P) * P + j, P, GROUP)
+
+
+@triton.jit
+def _nibbles(c, j: tl.constexpr, BITS: tl.constexpr, DT: tl.constexpr):
+    """Codes of value slot ``j`` of bytes ``c`` (int16, zero-extended) as exact ``DT`` numbers:
+    fp16 bit trick ``0x6400 | code`` = 1024 + code (no int->float conversion instruction)."""
+    v = (c >> (BITS * j)) & ((1 << BITS) - 1)
+    f = (v | 0x6400).to(tl.float16, bitcast=True) - 1024.0
+    return f.to(DT)
+
+
+@triton.jit
+def _group_bcast(ptr, srow, mask_n, offs_c, NG: tl.constexpr, GP: tl.constexpr, DT: tl.constexpr):
+    """Per-token group scales (or zeros) ``[N, NG]`` at ``ptr + srow`` broadcast to the byte columns
+    ``[N, D / P]`` (byte ``i`` belongs to group ``i // GP``), by selects (no reshape/relayout)."""
+    x = tl.load(ptr + srow, mask=mask_n, other=0.0).to(DT)[:, None]
+    grp = (offs_c // GP)[None, :]
+    for g in tl.static_range(1, NG):
+        xg = tl.load(ptr + srow + g, mask=mask_n, other=0.0).to(DT)[:, None]
+        x = tl.where(grp == g, xg, x)
     return x
 
 
 @triton.jit
-def _load_kv(codes_ptr, scale_ptr, zero_ptr, res_ptr, blk, tok, offs_n, mask_n, offs_d, dim, b, h, F, R, HKV,
-             stride_cb, stride_ct, stride_ch, stride_sb, stride_st, stride_sh,
-             KIND: tl.constexpr, D: tl.constexpr, GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr):
-    """A K or V tile ``[N, D]``: quantized blocks, and for kivi2 the row's fp16 residual window
-    for the tokens at ``F`` and after."""
-    row = blk * stride_cb + tok * stride_ct + h * stride_ch
-    srow = blk * stride_sb + tok * stride_st + h * stride_sh
-    if KIND == 4:
-        in_res = offs_n >= F
-        x = _load_tile(codes_ptr, scale_ptr, zero_ptr, row, srow, mask_n & (offs_n < F), offs_d, dim,
-                       KIND, D, GROUP, PER_CHANNEL)
-        rrow = ((b.to(tl.int64) * R + (offs_n - F)) * HKV + h) * D
-        r = tl.load(res_ptr + rrow[:, None] + dim[None, :], mask=(mask_n & in_res)[:, None], other=0.0)
-        x = tl.where(in_res[:, None], r.to(tl.float32), x)
-    else:
-        x = _load_tile(codes_ptr, scale_ptr, zero_ptr, row, srow, mask_n, offs_d, dim, KIND, D, GROUP, PER_CHANNEL)
-    return x
+def _softmax_step(s, ok, m_i, l_i):
+    s = tl.where(ok, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    return p, alpha, m_new, l_i
 
 
 @triton.jit
@@ -106,10 +85,10 @@ def _paged_attn_kernel(
     stride_cb, stride_ct, stride_ch,  # codes: block, token, head (elements)
     stride_kb, stride_kt, stride_kh,  # key scales / zeros: block, token, head
     stride_vb, stride_vt, stride_vh,  # value scales / zeros: block, token, head
-    WINDOW, SINKS,
+    WINDOW, SINKS, G, CHUNK, SPLITS,  # G, CHUNK, SPLITS at run time: fewer compiled variants
     KIND: tl.constexpr, P: tl.constexpr, D: tl.constexpr, GROUP: tl.constexpr, BS: tl.constexpr,
-    G: tl.constexpr, GPAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-    CHUNK: tl.constexpr, SPLITS: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_F32: tl.constexpr,
+    GPAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPLIT: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_F32: tl.constexpr, Q8_BF16: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     pid_t = tl.program_id(1)
@@ -118,20 +97,48 @@ def _paged_attn_kernel(
     h = pid_bh % HKV
     seq_len = tl.load(seq_ptr + b)
 
+    # Dot operand type: bf16/fp16 caches in their query dtype; quantized codes are exact in fp16
+    # (fp8 e4m3, int8, 4- and 2-bit integers), so those dots run in fp16 (fp32 in the interpreter).
+    # Q8_BF16 (8-bit formats): codes converted to the query dtype (exact for e4m3 and int8 in
+    # bf16 and fp16), the value scale folded into the probabilities (p * s_v) before the dot.
+    if DOT_F32:
+        DT: tl.constexpr = tl.float32
+    elif KIND == 0 or ((KIND == 1 or KIND == 2) and Q8_BF16):
+        DT: tl.constexpr = q_ptr.dtype.element_ty
+    else:
+        DT: tl.constexpr = tl.float16
+    # fp32 caches / queries: exact fp32 dots (Triton's default for fp32 operands is tf32).
+    PREC: tl.constexpr = "ieee" if DOT_F32 else "tf32"
+    BITS: tl.constexpr = 8 // P
+    DP: tl.constexpr = D // P  # values per slot: byte j of a token holds slot 0..P-1 values
+    NG: tl.constexpr = D // GROUP
+    GP: tl.constexpr = GROUP // P  # bytes per group
+
     ROWS: tl.constexpr = BLOCK_T * GPAD
     r = tl.arange(0, ROWS)
     t = pid_t * BLOCK_T + r // GPAD  # query token within this call
     g = r % GPAD
     row_ok = (t < T) & (g < G)
     qpos = seq_len - T + t  # absolute position of each query row
-    offs_d = tl.arange(0, D)
-    dim = _pack_order(offs_d, P, GROUP)  # head-dim index of each unpacked position
+    offs_c = tl.arange(0, DP)  # byte (or element) column within a token's head vector
 
-    # Query rows [ROWS, D] in unpacked order; int64 offsets throughout.
+    # Query rows, one [ROWS, D / P] operand per value slot (packed formats: the dot over the head
+    # dim is split into P dots over the slots, so codes are never interleaved); int64 offsets.
     q_row = ((b.to(tl.int64) * T + t) * HQ + h * G + g) * D
-    q = tl.load(q_ptr + q_row[:, None] + dim[None, :], mask=row_ok[:, None], other=0.0)
-    if DOT_F32:
-        q = q.to(tl.float32)
+    dim0 = _slot_dims(0, P, D, GROUP)
+    q0 = tl.load(q_ptr + q_row[:, None] + dim0[None, :], mask=row_ok[:, None], other=0.0).to(DT)
+    acc0 = tl.zeros([ROWS, DP], tl.float32)
+    if P >= 2:
+        dim1 = _slot_dims(1, P, D, GROUP)
+        q1 = tl.load(q_ptr + q_row[:, None] + dim1[None, :], mask=row_ok[:, None], other=0.0).to(DT)
+        acc1 = tl.zeros([ROWS, DP], tl.float32)
+    if P == 4:
+        dim2 = _slot_dims(2, P, D, GROUP)
+        dim3 = _slot_dims(3, P, D, GROUP)
+        q2 = tl.load(q_ptr + q_row[:, None] + dim2[None, :], mask=row_ok[:, None], other=0.0).to(DT)
+        q3 = tl.load(q_ptr + q_row[:, None] + dim3[None, :], mask=row_ok[:, None], other=0.0).to(DT)
+        acc2 = tl.zeros([ROWS, DP], tl.float32)
+        acc3 = tl.zeros([ROWS, DP], tl.float32)
 
     # Keys this program may need: causal end of its last query, window start of its first.
     t_last = tl.minimum(pid_t * BLOCK_T + BLOCK_T, T)
@@ -144,46 +151,166 @@ def _paged_attn_kernel(
 
     m_i = tl.full([ROWS], float("-inf"), tl.float32)
     l_i = tl.zeros([ROWS], tl.float32)
-    acc = tl.zeros([ROWS, D], tl.float32)
     bt_row = bt_ptr + b.to(tl.int64) * M
-    F = seq_len
+    q_hi = k_hi
     if KIND == 4:
         F = seq_len // R * R  # kivi2: tokens from F on sit in the residual window
-    for start in range(k_lo, k_hi, BLOCK_N):
+        q_hi = tl.minimum(k_hi, F)
+    for start in range(k_lo, q_hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < k_hi
+        mask_n = offs_n < q_hi
         blk = tl.load(bt_row + offs_n // BS, mask=mask_n, other=0).to(tl.int64)
         tok = offs_n % BS
-        k = _load_kv(k_ptr, ks_ptr, kz_ptr, rk_ptr, blk, tok, offs_n, mask_n, offs_d, dim, b, h, F, R, HKV,
-                     stride_cb, stride_ct, stride_ch, stride_kb, stride_kt, stride_kh, KIND, D, GROUP, KIND == 4)
-        s = tl.dot(q, tl.trans(k.to(q.dtype))) * scale_log2  # [ROWS, N]
+        row = blk * stride_cb + tok * stride_ct + h * stride_ch
+        ksrow = blk * stride_kb + tok * stride_kt + h * stride_kh
+        vsrow = blk * stride_vb + tok * stride_vt + h * stride_vh
         ok = mask_n[None, :] & (offs_n[None, :] <= qpos[:, None])
         if HAS_WINDOW:
             ok &= (offs_n[None, :] > qpos[:, None] - WINDOW) | (offs_n[None, :] < SINKS)
-        s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_kv(v_ptr, vs_ptr, vz_ptr, rv_ptr, blk, tok, offs_n, mask_n, offs_d, dim, b, h, F, R, HKV,
-                     stride_cb, stride_ct, stride_ch, stride_vb, stride_vt, stride_vh, KIND, D, GROUP, False)
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
-        m_i = m_new
+        cptr = row[:, None] + offs_c[None, :]
+        # ---- scores [ROWS, N] ----
+        if KIND == 0:
+            k = tl.load(k_ptr + cptr, mask=mask_n[:, None], other=0.0).to(DT)
+            s = tl.dot(q0, tl.trans(k), input_precision=PREC) * scale_log2
+        elif KIND == 1 or KIND == 2:
+            # 8-bit: the per-token scale multiplies the scores after the dot.
+            kc = tl.load(k_ptr + cptr, mask=mask_n[:, None], other=0)
+            if KIND == 1 and Q8_BF16:
+                k = kc.to(tl.float8e4nv, bitcast=True).to(DT)
+            elif KIND == 2 and Q8_BF16:
+                k = kc.to(DT)
+            elif KIND == 1:
+                k = kc.to(tl.float8e4nv, bitcast=True).to(tl.float16).to(DT)
+            else:
+                k = ((kc.to(tl.int16) & 0xFF) ^ 0x6480).to(tl.float16, bitcast=True) - 1152.0
+                k = k.to(DT)
+            ksc = tl.load(ks_ptr + ksrow, mask=mask_n, other=0.0).to(tl.float32) * scale_log2
+            s = tl.dot(q0, tl.trans(k), input_precision=PREC) * ksc[None, :]
+        elif KIND == 3:
+            kc = tl.load(k_ptr + cptr, mask=mask_n[:, None], other=0).to(tl.int16)
+            sc = _group_bcast(ks_ptr, ksrow, mask_n, offs_c, NG, GP, DT)
+            zc = _group_bcast(kz_ptr, ksrow, mask_n, offs_c, NG, GP, DT)
+            s = tl.dot(q0, tl.trans(_nibbles(kc, 0, BITS, DT) * sc + zc), input_precision=PREC)
+            s += tl.dot(q1, tl.trans(_nibbles(kc, 1, BITS, DT) * sc + zc), input_precision=PREC)
+            s = s * scale_log2
+        else:
+            # kivi2 keys: scale and zero per channel and block.
+            kc = tl.load(k_ptr + cptr, mask=mask_n[:, None], other=0).to(tl.int16)
+            if BLOCK_N <= BS:
+                # The tile lies in one block: fold the channel scales into the queries and the
+                # zero points into one per-row constant (q . z).
+                blk0 = tl.load(bt_row + start // BS).to(tl.int64)
+                sb = ks_ptr + blk0 * stride_kb + h * stride_kh
+                zb = kz_ptr + blk0 * stride_kb + h * stride_kh
+                s0 = tl.load(sb + dim0).to(DT)
+                s1 = tl.load(sb + dim1).to(DT)
+                s2 = tl.load(sb + dim2).to(DT)
+                s3 = tl.load(sb + dim3).to(DT)
+                zt = tl.sum(q0.to(tl.float32) * tl.load(zb + dim0).to(tl.float32)[None, :], 1)
+                zt += tl.sum(q1.to(tl.float32) * tl.load(zb + dim1).to(tl.float32)[None, :], 1)
+                zt += tl.sum(q2.to(tl.float32) * tl.load(zb + dim2).to(tl.float32)[None, :], 1)
+                zt += tl.sum(q3.to(tl.float32) * tl.load(zb + dim3).to(tl.float32)[None, :], 1)
+                s = tl.dot((q0 * s0[None, :]).to(DT), tl.trans(_nibbles(kc, 0, BITS, DT)), input_precision=PREC)
+                s += tl.dot((q1 * s1[None, :]).to(DT), tl.trans(_nibbles(kc, 1, BITS, DT)), input_precision=PREC)
+                s += tl.dot((q2 * s2[None, :]).to(DT), tl.trans(_nibbles(kc, 2, BITS, DT)), input_precision=PREC)
+                s += tl.dot((q3 * s3[None, :]).to(DT), tl.trans(_nibbles(kc, 3, BITS, DT)), input_precision=PREC)
+                s = (s + zt[:, None]) * scale_log2
+            else:
+                sb = ks_ptr + ksrow[:, None]
+                zb = kz_ptr + ksrow[:, None]
+                m2 = mask_n[:, None]
+                x = _nibbles(kc, 0, BITS, DT) * tl.load(sb + dim0[None, :], mask=m2, other=0.0).to(DT)
+                s = tl.dot(q0, tl.trans(x + tl.load(zb + dim0[None, :], mask=m2, other=0.0).to(DT)), input_precision=PREC)
+                x = _nibbles(kc, 1, BITS, DT) * tl.load(sb + dim1[None, :], mask=m2, other=0.0).to(DT)
+                s += tl.dot(q1, tl.trans(x + tl.load(zb + dim1[None, :], mask=m2, other=0.0).to(DT)), input_precision=PREC)
+                x = _nibbles(kc, 2, BITS, DT) * tl.load(sb + dim2[None, :], mask=m2, other=0.0).to(DT)
+                s += tl.dot(q2, tl.trans(x + tl.load(zb + dim2[None, :], mask=m2, other=0.0).to(DT)), input_precision=PREC)
+                x = _nibbles(kc, 3, BITS, DT) * tl.load(sb + dim3[None, :], mask=m2, other=0.0).to(DT)
+                s += tl.dot(q3, tl.trans(x + tl.load(zb + dim3[None, :], mask=m2, other=0.0).to(DT)), input_precision=PREC)
+                s = s * scale_log2
+        p, alpha, m_i, l_i = _softmax_step(s, ok, m_i, l_i)
+        pd = p.to(DT)
+        # ---- values ----
+        if KIND == 0:
+            v = tl.load(v_ptr + cptr, mask=mask_n[:, None], other=0.0).to(DT)
+            acc0 = acc0 * alpha[:, None] + tl.dot(pd, v, input_precision=PREC)
+        elif KIND == 1 or KIND == 2:
+            vc = tl.load(v_ptr + cptr, mask=mask_n[:, None], other=0)
+            if Q8_BF16:
+                vsc = tl.load(vs_ptr + vsrow, mask=mask_n, other=0.0).to(tl.float32)
+                if KIND == 1:
+                    v = vc.to(tl.float8e4nv, bitcast=True).to(DT)
+                else:
+                    v = vc.to(DT)
+                acc0 = acc0 * alpha[:, None] + tl.dot((p * vsc[None, :]).to(DT), v, input_precision=PREC)
+            else:
+                vsc = tl.load(vs_ptr + vsrow, mask=mask_n, other=0.0).to(DT)
+            if KIND == 1 and not Q8_BF16:
+                v = vc.to(tl.float8e4nv, bitcast=True).to(tl.float16).to(DT)
+            elif not Q8_BF16:
+                v = (((vc.to(tl.int16) & 0xFF) ^ 0x6480).to(tl.float16, bitcast=True) - 1152.0).to(DT)
+            if not Q8_BF16:
+                acc0 = acc0 * alpha[:, None] + tl.dot(pd, v * vsc[:, None], input_precision=PREC)
+        else:
+            # int4 and kivi2 values: scale and zero per token and group of GROUP dims.
+            vc = tl.load(v_ptr + cptr, mask=mask_n[:, None], other=0).to(tl.int16)
+            sc = _group_bcast(vs_ptr, vsrow, mask_n, offs_c, NG, GP, DT)
+            zc = _group_bcast(vz_ptr, vsrow, mask_n, offs_c, NG, GP, DT)
+            acc0 = acc0 * alpha[:, None] + tl.dot(pd, _nibbles(vc, 0, BITS, DT) * sc + zc, input_precision=PREC)
+            acc1 = acc1 * alpha[:, None] + tl.dot(pd, _nibbles(vc, 1, BITS, DT) * sc + zc, input_precision=PREC)
+            if P == 4:
+                acc2 = acc2 * alpha[:, None] + tl.dot(pd, _nibbles(vc, 2, BITS, DT) * sc + zc, input_precision=PREC)
+                acc3 = acc3 * alpha[:, None] + tl.dot(pd, _nibbles(vc, 3, BITS, DT) * sc + zc, input_precision=PREC)
 
-    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    if KIND == 4:
+        # kivi2: the row's newest tokens [F, seq_len) from its fp16 residual window [B, R, Hkv, D].
+        for start in range(tl.maximum(k_lo, F), k_hi, BLOCK_N):
+            offs_n = start + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < k_hi
+            ok = mask_n[None, :] & (offs_n[None, :] <= qpos[:, None])
+            if HAS_WINDOW:
+                ok &= (offs_n[None, :] > qpos[:, None] - WINDOW) | (offs_n[None, :] < SINKS)
+            rrow = ((b.to(tl.int64) * R + (offs_n - F)) * HKV + h) * D
+            m2 = mask_n[:, None]
+            rk = rk_ptr + rrow[:, None]
+            s = tl.dot(q0, tl.trans(tl.load(rk + dim0[None, :], mask=m2, other=0.0).to(DT)), input_precision=PREC)
+            s += tl.dot(q1, tl.trans(tl.load(rk + dim1[None, :], mask=m2, other=0.0).to(DT)), input_precision=PREC)
+            s += tl.dot(q2, tl.trans(tl.load(rk + dim2[None, :], mask=m2, other=0.0).to(DT)), input_precision=PREC)
+            s += tl.dot(q3, tl.trans(tl.load(rk + dim3[None, :], mask=m2, other=0.0).to(DT)), input_precision=PREC)
+            p, alpha, m_i, l_i = _softmax_step(s * scale_log2, ok, m_i, l_i)
+            pd = p.to(DT)
+            rv = rv_ptr + rrow[:, None]
+            acc0 = acc0 * alpha[:, None] + tl.dot(pd, tl.load(rv + dim0[None, :], mask=m2, other=0.0).to(DT), input_precision=PREC)
+            acc1 = acc1 * alpha[:, None] + tl.dot(pd, tl.load(rv + dim1[None, :], mask=m2, other=0.0).to(DT), input_precision=PREC)
+            acc2 = acc2 * alpha[:, None] + tl.dot(pd, tl.load(rv + dim2[None, :], mask=m2, other=0.0).to(DT), input_precision=PREC)
+            acc3 = acc3 * alpha[:, None] + tl.dot(pd, tl.load(rv + dim3[None, :], mask=m2, other=0.0).to(DT), input_precision=PREC)
+
+    inv = 1.0 / tl.where(l_i == 0.0, 1.0, l_i)
     o_row = (b.to(tl.int64) * T + t) * HQ + h * G + g  # [ROWS] flat (b, t, head)
-    if SPLITS == 1:
-        tl.store(o_ptr + o_row[:, None] * D + dim[None, :], out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
+    if not SPLIT:
+        optr = o_ptr + o_row[:, None] * D
+        oty = o_ptr.dtype.element_ty
+        tl.store(optr + dim0[None, :], (acc0 * inv[:, None]).to(oty), mask=row_ok[:, None])
+        if P >= 2:
+            tl.store(optr + dim1[None, :], (acc1 * inv[:, None]).to(oty), mask=row_ok[:, None])
+        if P == 4:
+            tl.store(optr + dim2[None, :], (acc2 * inv[:, None]).to(oty), mask=row_ok[:, None])
+            tl.store(optr + dim3[None, :], (acc3 * inv[:, None]).to(oty), mask=row_ok[:, None])
     else:
         part = o_row * SPLITS + pid_s
-        tl.store(part_ptr + part[:, None] * D + dim[None, :], out, mask=row_ok[:, None])
+        pptr = part_ptr + part[:, None] * D
+        tl.store(pptr + dim0[None, :], acc0 * inv[:, None], mask=row_ok[:, None])
+        if P >= 2:
+            tl.store(pptr + dim1[None, :], acc1 * inv[:, None], mask=row_ok[:, None])
+        if P == 4:
+            tl.store(pptr + dim2[None, :], acc2 * inv[:, None], mask=row_ok[:, None])
+            tl.store(pptr + dim3[None, :], acc3 * inv[:, None], mask=row_ok[:, None])
         tl.store(ml_ptr + part * 2, m_i, mask=row_ok)
         tl.store(ml_ptr + part * 2 + 1, l_i, mask=row_ok)
 
 
 @triton.jit
-def _combine_splits(part_ptr, ml_ptr, o_ptr, SPLITS: tl.constexpr, SPAD: tl.constexpr, D: tl.constexpr):
+def _combine_splits(part_ptr, ml_ptr, o_ptr, SPLITS, SPAD: tl.constexpr, D: tl.constexpr):
     """Merge the per-split softmaxes of one (row, token, head): weights ``l_s * 2^(m_s - max m)``."""
     pid = tl.program_id(0).to(tl.int64)
     offs_s = tl.arange(0, SPAD)
@@ -204,11 +331,18 @@ def _combine_splits(part_ptr, ml_ptr, o_ptr, SPLITS: tl.constexpr, SPAD: tl.cons
 # `benchmarks/bench_kv_decode.py --only tune`.
 TILE_CONFIGS = {
     ("dense", True): (64, 4, 3), ("dense", False): (64, 4, 2),
-    ("fp8", True): (64, 8, 2), ("fp8", False): (32, 4, 2),
-    ("int8", True): (64, 8, 2), ("int8", False): (32, 4, 2),
-    ("int4", True): (16, 8, 2), ("int4", False): (16, 8, 2),
-    ("kivi2", True): (16, 8, 2), ("kivi2", False): (16, 8, 2),
+    ("fp8", True): (128, 4, 2), ("fp8", False): (32, 4, 2),
+    ("int8", True): (128, 4, 2), ("int8", False): (32, 4, 2),
+    ("int4", True): (64, 4, 2), ("int4", False): (32, 4, 2),
+    ("kivi2", True): (32, 4, 2), ("kivi2", False): (32, 4, 2),
 }
+
+
+# 8-bit formats: dots in the query dtype with the value scale folded into p (True), or codes
+# converted to fp16 by bit tricks and values dequantized before the dot (False).
+Q8_BF16 = True
+# Decode splits: enough (batch x KV head x split) programs for this many programs per SM.
+SPLIT_WAVES = {"kivi2": 8}
 
 
 def _num_sms(device: torch.device) -> int:
@@ -262,11 +396,18 @@ def paged_attention(q: torch.Tensor, cache, block_tables: torch.Tensor, seq_lens
         gpad = max(gpad, 16)  # tl.dot needs 16 rows
     else:
         block_t = max(16 // gpad, 64 // gpad, 1)
-    block_n, num_warps, num_stages = (config or TILE_CONFIGS[(kind, t == 1)])
+    block_n, num_warps, num_stages, *variant = (config or TILE_CONFIGS[(kind, t == 1)])
+    q8_bf16 = bool(variant[0]) if variant else Q8_BF16
+    if kind == "kivi2" and config is None:
+        # A tile inside one block (channel scales fold into the queries); dots need 16 tokens.
+        block_n = max(16, min(block_n, bs))
+    if not _INTERPRET and d // p < 16:
+        raise ValueError(f"{kind}: head_dim {d} / {p} values per byte must be >= 16 for the GPU kernel's dots")
     n_tiles = triton.cdiv(m * bs, block_n)
     if num_splits is None:
         # Static: enough programs for ~2 waves of SMs at any batch, from shapes only.
-        num_splits = 1 if t > 1 else max(1, min(n_tiles, triton.cdiv(2 * _num_sms(q.device), b * hkv)))
+        waves = SPLIT_WAVES.get(kind, 2)
+        num_splits = 1 if t > 1 else max(1, min(n_tiles, triton.cdiv(waves * _num_sms(q.device), b * hkv)))
     chunk = triton.cdiv(n_tiles, num_splits) * block_n
     num_splits = triton.cdiv(m * bs, chunk)
     out = torch.empty_like(q)
@@ -290,9 +431,9 @@ def paged_attention(q: torch.Tensor, cache, block_tables: torch.Tensor, seq_lens
         q, out, part, ml, k, v, ks, vs, kz, vz, res_k, res_v, block_tables, seq_lens,
         t, hq, hkv, m, r, scale * 1.4426950408889634,
         k.stride(0), k.stride(1), k.stride(2), *kstr, *vstr,
-        sliding_window or 0, sinks,
-        KIND=KIND_IDS[kind], P=p, D=d, GROUP=group, BS=bs, G=gq, GPAD=gpad, BLOCK_T=block_t, BLOCK_N=block_n,
-        CHUNK=chunk, SPLITS=num_splits, HAS_WINDOW=sliding_window is not None,
+        sliding_window or 0, sinks, gq, chunk, num_splits,
+        KIND=KIND_IDS[kind], P=p, D=d, GROUP=group, BS=bs, GPAD=gpad, BLOCK_T=block_t, BLOCK_N=block_n,
+        SPLIT=num_splits > 1, HAS_WINDOW=sliding_window is not None, Q8_BF16=q8_bf16,
         DOT_F32=_INTERPRET or q.dtype == torch.float32,
         num_warps=num_warps, num_stages=num_stages,
     )

@@ -18,13 +18,20 @@ _MIN_SCALE = tl.constexpr(MIN_SCALE)
 
 
 @triton.jit
+def _div(a, b):
+    """IEEE-rounded ``a / b`` (Triton's ``/`` on fp32 is an approximate division on the GPU; torch's
+    is correctly rounded, and a 1-ulp difference flips a code at a rounding boundary)."""
+    return tl.math.div_rn(a, b + tl.zeros_like(a))
+
+
+@triton.jit
 def _round_e4m3(y):
     """``y`` rounded to the nearest e4m3 value in fp32 (ties away from zero), so that the cast to
     fp8 is exact: the same result on every backend (Triton's interpreter misrounds across binades)."""
     e = ((y.to(tl.int32, bitcast=True) >> 23) & 255) - 127
     e = tl.maximum(e, -6)  # e4m3 subnormals share the ulp of the smallest binade
     ulp = ((e - 3 + 127) << 23).to(tl.float32, bitcast=True)
-    r = tl.floor(tl.abs(y) / ulp + 0.5) * ulp
+    r = tl.floor(_div(tl.abs(y), ulp) + 0.5) * ulp
     return tl.where(y < 0, -r, r)
 
 
@@ -34,8 +41,8 @@ def _quant_store(x, codes_ptr, scale_ptr, zero_ptr, row, srow,
     """Quantize one head vector ``x [D]`` (fp32, unpacked byte order) and store it."""
     if KIND == 1 or KIND == 2:
         qmax = 448.0 if KIND == 1 else 127.0
-        s = tl.maximum(tl.max(tl.abs(x), 0) / qmax, _MIN_SCALE).to(tl.float16)
-        y = x / s.to(tl.float32)
+        s = tl.maximum(_div(tl.max(tl.abs(x), 0), qmax), _MIN_SCALE).to(tl.float16)
+        y = _div(x, s.to(tl.float32))
         offs = tl.arange(0, D)
         if KIND == 1:
             c = _round_e4m3(tl.minimum(tl.maximum(y, -448.0), 448.0))
@@ -50,9 +57,9 @@ def _quant_store(x, codes_ptr, scale_ptr, zero_ptr, row, srow,
         NG: tl.constexpr = D // GROUP
         xg = tl.reshape(x, [NG, GROUP])
         mn = tl.min(xg, 1)
-        s = tl.maximum((tl.max(xg, 1) - mn) / 15.0, _MIN_SCALE).to(tl.float16)
+        s = tl.maximum(_div(tl.max(xg, 1) - mn, 15.0), _MIN_SCALE).to(tl.float16)
         z = mn.to(tl.float16)
-        qv = tl.floor((xg - z.to(tl.float32)[:, None]) / s.to(tl.float32)[:, None] + 0.5)
+        qv = tl.floor(_div(xg - z.to(tl.float32)[:, None], s.to(tl.float32)[:, None]) + 0.5)
         qv = tl.minimum(tl.maximum(qv, 0.0), 15.0).to(tl.int32)
         pairs = tl.reshape(qv, [D // 2, 2])
         shift = tl.arange(0, 2) * 4
@@ -132,9 +139,9 @@ def _kivi_flush_kernel(wk_ptr, wv_ptr, seq_ptr, bt_ptr, kc_ptr, vc_ptr, ks_ptr, 
         # Keys: scale and zero per channel over the block's BS tokens.
         x = tl.load(wk_ptr + src)
         mn = tl.min(x, 0)
-        s = tl.maximum((tl.max(x, 0) - mn) / 3.0, _MIN_SCALE).to(tl.float16)
+        s = tl.maximum(_div(tl.max(x, 0) - mn, 3.0), _MIN_SCALE).to(tl.float16)
         z = mn.to(tl.float16)
-        q = tl.floor((x - z.to(tl.float32)[None, :]) / s.to(tl.float32)[None, :] + 0.5)
+        q = tl.floor(_div(x - z.to(tl.float32)[None, :], s.to(tl.float32)[None, :]) + 0.5)
         q = tl.minimum(tl.maximum(q, 0.0), 3.0).to(tl.int32)
         tl.store(kc_ptr + row[:, None] + tl.arange(0, D // 4)[None, :], _pack2(q, BS, D))
         tl.store(ks_ptr + (blk * H + h) * D + dim, s)
@@ -143,9 +150,9 @@ def _kivi_flush_kernel(wk_ptr, wv_ptr, seq_ptr, bt_ptr, kc_ptr, vc_ptr, ks_ptr, 
         NG: tl.constexpr = D // GROUP
         xv = tl.reshape(tl.load(wv_ptr + src), [BS, NG, GROUP])
         mnv = tl.min(xv, 2)
-        sv = tl.maximum((tl.max(xv, 2) - mnv) / 3.0, _MIN_SCALE).to(tl.float16)
+        sv = tl.maximum(_div(tl.max(xv, 2) - mnv, 3.0), _MIN_SCALE).to(tl.float16)
         zv = mnv.to(tl.float16)
-        qv = tl.floor((xv - zv.to(tl.float32)[:, :, None]) / sv.to(tl.float32)[:, :, None] + 0.5)
+        qv = tl.floor(_div(xv - zv.to(tl.float32)[:, :, None], sv.to(tl.float32)[:, :, None]) + 0.5)
         qv = tl.reshape(tl.minimum(tl.maximum(qv, 0.0), 3.0).to(tl.int32), [BS, D])
         tl.store(vc_ptr + row[:, None] + tl.arange(0, D // 4)[None, :], _pack2(qv, BS, D))
         srow = blk * stride_vb + tok * stride_vt + h * stride_vh
