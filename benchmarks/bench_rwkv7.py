@@ -1,17 +1,19 @@
 """RWKV-7 in the 0.1B shape (12 layers x 768, head 64), random bf16 weights, beside fla 0.6.0.
 
 Three measurements, ours and fla's in the same run (fla's numbers are skipped, with the reason, if
-fla cannot be imported or fails):
+fla cannot be imported or fails), like for like: the backbone (embeddings, blocks, final norm; no LM
+head) on both sides, as fla's ``RWKV7Model`` is; ours with the head is printed beside it for the record.
 
-1. prefill of 32 x 2048 tokens (backbone plus the head on the last token; fla's RWKV7Model backbone);
-2. one decode step replayed as a CUDA graph at batch 1 and 32 (ours: ``forward_reserved`` on a fixed
-   state, as in the generate loop; fla: RWKV7Model with its cache, captured the same way);
+1. prefill of 32 x 2048 tokens (tokens/s);
+2. one decode step replayed as a CUDA graph at batch 1 and 32 (ours: the layers on a fixed state, as
+   ``forward_reserved`` in the generate loop; fla: RWKV7Model with its cache, captured the same way);
 3. the chunked wkv kernel alone at 32 x 2048 with 12 heads of 64 (bf16): our ``chunk_rwkv7`` vs
-   fla's ``chunk_rwkv7`` (called as fla's RWKV7Attention calls it).
+   fla's ``chunk_rwkv7`` (called as fla's RWKV7Attention calls it). ``--sweep`` also times our kernel
+   for every chunk size / BV / num_warps / num_stages (``chunk.DEFAULT_CONFIG`` comes from this).
 
 Timings: ``triton.testing.do_bench`` medians. fla's first compile/autotune takes 2 to 4 minutes.
 
-    python benchmarks/bench_rwkv7.py [--batch 32] [--seq 2048] [--out results.json]
+    python benchmarks/bench_rwkv7.py [--batch 32] [--seq 2048] [--out results.json] [--no-fla] [--sweep] [--profile]
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch
 import constant_state as cs
 
 FLA_LOWER_BOUND = -0.6065306597126334
-TARGETS = {"chunk_kernel": "ours >= fla (39 M tok/s on the H200)", "decode_b1": "ours <= fla (1.28 ms)"}
+TARGETS = {"chunk_kernel": "ours >= fla (39 M tok/s on the H200)", "decode_b1": "ours <= fla (1.28 ms), backbone"}
 
 
 def bench(fn, rep_ms: int = 200) -> float:
@@ -55,19 +57,38 @@ def ours_model():
     return cs.load("rwkv7-0.1b", device="cuda", dtype="bfloat16")
 
 
+def backbone(model, ids, state):
+    """Our forward without the LM head (embeddings, blocks, final norm): what fla's RWKV7Model returns."""
+    t = ids.shape[1]
+    ctx = state.context(t)
+    model.prepare_context(ctx)
+    x = model.embed(ids)
+    for layer, layer_state in zip(model.layers, state.layers):
+        x = layer(x, layer_state, ctx)
+    x = model.norm(x)
+    state.advance(t)
+    return x
+
+
+def step_fn(model, ids, state, head):
+    if head:
+        return lambda: model.forward_reserved(ids, state, last_only=True)
+    return lambda: backbone(model, ids, state)
+
+
 @torch.inference_mode()
-def ours_prefill(model, b, t) -> float:
+def ours_prefill(model, b, t, head=False) -> float:
     ids = torch.randint(0, model.config.vocab_size, (b, t), device="cuda")
     state = model.init_state(b)
-    return bench(lambda: model.forward_reserved(ids, state, last_only=True), rep_ms=500)
+    return bench(step_fn(model, ids, state, head), rep_ms=500)
 
 
 @torch.inference_mode()
-def ours_decode(model, b) -> float:
+def ours_decode(model, b, head=False) -> float:
     ids = torch.randint(0, model.config.vocab_size, (b, 1), device="cuda")
     state = model.init_state(b)
     model(torch.randint(0, model.config.vocab_size, (b, 16), device="cuda"), state)
-    replay = graph_of(lambda: model.forward_reserved(ids, state, last_only=True))
+    replay = graph_of(step_fn(model, ids, state, head))
     return bench(replay)
 
 
@@ -80,12 +101,35 @@ def kernel_inputs(b, t, h=12, d=64):
     return (r, w, k * 0.1, v, a, bb), s0
 
 
-def ours_chunk(b, t) -> float:
-    from constant_state.kernels.rwkv7.chunk import chunk_rwkv7
+def ours_chunk(b, t, chunk_size=None, config=None) -> float:
+    from constant_state.kernels.rwkv7.chunk import CHUNK, chunk_rwkv7
 
     xs, s0 = kernel_inputs(b, t)
-    chunk_rwkv7(*xs, s0, inplace=True)  # autotune outside the timing
-    return bench(lambda: chunk_rwkv7(*xs, s0, inplace=True))
+    kw = dict(chunk_size=chunk_size or CHUNK, config=config)
+    chunk_rwkv7(*xs, s0, inplace=True, **kw)  # compile outside the timing
+    return bench(lambda: chunk_rwkv7(*xs, s0, inplace=True, **kw))
+
+
+def sweep_chunk(b, t) -> list[dict]:
+    """Our chunk kernel for every chunk size / BV / num_warps (1 stage), then 2 stages for the best three."""
+    out = []
+
+    def one(bt, cfg):
+        ms, err = attempt(ours_chunk, b, t, bt, cfg)
+        rec = dict(chunk_size=bt, BV=cfg[0], num_warps=cfg[1], num_stages=cfg[2], ms=ms,
+                   mtok_s=None if ms is None else b * t / ms / 1e3, error=err)
+        out.append(rec)
+        print(f"# sweep BT={bt} BV={cfg[0]} warps={cfg[1]} stages={cfg[2]}: "
+              + (f"{ms:.3f} ms, {b * t / ms / 1e3:.1f} M tok/s" if ms else f"failed: {err}"), flush=True)
+
+    for bt in (16, 32):
+        for bv in (16, 32, 64):
+            for nw in (4, 8):
+                one(bt, (bv, nw, 1))
+    best = sorted((r for r in out if r["ms"]), key=lambda r: r["ms"])[:3]
+    for r in best:
+        one(r["chunk_size"], (r["BV"], r["num_warps"], 2))
+    return out
 
 
 # -- fla -------------------------------------------------------------------------------------------
@@ -127,6 +171,51 @@ def fla_chunk(b, t) -> float:
     return bench(run)
 
 
+def count_kernels(fn) -> int:
+    """CUDA kernels (and copies) one eager call of ``fn`` launches."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
+@torch.inference_mode()
+def launches(model, fla) -> dict:
+    out = {}
+    ids = torch.randint(0, 65536, (1, 1), device="cuda")
+    state = model.init_state(1)
+    out["ours"] = count_kernels(lambda: backbone(model, ids, state))
+    if fla is not None:
+        cache = fla(input_ids=torch.randint(0, 65536, (1, 16), device="cuda"), use_cache=True).past_key_values
+        out["fla"] = count_kernels(lambda: fla(input_ids=ids, past_key_values=cache, use_cache=True))
+    return out
+
+
+@torch.inference_mode()
+def profile_prefill(model, b, t, top=15) -> list[tuple[str, float]]:
+    """CUDA time per kernel name (ms, summed over the 12 layers) of one backbone prefill."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ids = torch.randint(0, model.config.vocab_size, (b, t), device="cuda")
+    state = model.init_state(b)
+    backbone(model, ids, state)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        backbone(model, ids, state)
+        torch.cuda.synchronize()
+    rows = [(e.key, e.device_time_total / 1e3) for e in prof.key_averages() if e.device_time_total > 0]
+    rows.sort(key=lambda r: -r[1])
+    total = sum(r[1] for r in rows)
+    print(f"# prefill {b}x{t} kernels, total {total:.1f} ms:", flush=True)
+    for name, ms in rows[:top]:
+        print(f"#   {ms:8.2f} ms  {name[:110]}", flush=True)
+    return rows[:top]
+
+
 def attempt(fn, *args):
     try:
         return fn(*args), None
@@ -140,10 +229,18 @@ def main():
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     ap.add_argument("--no-fla", action="store_true", help="ours only (skips fla's 2-4 minute compile/autotune)")
+    ap.add_argument("--sweep", action="store_true", help="also time our chunk kernel for every launch config")
+    ap.add_argument("--profile", action="store_true", help="also list our prefill's kernels by CUDA time")
     args = ap.parse_args()
     b, t = args.batch, args.seq
     torch.manual_seed(0)
     rows, notes = [], []
+    out = {"rows": rows, "notes": notes, "device": torch.cuda.get_device_name()}
+
+    def save():
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(out, f, indent=2)
 
     model = ours_model()
     fla, err = (None, "--no-fla") if args.no_fla else attempt(fla_model)
@@ -151,9 +248,13 @@ def main():
         notes.append(f"fla RWKV7Model unavailable: {err}")
 
     def row(name, unit, ours_fn, fla_fn, per, lower_is_better):
-        ours_ms = ours_fn()
-        fla_ms, e = attempt(fla_fn) if fla_fn is not None else (None, "fla unavailable")
-        if e and fla_fn is not None:
+        ours_ms, e = attempt(ours_fn)
+        if e:
+            notes.append(f"ours {name}: {e}")
+            print(f"# {name}: ours failed: {e}", flush=True)
+            return
+        fla_ms, e = attempt(fla_fn) if fla_fn is not None else (None, None)
+        if e:
             notes.append(f"fla {name}: {e}")
         conv = (lambda ms: per / ms / 1e3) if unit == "M tok/s" else (lambda ms: ms)
         ours_v, fla_v = conv(ours_ms), (conv(fla_ms) if fla_ms else None)
@@ -161,14 +262,23 @@ def main():
         rows.append(dict(name=name, unit=unit, ours=ours_v, fla=fla_v, ours_ms=ours_ms, fla_ms=fla_ms,
                          speedup=ratio))
         print(f"# {name}: ours {ours_v:.3f} {unit}, fla {fla_v if fla_v is None else round(fla_v, 3)}", flush=True)
+        save()
 
-    row(f"prefill {b}x{t}", "M tok/s", lambda: ours_prefill(model, b, t),
-        (lambda: fla_prefill(fla, b, t)) if fla else None, b * t, False)
-    for db in (1, 32):
-        row(f"decode step, CUDA graph, batch {db}", "ms", lambda: ours_decode(model, db),
-            (lambda: fla_decode(fla, db)) if fla else None, db, True)
     row(f"chunk kernel {b}x{t}, 12 heads x 64, bf16", "M tok/s", lambda: ours_chunk(b, t),
         None if args.no_fla else (lambda: fla_chunk(b, t)), b * t, False)
+    row(f"prefill {b}x{t}, backbone", "M tok/s", lambda: ours_prefill(model, b, t),
+        (lambda: fla_prefill(fla, b, t)) if fla else None, b * t, False)
+    for db in (1, 32):
+        row(f"decode step, CUDA graph, batch {db}, backbone", "ms", lambda: ours_decode(model, db),
+            (lambda: fla_decode(fla, db)) if fla else None, db, True)
+    row(f"prefill {b}x{t}, with LM head (last token)", "M tok/s", lambda: ours_prefill(model, b, t, head=True),
+        None, b * t, False)
+    for db in (1, 32):
+        row(f"decode step, CUDA graph, batch {db}, with LM head", "ms", lambda: ours_decode(model, db, head=True),
+            None, db, True)
+
+    out["decode_kernels_b1"], e = attempt(launches, model, fla)
+    print(f"# kernels per decode step (batch 1, backbone, eager): {out['decode_kernels_b1'] or e}", flush=True)
 
     print(f"\nRWKV-7 0.1B shape (12 x 768, head 64), bf16, {torch.cuda.get_device_name()}\n")
     print("| measurement | unit | ours | fla 0.6.0 | ours vs fla (>1: ours faster) |")
@@ -177,13 +287,18 @@ def main():
         fla_s = "n/a" if r["fla"] is None else f"{r['fla']:.3f}"
         ratio = "n/a" if r["speedup"] is None else f"{r['speedup']:.2f}x"
         print(f"| {r['name']} | {r['unit']} | {r['ours']:.3f} | {fla_s} | {ratio} |")
-    print("\nOurs includes the LM head on the last token (prefill and decode); fla's RWKV7Model is the backbone.")
+    print("\nBackbone rows: embeddings, blocks, final norm on both sides (fla's RWKV7Model); the 'with LM head'"
+          " rows are ours only (65536-way head on the last token).")
     print(f"Targets: {TARGETS}")
     for n in notes:
         print(f"note: {n}")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"rows": rows, "notes": notes, "device": torch.cuda.get_device_name()}, f, indent=2)
+    save()
+    if args.profile:
+        out["prefill_profile"], e = attempt(profile_prefill, model, b, t)
+        save()
+    if args.sweep:
+        out["sweep"] = sweep_chunk(b, t)
+        save()
 
 
 if __name__ == "__main__":

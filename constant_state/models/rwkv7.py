@@ -7,6 +7,7 @@ later layer) is threaded per call through ``ctx.extras``, never stored in the st
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import dataclass
@@ -204,6 +205,9 @@ class RWKV7(StatefulLM):
     ``att.x_*`` lerp vectors stacked as ``att.x_mix``)."""
 
     def __init__(self, cfg: RWKV7Config):
+        # A private copy: set_kernel() (and a caller editing model.config) must not change the registered
+        # preset or another model built from the same config object.
+        cfg = dataclasses.replace(cfg)
         super().__init__(cfg)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.ln0 = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)

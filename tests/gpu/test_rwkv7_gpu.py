@@ -52,14 +52,19 @@ def reference(xs, s0):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("t", [1, 7, 63, 65, 500, 1000])
-@pytest.mark.parametrize("kernel", ["chunk", "fused_recurrent"])
+@pytest.mark.parametrize("kernel", ["chunk", "chunk_bv64", "chunk_bt32", "fused_recurrent"])
 def test_kernel_vs_reference_real_shapes(kernel, t, dtype):
+    from functools import partial
+
     from constant_state.kernels.rwkv7.chunk import chunk_rwkv7
     from constant_state.kernels.rwkv7.fused_recurrent import fused_recurrent_rwkv7
 
     if kernel == "fused_recurrent" and t > 500:
         pytest.skip("the token loop is for short inputs")
-    fn = chunk_rwkv7 if kernel == "chunk" else fused_recurrent_rwkv7
+    # "chunk" takes chunk.default_config, which picks BV = 16 for 2 x 12 heads; bv64 is the large-batch one.
+    fn = {"chunk": chunk_rwkv7, "chunk_bv64": partial(chunk_rwkv7, config=(64, 4, 2)),
+          "chunk_bt32": partial(chunk_rwkv7, chunk_size=32, config=(32, 4, 1)),
+          "fused_recurrent": fused_recurrent_rwkv7}[kernel]
     xs, s0 = inputs(2, t, 12, 64, dtype)
     o_ref, s_ref = reference(xs, s0)
     o, s = fn(*xs, s0.clone(), inplace=True)
@@ -104,16 +109,17 @@ def test_chunk_kernel_correlated_keys(dtype):
                                        dim=-1)
     xs = [x.to(dtype) for x in (r, w, k, v, -kk, 0.9 * kk)]
     o_ref, s_ref = rwkv7_chunk_ref(*xs)
-    o, s = chunk_rwkv7(*(x.cuda() for x in xs))
-    assert_close(f"correlated o {dtype}", o_ref, o, RATIO[dtype])
-    assert_close(f"correlated state {dtype}", s_ref, s, RATIO[dtype])
+    for bt, cfg in ((16, None), (16, (64, 4, 2)), (32, (32, 4, 1))):
+        o, s = chunk_rwkv7(*(x.cuda() for x in xs), chunk_size=bt, config=cfg)
+        assert_close(f"correlated o {dtype} BT={bt} {cfg}", o_ref, o, RATIO[dtype])
+        assert_close(f"correlated state {dtype} BT={bt} {cfg}", s_ref, s, RATIO[dtype])
 
 
 def test_chunk_kernel_64bit_offsets():
     """More than 2**31 elements per input: the last row must equal that row run on its own."""
     from constant_state.kernels.rwkv7.chunk import chunk_rwkv7
 
-    b, t, h, d = 44, 65537, 12, 64  # H = 12 reuses the autotuning of the tests above
+    b, t, h, d = 44, 65537, 12, 64
     assert b * t * h * d > 2 ** 31
     g = torch.Generator(device="cuda").manual_seed(0)
     xs = [torch.randn(b, t, h, d, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(6)]
@@ -161,18 +167,113 @@ def test_cuda_graph_generate_matches_eager_and_cpu():
     assert graphed.tolist() == ref.tolist()
 
 
+def _rms_ratio(ref, out):
+    ref, out = ref.float(), out.float()
+    return ((ref - out).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt()).item()
+
+
 @torch.no_grad()
 def test_preset_shape_bf16_triton_vs_torch_backend():
+    """The 0.1B preset in bf16, Triton vs PyTorch backend, both measured against the same weights in fp32.
+
+    Two bf16 evaluations of this random 12-layer model cannot agree to a few percent of the largest
+    logit: bf16 rounding (~0.5% rms per layer) grows through the layers to ~3% rms and ~0.1 of max at
+    the worst logit (measured on the CPU, PyTorch bf16 vs fp32: 9.5e-2 of max, 2.6e-2 rms). So the
+    end-to-end check is relative to the fp32 model: the Triton path may not be noticeably worse than
+    the PyTorch bf16 path. The kernels themselves are checked tightly per layer below.
+    """
+    import copy
+
     model = cs.load("rwkv7-0.1b", device="cuda", dtype="bfloat16")
-    ids = torch.randint(0, 65536, (2, 300), device="cuda")
+    ref32 = copy.deepcopy(model).float()  # the same (bf16-rounded) weights
+    ref32.config.dtype = "float32"
+    ref32.set_kernel("torch")
+    ids = torch.randint(0, 65536, (2, 300), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    truth, _ = ref32(ids)
     model.set_kernel("torch")
-    ref, _ = model(ids)
+    torch_bf16, _ = model(ids)
     model.set_kernel("auto")
-    out, _ = model(ids)
-    assert_close("0.1b bf16 logits", ref, out, 3e-2)
+    triton_bf16, _ = model(ids)
+    e_torch, e_triton = _rms_ratio(truth, torch_bf16), _rms_ratio(truth, triton_bf16)
+    print(f"0.1b bf16 logits vs fp32, rms ratio: torch backend {e_torch:.2e}, triton backend {e_triton:.2e}")
+    assert_close("0.1b bf16 logits torch backend vs fp32", truth, torch_bf16, 0.3)  # for the record
+    assert_close("0.1b bf16 logits triton backend vs fp32", truth, triton_bf16, 0.3)
+    assert e_triton <= 1.5 * e_torch + 1e-3, f"triton backend rms error {e_triton:.3e} vs torch {e_torch:.3e}"
+    assert (truth.argmax(-1) == triton_bf16.argmax(-1)).float().mean() >= 0.9
+
+
+@torch.no_grad()
+def test_preset_timemix_core_per_layer_bf16():
+    """The preset's real bf16 activations, layer by layer: the Triton time-mix core (prefill and decode
+    forms) against the fp32 reference on the same inputs."""
+    from constant_state.kernels.rwkv7 import timemix_core
+    from constant_state.kernels.rwkv7.ref import timemix_core_ref
+    from constant_state.models import rwkv7 as m7
+
+    model = cs.load("rwkv7-0.1b", device="cuda", dtype="bfloat16")
+    ids = torch.randint(0, 65536, (2, 300), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    caps = []
+
+    def capture(*args, **kw):
+        caps.append(([a.clone() if isinstance(a, torch.Tensor) else a for a in args[:17]], args[17].clone()))
+        return timemix_core(*args, **kw)
+
+    saved, m7.timemix_core = m7.timemix_core, capture
+    try:
+        model(ids)
+    finally:
+        m7.timemix_core = saved
+    assert len(caps) == 12
+    f32 = lambda x: x.float() if isinstance(x, torch.Tensor) else x  # noqa: E731
+    for i in (0, 1, 6, 11):
+        args, s0 = caps[i]
+        s_ref = s0.clone()
+        y_ref = timemix_core_ref(*(f32(a) for a in args), s_ref)
+        s_tri = s0.clone()
+        y_tri = timemix_core(*args, s_tri, backend="triton")  # chunked (T = 300)
+        # The prologue stores k, a, b, v in bf16 before the scan and GroupNorm rescales each head, so y sits
+        # above the plain kernel bound: the PyTorch bf16 core measures 1.6e-2 on layer 1 (Triton 1.0e-2).
+        assert_close(f"layer {i} prefill core y", y_ref, y_tri, 2.5e-2)
+        assert_close(f"layer {i} prefill core state", s_ref, s_tri, RATIO[torch.bfloat16])
+        one = [a[:, :1] if isinstance(a, torch.Tensor) and a.dim() == 3 else a for a in args]
+        s_ref, s_tri = s0.clone(), s0.clone()
+        y_ref = timemix_core_ref(*(f32(a) for a in one), s_ref)
+        y_tri = timemix_core(*one, s_tri, backend="triton")  # fused decode kernel
+        assert_close(f"layer {i} decode core y", y_ref, y_tri, RATIO[torch.bfloat16])
+        assert_close(f"layer {i} decode core state", s_ref, s_tri, RATIO[torch.bfloat16])
+
+
+def _limit_fla_autotuning():
+    """Give each of fla's Triton kernels only its first autotuning config.
+
+    fla autotunes every kernel over up to ~48 configs, each compiled: its RWKV-7 ops and model compile
+    a few hundred kernels, minutes of a test run that only compares numbers (the configs change
+    launch shapes, not the math). Must run before fla is imported; other packages' kernels untouched.
+    ``benchmarks/bench_rwkv7.py`` leaves fla's autotuning alone.
+    """
+    import functools
+    import sys
+
+    import triton
+
+    if getattr(triton.autotune, "_fla_limited", False) or "fla" in sys.modules:
+        return
+    orig = triton.autotune
+
+    @functools.wraps(orig)
+    def autotune(configs, key, *args, **kwargs):
+        def deco(fn):
+            module = getattr(getattr(fn, "fn", fn), "__module__", "") or ""
+            cfgs = configs[:1] if module.startswith("fla.") else configs
+            return orig(cfgs, key, *args, **kwargs)(fn)
+        return deco
+
+    autotune._fla_limited = True
+    triton.autotune = autotune
 
 
 def _fla():
+    _limit_fla_autotuning()
     try:
         from fla.ops.rwkv7 import chunk_rwkv7
         return chunk_rwkv7
@@ -188,7 +289,9 @@ def test_chunk_kernel_vs_fla(t):
     xs, s0 = inputs(4, t, 12, 64, torch.bfloat16)
     o_ref, s_ref = reference(xs, s0)
     o, s = chunk_rwkv7(*xs, s0)
-    o_fla, s_fla = fla_chunk_rwkv7(*xs, scale=1.0, initial_state=s0.clone(), output_final_state=True)
+    # As fla's RWKV7Attention calls it (and benchmarks/bench_rwkv7.py): shares fla's autotuning cache.
+    o_fla, s_fla = fla_chunk_rwkv7(*xs, scale=1.0, initial_state=s0.clone(), output_final_state=True,
+                                   safe_gate=True, lower_bound=-0.6065306597126334, chunk_size=64)
     assert_close("fla vs ref o", o_ref, o_fla, 5e-2)  # fla's own error, for the record
     assert_close("ours vs ref o", o_ref, o, RATIO[torch.bfloat16])
     assert_close("ours vs fla o", o_fla, o, 5e-2)
@@ -209,7 +312,7 @@ def test_fla_hub_checkpoint_logits(tmp_path):
         p.add_(torch.randn_like(p) * 0.1)
     fla_model.save_pretrained(tmp_path / "fla")
     ours = cs.load(str(tmp_path / "fla"), device="cuda", dtype="float32")
-    ids = torch.randint(0, 300, (2, 80), device="cuda")
+    ids = torch.randint(0, 300, (2, 40), device="cuda")  # < 64 tokens: fla's (cheaper to compile) recurrent path
     ref = fla_model(ids).logits
     out, _ = ours(ids)
     assert_close("fla-hub logits", ref, out, 1e-2)

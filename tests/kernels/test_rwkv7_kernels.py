@@ -37,13 +37,17 @@ CASES = [pytest.param(t, id=f"T{t}") for t in (1, 7, 33)]
 
 
 @pytest.mark.parametrize("t", CASES)
-@pytest.mark.parametrize("kernel", ["fused_recurrent", "chunk"])
+@pytest.mark.parametrize("kernel", ["fused_recurrent", "chunk", "chunk32", "chunk_bv32"])
 def test_kernel_matches_reference(kernel, t):
+    from functools import partial
+
     from constant_state.kernels.rwkv7.chunk import chunk_rwkv7
     from constant_state.kernels.rwkv7.fused_recurrent import fused_recurrent_rwkv7
     from constant_state.kernels.rwkv7.ref import rwkv7_ref
 
-    fn = {"chunk": chunk_rwkv7, "fused_recurrent": fused_recurrent_rwkv7}[kernel]
+    fn = {"chunk": chunk_rwkv7, "fused_recurrent": fused_recurrent_rwkv7,
+          "chunk32": partial(chunk_rwkv7, chunk_size=32, config=(32, 4, 1)),
+          "chunk_bv32": partial(chunk_rwkv7, config=(32, 4, 2))}[kernel]
     xs, s0 = inputs(2, t, 2, 32, 32)
     o_ref, s_ref = rwkv7_ref(*xs, s0)
     o, s = fn(*xs, s0)
@@ -59,16 +63,19 @@ def test_kernel_matches_reference(kernel, t):
 
 
 def test_kernels_odd_head_size_and_no_state():
+    from functools import partial
+
     from constant_state.kernels.rwkv7.chunk import chunk_rwkv7
     from constant_state.kernels.rwkv7.fused_recurrent import fused_recurrent_rwkv7
     from constant_state.kernels.rwkv7.ref import rwkv7_ref
 
     xs, _ = inputs(1, 19, 3, 24, 40)
     o_ref, s_ref = rwkv7_ref(*xs)
-    for fn in (chunk_rwkv7, fused_recurrent_rwkv7):
+    for name, fn in (("chunk", chunk_rwkv7), ("chunk_bv64", partial(chunk_rwkv7, config=(64, 4, 2))),
+                     ("fused_recurrent", fused_recurrent_rwkv7)):
         o, s = fn(*xs)
-        assert_close(fn.__name__, o_ref, o, 5e-5)
-        assert_close(fn.__name__ + " state", s_ref, s, 5e-5)
+        assert_close(name, o_ref, o, 5e-5)
+        assert_close(name + " state", s_ref, s, 5e-5)
 
 
 @pytest.mark.parametrize("kernel", ["fused_recurrent", "chunk"])
@@ -150,7 +157,8 @@ def test_chunk_kernel_correlated_keys():
     kk = torch.nn.functional.normalize(kk, dim=-1)
     xs = [x.to(DEVICE) for x in (r, w, k, v, -kk, 0.9 * kk)]
     o_ref, s_ref = rwkv7_ref(*xs)
-    o, s = chunk_rwkv7(*xs)
     scale = o_ref.abs().max().item()
-    assert_close("correlated o", o_ref / scale, o / scale, 2e-6)
-    assert_close("correlated state", s_ref / scale, s / scale, 2e-6)
+    for bt in (16, 32):
+        o, s = chunk_rwkv7(*xs, chunk_size=bt)
+        assert_close(f"correlated o BT={bt}", o_ref / scale, o / scale, 2e-6)
+        assert_close(f"correlated state BT={bt}", s_ref / scale, s / scale, 2e-6)

@@ -18,7 +18,7 @@ from .ref import DECAY_SCALE
 __all__ = ["fused_timemix_rwkv7"]
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def _fused_timemix_kernel(r, k, v, w_lo, a_lo, v_lo, v_first, g, w0, a0, v0, k_k, k_a, r_k, ln_w, ln_b, y, s,
                           T, eps, H: tl.constexpr, N: tl.constexpr, BN: tl.constexpr, HAS_V_LO: tl.constexpr,
                           DECAY: tl.constexpr):
@@ -100,7 +100,7 @@ def fused_timemix_rwkv7(r, k, v, w_lo, a_lo, v_lo, v_first, g, w0, a0, v0, k_k, 
     return y
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rows"])
 def _prep_kernel(k, v, w_lo, a_lo, v_lo, v_first, w0, a0, v0, k_k, k_a, log_w, k_out, v_out, a_out, b_out, rows,
                  C: tl.constexpr, N: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, HAS_V_LO: tl.constexpr,
                  DECAY: tl.constexpr):
@@ -129,7 +129,7 @@ def _prep_kernel(k, v, w_lo, a_lo, v_lo, v_first, w0, a0, v0, k_k, k_a, log_w, k
         tl.store(v_out + off, b_v.to(v_out.dtype.element_ty), mask=m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rows"])
 def _out_kernel(o, r, k, v, g, r_k, ln_w, ln_b, y, rows, eps, C: tl.constexpr, N: tl.constexpr, BN: tl.constexpr,
                 BR: tl.constexpr):
     o_r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)

@@ -16,7 +16,7 @@ from ._common import check_inputs, contiguous
 __all__ = ["fused_recurrent_rwkv7"]
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def _fused_recurrent_rwkv7_kernel(r, w, k, v, a, b, o, s, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                                   BK: tl.constexpr, BV: tl.constexpr):
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
