@@ -325,16 +325,15 @@ def _combine_splits(part_ptr, ml_ptr, o_ptr, SPLITS, SPAD: tl.constexpr, D: tl.c
     tl.store(o_ptr + pid * D + offs_d, out.to(o_ptr.dtype.element_ty))
 
 
-# (BLOCK_N, num_warps, num_stages) per (format, decode?), from sm_90 register use of the compiled
-# kernels (offline, 16-byte aligned arguments): the largest tiles without spills. Packed formats
-# unpack to fp32 [BLOCK_N, D] tiles and need small tiles; re-tune on the H200 with
-# `benchmarks/bench_kv_decode.py --only tune`.
+# (BLOCK_N, num_warps, num_stages[, 8-bit variant]) per (format, decode?): decode from the H200 sweep
+# (`benchmarks/bench_kv_decode.py --only tune`, batch 32, context 32k; 4 warps beat 8 for every
+# quantized format, none of these spills in the sm_90 compilation); prefill the smaller tiles.
 TILE_CONFIGS = {
     ("dense", True): (64, 4, 3), ("dense", False): (64, 4, 2),
     ("fp8", True): (128, 4, 2), ("fp8", False): (32, 4, 2),
     ("int8", True): (128, 4, 2), ("int8", False): (32, 4, 2),
     ("int4", True): (64, 4, 2), ("int4", False): (32, 4, 2),
-    ("kivi2", True): (32, 4, 2), ("kivi2", False): (32, 4, 2),
+    ("kivi2", True): (32, 2, 2), ("kivi2", False): (32, 4, 2),
 }
 
 
@@ -342,7 +341,7 @@ TILE_CONFIGS = {
 # converted to fp16 by bit tricks and values dequantized before the dot (False).
 Q8_BF16 = True
 # Decode splits: enough (batch x KV head x split) programs for this many programs per SM.
-SPLIT_WAVES = {"kivi2": 8}
+SPLIT_WAVES = {"dense": 2}  # others: 8 (measured on the H200: more splits help the quantized formats a little)
 
 
 def _num_sms(device: torch.device) -> int:
@@ -406,7 +405,7 @@ def paged_attention(q: torch.Tensor, cache, block_tables: torch.Tensor, seq_lens
     n_tiles = triton.cdiv(m * bs, block_n)
     if num_splits is None:
         # Static: enough programs for ~2 waves of SMs at any batch, from shapes only.
-        waves = SPLIT_WAVES.get(kind, 2)
+        waves = SPLIT_WAVES.get(kind, 8)
         num_splits = 1 if t > 1 else max(1, min(n_tiles, triton.cdiv(waves * _num_sms(q.device), b * hkv)))
     chunk = triton.cdiv(n_tiles, num_splits) * block_n
     num_splits = triton.cdiv(m * bs, chunk)

@@ -108,12 +108,20 @@ def pack_order(d: int, g: int, p: int) -> torch.Tensor:
     return (i // gp) * g + j * gp + i % gp
 
 
+def _div(x: torch.Tensor, c: float) -> torch.Tensor:
+    """``x / c`` correctly rounded on every device: CUDA torch divides by a Python scalar as a
+    multiplication by its reciprocal (1 ulp off at times), which would make the reference, and so
+    the codes, depend on the device; a tensor divisor takes the IEEE division everywhere (as the
+    write kernels do, ``tl.math.div_rn``)."""
+    return x / torch.full_like(x, c)
+
+
 def _quant_token(x: torch.Tensor, kind: str, g: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``x [..., D]`` -> (codes [..., D / per_byte], scale [..., D/G or 1], zero or None)."""
     x = x.float()
     if kind in ("fp8", "int8"):
         amax = x.abs().amax(-1, keepdim=True)
-        s = (amax / QMAX[kind]).clamp_min(MIN_SCALE).half()
+        s = _div(amax, QMAX[kind]).clamp_min(MIN_SCALE).half()
         y = x / s.float()
         if kind == "fp8":
             return y.clamp(-448, 448).to(torch.float8_e4m3fn), s, None
@@ -124,7 +132,7 @@ def _quant_token(x: torch.Tensor, kind: str, g: int) -> tuple[torch.Tensor, torc
         d = x.shape[-1]
         xg = x.unflatten(-1, (d // g, g))  # [..., D/G, G]
         mn, mx = xg.amin(-1), xg.amax(-1)
-        s = ((mx - mn) / 15).clamp_min(MIN_SCALE).half()
+        s = _div(mx - mn, 15.0).clamp_min(MIN_SCALE).half()
         z = mn.half()
         q = torch.floor((xg - z.float()[..., None]) / s.float()[..., None] + 0.5).clamp(0, 15).to(torch.uint8).flatten(-2)
         q = q[..., pack_order(d, g, 2)].unflatten(-1, (d // 2, 2))  # [..., D/2, 2] in byte order
@@ -233,12 +241,12 @@ def _kivi_quant_group(wk: torch.Tensor, wv: torch.Tensor, bs: int, g: int):
     r, h, d = wk.shape
     kb = wk.view(r // bs, bs, h, d)
     mn, mx = kb.amin(1), kb.amax(1)  # [R/bs, H, D]
-    ks = ((mx - mn) / 3).clamp_min(MIN_SCALE).half()
+    ks = _div(mx - mn, 3.0).clamp_min(MIN_SCALE).half()
     kz = mn.half()
     kq = torch.floor((kb - kz.float()[:, None]) / ks.float()[:, None] + 0.5).clamp(0, 3)
     vg = wv.unflatten(-1, (d // g, g))  # [R, H, D/G, G]
     vmn, vmx = vg.amin(-1), vg.amax(-1)
-    vs = ((vmx - vmn) / 3).clamp_min(MIN_SCALE).half()
+    vs = _div(vmx - vmn, 3.0).clamp_min(MIN_SCALE).half()
     vz = vmn.half()
     vq = torch.floor((vg - vz.float()[..., None]) / vs.float()[..., None] + 0.5).clamp(0, 3).flatten(-2)
     return _pack(kq, g, 4), ks, kz, _pack(vq.view(r // bs, bs, h, d), g, 4), vs.view(r // bs, bs, h, -1), vz.view(r // bs, bs, h, -1)
