@@ -12,7 +12,17 @@ class ByteTokenizer:
         return list(text.encode("utf-8"))
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
+        """Bytes as UTF-8 text; ids outside 0..255 (a random model's larger vocabulary) as ``<id>``."""
+        out, run = [], bytearray()
+        for i in ids:
+            if 0 <= i < 256:
+                run.append(i)
+                continue
+            out.append(run.decode("utf-8", errors="replace"))
+            out.append(f"<{i}>")
+            run = bytearray()
+        out.append(run.decode("utf-8", errors="replace"))
+        return "".join(out)
 
 
 def tokenizer_for(model):

@@ -75,3 +75,11 @@ def test_generate_text_streams(capsys):
 def test_errors_name_the_flag(capsys, argv, needle):
     assert main(argv) == 2
     assert needle in capsys.readouterr().err
+
+
+def test_byte_tokenizer_shows_ids_outside_bytes():
+    from constant_state.tokenizer import ByteTokenizer
+
+    tok = ByteTokenizer()
+    assert tok.decode(tok.encode("héllo")) == "héllo"
+    assert tok.decode([72, 105, 4000, 33]) == "Hi<4000>!"
