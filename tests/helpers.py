@@ -13,6 +13,16 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item()
 
 
+def assert_close(name: str, ref: torch.Tensor, out: torch.Tensor, ratio: float) -> None:
+    """max |out - ref| / max |ref| <= ratio (fla's convention); prints the max and RMS ratios."""
+    ref, out = ref.float().cpu(), out.float().cpu()
+    assert torch.isfinite(out).all(), f"{name}: non-finite values"
+    err = (ref - out).abs().max().item() / max(ref.abs().max().item(), 1e-6)
+    rms = ((ref - out).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-6)).item()
+    print(f"{name}: max err ratio {err:.2e}, rms ratio {rms:.2e}")
+    assert err <= ratio, f"{name}: max err ratio {err:.3e} > {ratio:.1e} (rms ratio {rms:.3e})"
+
+
 def tiny_hf_config(model_type: str, **overrides):
     from transformers import LlamaConfig, MistralConfig, Qwen2Config
 

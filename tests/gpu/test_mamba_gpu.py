@@ -13,6 +13,7 @@ import constant_state as cs
 from constant_state.kernels.mamba import get_ops
 from constant_state.kernels.mamba.backend import kernels_available
 from constant_state.models.mamba import Mamba2Config, MambaConfig, to_mamba_ssm
+from helpers import assert_close
 
 pytestmark = pytest.mark.gpu
 
@@ -29,15 +30,6 @@ SMALL = {
     "mamba2": Mamba2Config(vocab_size=1000, hidden_size=256, num_layers=4, head_dim=64, n_groups=2, chunk_size=64,
                            dtype="float32"),
 }
-
-
-def assert_close(name, ref, out, ratio):
-    ref, out = ref.float().cpu(), out.float().cpu()
-    assert torch.isfinite(out).all(), f"{name}: non-finite values"
-    err = (ref - out).abs().max().item() / max(ref.abs().max().item(), 1e-6)
-    rms = ((ref - out).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-6)).item()
-    print(f"{name}: max err ratio {err:.2e}, rms ratio {rms:.2e}")
-    assert err <= ratio, f"{name}: max err ratio {err:.3e} > {ratio:.1e} (rms ratio {rms:.3e})"
 
 
 def rnd(*shape, g, dtype=torch.float32, scale=1.0):

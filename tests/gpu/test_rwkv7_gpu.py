@@ -7,6 +7,7 @@ import torch
 import constant_state as cs
 from constant_state.kernels.rwkv7 import rwkv7_chunk_ref, rwkv7_ref
 from constant_state.models.rwkv7 import RWKV7Config
+from helpers import assert_close
 
 pytestmark = pytest.mark.gpu
 
@@ -21,15 +22,6 @@ def _no_tf32():
 
 # Error bounds written once: max |err| / max |ref| (the reference sees the same rounded inputs).
 RATIO = {torch.float32: 2e-4, torch.bfloat16: 1e-2}
-
-
-def assert_close(name, ref, out, ratio):
-    ref, out = ref.float().cpu(), out.float().cpu()
-    assert torch.isfinite(out).all(), f"{name}: non-finite values"
-    err = (ref - out).abs().max().item() / max(ref.abs().max().item(), 1e-6)
-    rms = ((ref - out).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-6)).item()
-    print(f"{name}: max err ratio {err:.2e}, rms ratio {rms:.2e}")
-    assert err <= ratio, f"{name}: max err ratio {err:.3e} > {ratio:.1e} (rms ratio {rms:.3e})"
 
 
 def inputs(b, t, h, d, dtype, seed=0, device="cuda"):
