@@ -59,15 +59,7 @@ def ours_model():
 
 def backbone(model, ids, state):
     """Our forward without the LM head (embeddings, blocks, final norm): what fla's RWKV7Model returns."""
-    t = ids.shape[1]
-    ctx = state.context(t)
-    model.prepare_context(ctx)
-    x = model.embed(ids)
-    for layer, layer_state in zip(model.layers, state.layers):
-        x = layer(x, layer_state, ctx)
-    x = model.norm(x)
-    state.advance(t)
-    return x
+    return model.forward_hidden(ids, state)
 
 
 def step_fn(model, ids, state, head):

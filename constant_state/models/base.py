@@ -85,6 +85,10 @@ class StatefulLM(nn.Module):
 
     def forward_reserved(self, input_ids: torch.Tensor, state: ModelState, last_only: bool = False) -> torch.Tensor:
         """Device part of a forward, after ``state.reserve(T)``: no host sync, graph-capturable."""
+        return self.lm_head(self.forward_hidden(input_ids, state, last_only))
+
+    def forward_hidden(self, input_ids: torch.Tensor, state: ModelState, last_only: bool = False) -> torch.Tensor:
+        """The backbone (embeddings, layers, final norm) of :meth:`forward_reserved`, without the head."""
         t = input_ids.shape[1]
         ctx = state.context(t)
         self.prepare_context(ctx)
@@ -93,9 +97,9 @@ class StatefulLM(nn.Module):
             x = layer(x, layer_state, ctx)
         if last_only:
             x = x[:, -1:]
-        logits = self.lm_head(self.norm(x))
+        x = self.norm(x)
         state.advance(t)
-        return logits
+        return x
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids)
