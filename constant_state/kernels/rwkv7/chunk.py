@@ -30,11 +30,15 @@ import triton.language as tl
 
 from ._common import check_inputs, contiguous
 
-__all__ = ["chunk_rwkv7"]
+__all__ = ["chunk_rwkv7", "chunk_inverses", "INVERSES"]
 
 CHUNK = 16
 """Default tokens per chunk (BT); ``chunk_size`` 32 is also supported."""
 CHUNK_SIZES = (16, 32)
+INVERSES = ("blocked", "rows")
+"""How the per-chunk ``(I - L_ab)^{-1}`` is computed: block doubling, several chunks per one-warp program
+(the default), or the first version's row-by-row forward substitution, one chunk per program."""
+MAX_CHUNKS_PER_PROGRAM = 8
 
 
 @functools.lru_cache(maxsize=None)
@@ -61,10 +65,67 @@ def default_config(device: torch.device, programs_per_block: int, dv: int) -> tu
     return 16, 4, 1
 
 
+def inverse_launch(device: torch.device, chunks: int, chunk_size: int) -> tuple[int, int]:
+    """(chunks per program, num_warps) of the blocked inverse kernel for ``chunks`` chunks in all.
+
+    Up to 8 chunks per program while that leaves >= 32 programs per SM (the launch overhead and the
+    index math amortised, the grid still several waves deep); one warp at BT = 16 (a 16 x 16 tile
+    needs no more, and one warp needs no barriers); four at BT = 32 (one warp would spill).
+    """
+    sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else 4
+    nc = max(1, min(MAX_CHUNKS_PER_PROGRAM, chunks // (sms * 32)))
+    return nc, (1 if chunk_size <= 16 else 4)
+
+
+@triton.jit(do_not_specialize=["T", "H", "NC"])
+def _chunk_inverse_blocked_kernel(w, a, b, inv, T, H, NC, K: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr,
+                                  LOG2BT: tl.constexpr, PRECISION: tl.constexpr):
+    """(I - L_ab)^{-1} of chunks ``NC * program_id(0)`` .. ``+ NC - 1`` of one (batch x head), by block doubling.
+
+    With ``X_n`` the inverse of the block-diagonal part of ``I - L`` (blocks of ``n``) and ``E_n`` the
+    part of ``L`` in the lower-left ``n x n`` block of each ``2n`` block, ``X_2n = X_n + X_n E_n X_n``
+    (exact: ``(X_n E_n)^2 = 0``). ``X_2 = I + E_1`` is read off ``L``; then log2(BT) - 1 levels of two
+    fp32 (IEEE) products. Every level yields exact blocks of the inverse, so nothing grows beyond the
+    inverse itself (unlike the power series). One warp per program (BT = 16): no barriers.
+    """
+    i_p, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    nt = tl.cdiv(T, BT)
+    o_k = tl.arange(0, BK)
+    o_c = tl.arange(0, BT)
+    m_k = o_k < K
+    rows, cols = o_c[:, None], o_c[None, :]
+    strict = rows > cols
+    base = (i_b.to(tl.int64) * T * H + i_h) * K
+    c0 = i_p * NC
+    for i_c in range(c0, tl.minimum(c0 + NC, nt)):
+        t_idx = i_c * BT + o_c
+        m_tk = (t_idx < T)[:, None] & m_k[None, :]
+        off_k = base + t_idx[:, None].to(tl.int64) * (H * K) + o_k[None, :]
+        # log2 units: exp2 has no denormal fix-up around MUFU.EX2 (exp does), and the values are
+        # the same up to rounding (tl.exp is exp2 of x * log2(e)).
+        b_w = tl.load(w + off_k, mask=m_tk, other=0.0).to(tl.float32) * 1.4426950408889634
+        b_a = tl.load(a + off_k, mask=m_tk, other=0.0).to(tl.float32)
+        b_b = tl.load(b + off_k, mask=m_tk, other=0.0).to(tl.float32)
+        g = tl.cumsum(b_w, axis=0)
+        a_g = b_a * tl.exp2(g - b_w)
+        b_g = b_b * tl.exp2(-g)
+        l_ab = tl.where(strict, tl.dot(a_g, tl.trans(b_g), input_precision=PRECISION), 0.0)
+        x = tl.where(rows == cols, 1.0, tl.where(rows // 2 == cols // 2, l_ab, 0.0))
+        for lvl in tl.static_range(1, LOG2BT):
+            n = 1 << lvl
+            e = tl.where((rows // (2 * n) == cols // (2 * n)) & (rows // n != cols // n), l_ab, 0.0)
+            x = x + tl.dot(x, tl.dot(e, x, input_precision="ieee"), input_precision="ieee")
+        p_inv = inv + ((i_bh.to(tl.int64) * nt + i_c) * BT + rows) * BT + cols
+        tl.store(p_inv, x)
+
+
 @triton.jit(do_not_specialize=["T", "H"])
 def _chunk_inverse_kernel(w, a, b, inv, T, H, K: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr,
                           PRECISION: tl.constexpr):
-    """(I - L_ab)^{-1} of every chunk, all chunks in parallel (it does not depend on the state)."""
+    """(I - L_ab)^{-1} of one chunk by forward substitution, row by row (``inverse="rows"``: the first
+    version, kept for comparison; ``_chunk_inverse_blocked_kernel`` is the default)."""
     i_c, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     o_k = tl.arange(0, BK)
@@ -144,21 +205,54 @@ def _chunk_rwkv7_kernel(r, w, k, v, a, b, o, s, inv, T, H, K: tl.constexpr, V: t
     tl.store(p_s, state, mask=m_k[:, None] & m_v[None, :])
 
 
+def chunk_inverses(w, a, b, chunk_size: int = CHUNK, *, inverse: str = "blocked", precision: str = "tf32",
+                   chunks_per_program: int | None = None) -> torch.Tensor:
+    """``(I - L_ab)^{-1}`` of every chunk, ``[B * H, ceil(T / chunk_size), chunk_size, chunk_size]`` fp32.
+
+    ``w, a, b``: ``[B, T, H, K]`` contiguous. The first launch of :func:`chunk_rwkv7`, exposed for the
+    tests and the benchmark; ``chunks_per_program`` overrides :func:`inverse_launch` (blocked only).
+    """
+    if inverse not in INVERSES:
+        raise ValueError(f"chunk_rwkv7: inverse expected one of {INVERSES}, got {inverse!r}")
+    bsz, t, h, dk = w.shape
+    bt = chunk_size
+    nt = triton.cdiv(t, bt)
+    bk = max(16, triton.next_power_of_2(dk))
+    inv = torch.empty(bsz * h, nt, bt, bt, dtype=torch.float32, device=w.device)
+    if inverse == "rows":
+        _chunk_inverse_kernel[(nt, bsz * h)](w, a, b, inv, t, h, K=dk, BK=bk, BT=bt, PRECISION=precision,
+                                             num_warps=4)
+        return inv
+    nc, num_warps = inverse_launch(w.device, bsz * h * nt, bt)
+    nc = chunks_per_program or nc
+    _chunk_inverse_blocked_kernel[(triton.cdiv(nt, nc), bsz * h)](
+        w, a, b, inv, t, h, nc, K=dk, BK=bk, BT=bt, LOG2BT=bt.bit_length() - 1, PRECISION=precision,
+        num_warps=num_warps, num_stages=1)
+    return inv
+
+
 def chunk_rwkv7(r, w, k, v, a, b, state: torch.Tensor | None = None, *, inplace: bool = False,
-                chunk_size: int = CHUNK, config: tuple[int, int, int] | None = None):
+                chunk_size: int = CHUNK, config: tuple[int, ...] | None = None, inverse: str = "blocked"):
     """Same contract as :func:`rwkv7_ref` (``w`` is the log decay); returns ``(o, final_state)``.
 
     With ``inplace=True`` the final state is written into ``state`` (which is returned), without a copy.
     fp32 inputs use IEEE fp32 matrix products; bf16/fp16 inputs use TF32 (fp32 accumulation).
-    ``chunk_size`` (16 or 32) and ``config = (BV, num_warps, num_stages)`` of the scan kernel are for
-    tuning (``benchmarks/bench_rwkv7.py --sweep``); the default is :func:`default_config`.
+    ``chunk_size`` (16 or 32) and ``config = (BV, num_warps, num_stages[, maxnreg])`` of the scan kernel
+    are for tuning (``benchmarks/bench_rwkv7.py --sweep``); the default is :func:`default_config`.
+    ``inverse`` (one of :data:`INVERSES`) picks the kernel of the per-chunk inverses (A/B comparisons).
     """
     bsz, t, h, dk, dv = check_inputs("chunk_rwkv7", r, w, k, v, a, b, state)
     if dk > 128 or dv > 128:
         raise ValueError(f"chunk_rwkv7: head sizes up to 128 supported, got K={dk}, V={dv}")
     if chunk_size not in CHUNK_SIZES:
         raise ValueError(f"chunk_rwkv7: chunk_size expected one of {CHUNK_SIZES}, got {chunk_size}")
-    bv, num_warps, num_stages = config or default_config(r.device, bsz * h, dv)
+    if inverse not in INVERSES:
+        raise ValueError(f"chunk_rwkv7: inverse expected one of {INVERSES}, got {inverse!r}")
+    cfg = tuple(config or default_config(r.device, bsz * h, dv))
+    if len(cfg) not in (3, 4):
+        raise ValueError(f"chunk_rwkv7: config expected (BV, num_warps, num_stages[, maxnreg]), got {cfg}")
+    bv, num_warps, num_stages = cfg[:3]
+    extra = {"maxnreg": cfg[3]} if len(cfg) == 4 and cfg[3] else {}
     if bv < 16 or bv & (bv - 1):
         raise ValueError(f"chunk_rwkv7: config BV expected a power of two >= 16, got {bv}")
     r, w, k, v, a, b = contiguous(r, w, k, v, a, b)
@@ -175,11 +269,8 @@ def chunk_rwkv7(r, w, k, v, a, b, state: torch.Tensor | None = None, *, inplace:
     bk = max(16, triton.next_power_of_2(dk))
     bv = min(bv, max(16, triton.next_power_of_2(dv)))
     bt = chunk_size
-    nt = triton.cdiv(t, bt)
-    inv = torch.empty(bsz * h * nt * bt * bt, dtype=torch.float32, device=r.device)
-    _chunk_inverse_kernel[(nt, bsz * h)](w, a, b, inv, t, h, K=dk, BK=bk, BT=bt, PRECISION=precision,
-                                         num_warps=4)
+    inv = chunk_inverses(w, a, b, bt, inverse=inverse, precision=precision)
     _chunk_rwkv7_kernel[(triton.cdiv(dv, bv), bsz * h)](r, w, k, v, a, b, o, s, inv, t, h, K=dk, V=dv, BK=bk,
                                                          PRECISION=precision, BT=bt, BV=bv, num_warps=num_warps,
-                                                         num_stages=num_stages)
+                                                         num_stages=num_stages, **extra)
     return o, s
