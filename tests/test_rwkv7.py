@@ -216,8 +216,8 @@ def test_memory_of_a_pth_reads_its_shapes(pth):
     assert sum(s.fixed_bytes for s in cfg.state_specs()) == 2 * (2 * 128 * 4 + 2 * 64 * 64 * 4)
 
 
-@pytest.mark.parametrize("kernel", ["chunk-bf16", "chunk-fp32", "chunk_inverse", "fused_recurrent", "fused_timemix",
-                                    "prep", "out"])
+@pytest.mark.parametrize("kernel", ["chunk-bf16", "chunk-fp32", "chunk_inverse", "chunk_inverse_blocked",
+                                    "chunk_inverse_blocked32", "fused_recurrent", "fused_timemix", "prep", "out"])
 def test_triton_kernels_compile_for_sm90(kernel):
     """Ahead-of-time compile for an H100/H200 (sm_90) target, no GPU needed: catches what the
     interpreter does not (types, layouts, tl.dot constraints)."""
@@ -241,6 +241,12 @@ def test_triton_kernels_compile_for_sm90(kernel):
         consts = dict(K=64, BK=64, BT=16, PRECISION="tf32")
         fn = chunk._chunk_inverse_kernel
         sig, opts = ptrs(fn, "bf16", w="*fp32", inv="*fp32", T="i32", H="i32", _consts=consts), dict(num_warps=4)
+    elif kernel.startswith("chunk_inverse_blocked"):
+        bt = 32 if kernel.endswith("32") else 16
+        consts = dict(K=64, BK=64, BT=bt, LOG2BT=bt.bit_length() - 1, PRECISION="tf32")
+        fn = chunk._chunk_inverse_blocked_kernel
+        sig = ptrs(fn, "bf16", inv="*fp32", T="i32", H="i32", NC="i32", _consts=consts)
+        opts = dict(num_warps=chunk.inverse_launch(torch.device("cpu"), 1, bt)[1], num_stages=1)
     elif kernel == "fused_recurrent":
         consts = dict(H=12, K=64, V=64, BK=64, BV=16)
         fn = fused_recurrent._fused_recurrent_rwkv7_kernel

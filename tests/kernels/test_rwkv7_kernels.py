@@ -37,7 +37,7 @@ CASES = [pytest.param(t, id=f"T{t}") for t in (1, 7, 33)]
 
 
 @pytest.mark.parametrize("t", CASES)
-@pytest.mark.parametrize("kernel", ["fused_recurrent", "chunk", "chunk32", "chunk_bv32"])
+@pytest.mark.parametrize("kernel", ["fused_recurrent", "chunk", "chunk32", "chunk_bv32", "chunk_rows"])
 def test_kernel_matches_reference(kernel, t):
     from functools import partial
 
@@ -47,7 +47,8 @@ def test_kernel_matches_reference(kernel, t):
 
     fn = {"chunk": chunk_rwkv7, "fused_recurrent": fused_recurrent_rwkv7,
           "chunk32": partial(chunk_rwkv7, chunk_size=32, config=(32, 4, 1)),
-          "chunk_bv32": partial(chunk_rwkv7, config=(32, 4, 2))}[kernel]
+          "chunk_bv32": partial(chunk_rwkv7, config=(32, 4, 2)),
+          "chunk_rows": partial(chunk_rwkv7, inverse="rows")}[kernel]
     xs, s0 = inputs(2, t, 2, 32, 32)
     o_ref, s_ref = rwkv7_ref(*xs, s0)
     o, s = fn(*xs, s0)
@@ -159,6 +160,46 @@ def test_chunk_kernel_correlated_keys():
     o_ref, s_ref = rwkv7_ref(*xs)
     scale = o_ref.abs().max().item()
     for bt in (16, 32):
-        o, s = chunk_rwkv7(*xs, chunk_size=bt)
-        assert_close(f"correlated o BT={bt}", o_ref / scale, o / scale, 2e-6)
-        assert_close(f"correlated state BT={bt}", s_ref / scale, s / scale, 2e-6)
+        for inverse in ("blocked", "rows"):
+            o, s = chunk_rwkv7(*xs, chunk_size=bt, inverse=inverse)
+            assert_close(f"correlated o BT={bt} {inverse}", o_ref / scale, o / scale, 2e-6)
+            assert_close(f"correlated state BT={bt} {inverse}", s_ref / scale, s / scale, 2e-6)
+
+
+def inverses_ref(w, a, b, bt):
+    """(I - L_ab)^{-1} per chunk in fp64 (zero-padded tail chunk), ``[B * H, NT, BT, BT]``."""
+    bsz, t, h, d = w.shape
+    nt = -(-t // bt)
+    pad = lambda x: torch.nn.functional.pad(x.double().cpu(), (0, 0, 0, 0, 0, nt * bt - t))  # noqa: E731
+    w, a, b = (pad(x).view(bsz, nt, bt, h, d).permute(0, 3, 1, 2, 4) for x in (w, a, b))  # [B, H, NT, BT, D]
+    g = w.cumsum(-2)
+    l_ab = ((a * (g - w).exp()) @ (b * (-g).exp()).transpose(-1, -2)).tril(-1)
+    eye = torch.eye(bt, dtype=torch.float64)
+    return torch.linalg.inv(eye - l_ab).reshape(bsz * h, nt, bt, bt)
+
+
+@pytest.mark.parametrize("bt", [16, 32])
+def test_chunk_inverses_blocked_vs_rows(bt):
+    """The blocked inverse kernel vs fp64 and vs the row-wise one: T not a multiple of the chunk, one or
+    several chunks per program with a ragged last program."""
+    from constant_state.kernels.rwkv7.chunk import chunk_inverses
+
+    for t, nc in ((7, None), (2 * bt + 1, 1), (5 * bt + 3, 4), (5 * bt, 8)):
+        xs, _ = inputs(2, t, 3, 24, 24, seed=t)
+        w, a, b = xs[1], xs[4], xs[5]
+        ref = inverses_ref(w, a, b, bt)
+        rows = chunk_inverses(w, a, b, bt, inverse="rows", precision="ieee")
+        blocked = chunk_inverses(w, a, b, bt, inverse="blocked", precision="ieee", chunks_per_program=nc)
+        assert blocked.shape == ref.shape == rows.shape
+        assert_close(f"blocked BT={bt} T={t} NC={nc}", ref, blocked, 1e-6)
+        assert_close(f"rows BT={bt} T={t}", ref, rows, 1e-6)
+
+
+def test_chunk_inverse_validation():
+    from constant_state.kernels.rwkv7.chunk import chunk_rwkv7
+
+    xs, _ = inputs(1, 3, 1, 16, 16)
+    with pytest.raises(ValueError, match="inverse"):
+        chunk_rwkv7(*xs, inverse="power")
+    with pytest.raises(ValueError, match="config"):
+        chunk_rwkv7(*xs, config=(16, 4))
