@@ -337,6 +337,9 @@ TILE_CONFIGS = {
 }
 
 
+# Quantized decode (one query token): "transposed" = :mod:`.decode_quant` (codes as the tensor-core A
+# operand, kept in registers), "general" = the kernel above (benchmarks/bench_kv_decode.py compares them).
+QUANT_DECODE = "transposed"
 # 8-bit formats: dots in the query dtype with the value scale folded into p (True), or codes
 # converted to fp16 by bit tricks and values dequantized before the dot (False).
 Q8_BF16 = True
@@ -402,6 +405,14 @@ def paged_attention(q: torch.Tensor, cache, block_tables: torch.Tensor, seq_lens
         block_n = max(16, min(block_n, bs))
     if not _INTERPRET and d // p < 16:
         raise ValueError(f"{kind}: head_dim {d} / {p} values per byte must be >= 16 for the GPU kernel's dots")
+    if t == 1 and kind != "dense" and QUANT_DECODE == "transposed":
+        from .decode_quant import quant_decode
+
+        if kind == "kivi2" and (res_k is None or res_v is None or res_k.shape[0] != b):
+            raise ValueError(f"kivi2 needs res_k, res_v [B={b}, R, Hkv, D]")
+        return quant_decode(q, kind, p, group, (k, v, ks, vs, kz, vz), block_tables, seq_lens, scale,
+                            sliding_window, sinks, num_splits, res_k, res_v, config, _num_sms(q.device),
+                            _INTERPRET or q.dtype == torch.float32)
     n_tiles = triton.cdiv(m * bs, block_n)
     if num_splits is None:
         # Static: enough programs for ~2 waves of SMs at any batch, from shapes only.

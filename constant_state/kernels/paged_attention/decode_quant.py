@@ -1,0 +1,341 @@
+"""Decode attention over quantized paged blocks, with the code tiles as the tensor-core A operand.
+
+The general kernel in :mod:`.decode` computes ``scores = Q @ K^T`` with the dequantized key tile as
+the right-hand (B) operand, which the tensor cores read from shared memory: every dequantized value
+is written to shared memory and read back, and on the H200 that traffic, not HBM, bounds the
+quantized formats (fp8 ran at 2 TB/s, int4 at 0.9 TB/s). Here both products are transposed so that
+the large, quantized operand is the left-hand (A) operand, which stays in registers, and the small
+query / probability operand is the one staged through shared memory::
+
+    S^T [N, C]  = K_codes [N, D]    @ Qx [D, C]       (Qx: the G queries, per column block)
+    O^T [D, C] += V_codes^T [D, N]  @ Px [N, C]       (Px: probabilities times value scales)
+
+Columns ``c = (block, r)``: one block per value group (``NGP = D / GROUP``; 8-bit formats: one) of
+``GQ >= G`` query heads (padded so that there are at least 16 columns, the smallest product). Scales and zero
+points never touch the big tiles: they multiply the small ``[N, C]`` tiles.
+
+- 8-bit formats: one block holds the queries; key scales multiply the rows of ``S``, value scales
+  fold into ``Px``.
+- int4 (scale and zero per token and group of dims): block ``g`` of ``Qx`` holds the queries on the
+  dims of group ``g`` only, so ``S[:, (g, r)]`` is the group-``g`` partial dot, scaled by the
+  token's group-``g`` scale (plus zero x the query's group sum), and the blocks are summed. Values:
+  block ``g`` of ``Px`` carries the group-``g`` value scales; an output dim of group ``g`` is read
+  from column block ``g``.
+- KIVI 2-bit: keys have scales per channel and block, folded into ``Qx`` once per tile (a tile lies
+  in one block); values as int4. The fp16 residual window is a dense tail.
+
+Packed codes are split into ``P`` value slots (slot ``j`` = bits ``[8j/P, 8(j+1)/P)`` of every
+byte, dims ``ref.pack_order``), one product per slot. A slot is decoded without shifts as
+``c * 2^(bits j)`` (masking the byte and or-ing the fp16 exponent of 1024), and the power of two is
+folded into ``Qx`` (keys) and into the final scale of the slot's accumulator (values).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .decode import _slot_dims
+
+
+@triton.jit
+def _slot_codes(c, j: tl.constexpr, KIND: tl.constexpr, BITS: tl.constexpr, DT: tl.constexpr):
+    """Value slot ``j`` of code bytes ``c`` as exact ``DT`` numbers (packed formats: ``code * 2^(BITS j)``)."""
+    if KIND == 1:
+        x = c.to(tl.float8e4nv, bitcast=True).to(tl.float16)
+    elif KIND == 2:
+        # int8 via fp16 bits: 0x6400 | (c ^ 0x80) = 1024 + c + 128.
+        x = (((c.to(tl.int16) & 0xFF) ^ 0x6480).to(tl.float16, bitcast=True) - 1152.0)
+    else:
+        m = c.to(tl.int16) & (((1 << BITS) - 1) << (BITS * j))
+        x = (m | 0x6400).to(tl.float16, bitcast=True) - 1024.0
+    return x.to(DT)
+
+
+@triton.jit
+def _softmax_cols(s, ok, m_i, l_i):
+    """Online softmax over the rows (tokens) of ``s [N, GQ]``."""
+    s = tl.where(ok[:, None], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 0))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_safe[None, :])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 0)
+    return p, alpha, m_new, l_i
+
+
+@triton.jit
+def _cols(x, NGP: tl.constexpr, GQ: tl.constexpr):
+    """``[GQ]`` per query head -> ``[NGP * GQ]`` per column."""
+    return tl.reshape(tl.broadcast_to(x[None, :], (NGP, GQ)), (NGP * GQ,))
+
+
+@triton.jit
+def _per_col(x, N: tl.constexpr, NGP: tl.constexpr, GQ: tl.constexpr):
+    """Per-group values ``[N, NGP]`` -> ``[N, NGP * GQ]`` per column (block g = group g), fp32."""
+    return tl.reshape(tl.broadcast_to(x.to(tl.float32)[:, :, None], (N, NGP, GQ)), (N, NGP * GQ))
+
+
+@triton.jit
+def _quant_decode_kernel(
+    q_ptr, o_ptr, part_ptr, ml_ptr,
+    k_ptr, v_ptr, ks_ptr, vs_ptr, kz_ptr, vz_ptr, rk_ptr, rv_ptr,
+    bt_ptr, seq_ptr,
+    HQ, HKV, M, R, scale_log2,
+    stride_cb, stride_ct, stride_ch,  # codes: block, token, head (elements)
+    stride_kb, stride_kt, stride_kh,  # key scales / zeros: block, token, head
+    stride_vb, stride_vt, stride_vh,  # value scales / zeros: block, token, head
+    WINDOW, SINKS, G, CHUNK, SPLITS,
+    KIND: tl.constexpr, P: tl.constexpr, D: tl.constexpr, GROUP: tl.constexpr, BS: tl.constexpr,
+    GQ: tl.constexpr, NGP: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPLIT: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    b = pid_bh // HKV
+    h = pid_bh % HKV
+    seq_len = tl.load(seq_ptr + b)
+
+    if DOT_F32:
+        DT: tl.constexpr = tl.float32
+    else:
+        DT: tl.constexpr = tl.float16
+    PREC: tl.constexpr = "ieee"
+    BITS: tl.constexpr = 8 // P
+    DP: tl.constexpr = D // P  # bytes per token and head = rows of a slot
+    GP: tl.constexpr = GROUP // P  # bytes of one dim group in a slot
+    NG: tl.constexpr = D // GROUP
+    C: tl.constexpr = NGP * GQ
+    KGROUPED: tl.constexpr = KIND == 3  # int4: key scales per dim group
+
+    offs_i = tl.arange(0, DP)
+    offs_c = tl.arange(0, C)
+    col_blk = offs_c // GQ
+    col_r = offs_c % GQ
+    row_grp = offs_i // GP
+    head_ok = col_r < G
+    qrow = b.to(tl.int64) * HQ + h * G + col_r  # [C] flat (row, query head), T == 1
+    if KGROUPED:
+        q_ok = (row_grp[:, None] == col_blk[None, :]) & head_ok[None, :]
+    else:
+        q_ok = (offs_i[:, None] >= 0) & ((col_blk == 0) & head_ok)[None, :]
+    # Queries per slot, [DP, C] fp32: column block g holds the queries on group g's dims (int4) or
+    # block 0 holds them (others); key-side operands Qx scaled by 2^-(BITS j) for the slot decoding.
+    dim0 = _slot_dims(0, P, D, GROUP)
+    q0 = tl.load(q_ptr + qrow[None, :] * D + dim0[:, None], mask=q_ok, other=0.0).to(tl.float32)
+    qsum = tl.sum(q0, 0)
+    acc0 = tl.zeros([DP, C], tl.float32)
+    if KIND != 4:
+        b0 = q0.to(DT)
+    if P >= 2:
+        dim1 = _slot_dims(1, P, D, GROUP)
+        q1 = tl.load(q_ptr + qrow[None, :] * D + dim1[:, None], mask=q_ok, other=0.0).to(tl.float32)
+        qsum += tl.sum(q1, 0)
+        acc1 = tl.zeros([DP, C], tl.float32)
+        if KIND != 4:
+            b1 = (q1 * (1.0 / (1 << BITS))).to(DT)
+    if P == 4:
+        dim2 = _slot_dims(2, P, D, GROUP)
+        dim3 = _slot_dims(3, P, D, GROUP)
+        q2 = tl.load(q_ptr + qrow[None, :] * D + dim2[:, None], mask=q_ok, other=0.0).to(tl.float32)
+        q3 = tl.load(q_ptr + qrow[None, :] * D + dim3[:, None], mask=q_ok, other=0.0).to(tl.float32)
+        acc2 = tl.zeros([DP, C], tl.float32)
+        acc3 = tl.zeros([DP, C], tl.float32)
+    if KIND >= 3:
+        zacc = tl.zeros([C], tl.float32)  # sum_n p * (value zero point of the column's group)
+    offs_g = tl.arange(0, NGP)
+
+    k_lo = pid_s * CHUNK
+    k_hi = tl.minimum(seq_len, (pid_s + 1) * CHUNK)
+    if HAS_WINDOW:
+        win_lo = (seq_len - WINDOW) // BLOCK_N * BLOCK_N
+        k_lo = tl.maximum(k_lo, tl.where(SINKS > 0, 0, win_lo))
+    qpos = seq_len - 1
+    m_i = tl.full([GQ], float("-inf"), tl.float32)
+    l_i = tl.zeros([GQ], tl.float32)
+    bt_row = bt_ptr + b.to(tl.int64) * M
+    q_hi = k_hi
+    if KIND == 4:
+        F = seq_len // R * R  # kivi2: tokens from F on sit in the residual window
+        q_hi = tl.minimum(k_hi, F)
+    for start in range(k_lo, q_hi, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < q_hi
+        blk = tl.load(bt_row + offs_n // BS, mask=mask_n, other=0).to(tl.int64)
+        tok = offs_n % BS
+        crow = blk * stride_cb + tok * stride_ct + h * stride_ch
+        ok = mask_n
+        if HAS_WINDOW:
+            ok &= (offs_n > qpos - WINDOW) | (offs_n < SINKS)
+        # ---- scores: S [N, C] = sum over slots of codes [N, DP] @ Qx [DP, C] ----
+        kc = tl.load(k_ptr + crow[:, None] + offs_i[None, :], mask=mask_n[:, None], other=0)
+        if KIND == 4:
+            # Keys: scale and zero per channel of this tile's block, folded into Qx / a column constant.
+            blk0 = tl.load(bt_row + start // BS).to(tl.int64)
+            sb = ks_ptr + blk0 * stride_kb + h * stride_kh
+            zb = kz_ptr + blk0 * stride_kb + h * stride_kh
+            b0 = (q0 * tl.load(sb + dim0).to(tl.float32)[:, None]).to(DT)
+            b1 = (q1 * (tl.load(sb + dim1).to(tl.float32) * (1.0 / 4))[:, None]).to(DT)
+            b2 = (q2 * (tl.load(sb + dim2).to(tl.float32) * (1.0 / 16))[:, None]).to(DT)
+            b3 = (q3 * (tl.load(sb + dim3).to(tl.float32) * (1.0 / 64))[:, None]).to(DT)
+            zq = tl.sum(q0 * tl.load(zb + dim0).to(tl.float32)[:, None], 0)
+            zq += tl.sum(q1 * tl.load(zb + dim1).to(tl.float32)[:, None], 0)
+            zq += tl.sum(q2 * tl.load(zb + dim2).to(tl.float32)[:, None], 0)
+            zq += tl.sum(q3 * tl.load(zb + dim3).to(tl.float32)[:, None], 0)
+        S = tl.dot(_slot_codes(kc, 0, KIND, BITS, DT), b0, input_precision=PREC)
+        if P >= 2:
+            S = tl.dot(_slot_codes(kc, 1, KIND, BITS, DT), b1, S, input_precision=PREC)
+        if P == 4:
+            S = tl.dot(_slot_codes(kc, 2, KIND, BITS, DT), b2, S, input_precision=PREC)
+            S = tl.dot(_slot_codes(kc, 3, KIND, BITS, DT), b3, S, input_precision=PREC)
+        ksrow = blk * stride_kb + tok * stride_kt + h * stride_kh
+        if KIND == 1 or KIND == 2:
+            S = S * tl.load(ks_ptr + ksrow, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+        elif KIND == 3:
+            kg = ksrow[:, None] + offs_g[None, :]
+            S = (S * _per_col(tl.load(ks_ptr + kg, mask=mask_n[:, None], other=0.0), BLOCK_N, NGP, GQ)
+                 + _per_col(tl.load(kz_ptr + kg, mask=mask_n[:, None], other=0.0), BLOCK_N, NGP, GQ) * qsum[None, :])
+        else:
+            S = S + zq[None, :]
+        s = tl.sum(tl.reshape(S, (BLOCK_N, NGP, GQ)), 1) * scale_log2
+        p, alpha, m_i, l_i = _softmax_cols(s, ok, m_i, l_i)
+        # ---- values: O^T [DP, C] += codes^T [DP, N] @ Px [N, C] ----
+        pc = tl.reshape(tl.broadcast_to(p[:, None, :], (BLOCK_N, NGP, GQ)), (BLOCK_N, C))
+        alpha_c = _cols(alpha, NGP, GQ)
+        vsrow = blk * stride_vb + tok * stride_vt + h * stride_vh
+        if KIND == 1 or KIND == 2:
+            px = (pc * tl.load(vs_ptr + vsrow, mask=mask_n, other=0.0).to(tl.float32)[:, None]).to(DT)
+        else:
+            vg = vsrow[:, None] + offs_g[None, :]
+            px = (pc * _per_col(tl.load(vs_ptr + vg, mask=mask_n[:, None], other=0.0), BLOCK_N, NGP, GQ)).to(DT)
+            zacc = zacc * alpha_c + tl.sum(
+                pc * _per_col(tl.load(vz_ptr + vg, mask=mask_n[:, None], other=0.0), BLOCK_N, NGP, GQ), 0)
+        vc = tl.load(v_ptr + crow[None, :] + offs_i[:, None], mask=mask_n[None, :], other=0)
+        acc0 = tl.dot(_slot_codes(vc, 0, KIND, BITS, DT), px, acc0 * alpha_c[None, :], input_precision=PREC)
+        if P >= 2:
+            acc1 = tl.dot(_slot_codes(vc, 1, KIND, BITS, DT), px, acc1 * alpha_c[None, :], input_precision=PREC)
+        if P == 4:
+            acc2 = tl.dot(_slot_codes(vc, 2, KIND, BITS, DT), px, acc2 * alpha_c[None, :], input_precision=PREC)
+            acc3 = tl.dot(_slot_codes(vc, 3, KIND, BITS, DT), px, acc3 * alpha_c[None, :], input_precision=PREC)
+
+    if KIND == 4:
+        # kivi2: the row's newest tokens [F, seq_len) from its fp16 residual window [B, R, Hkv, D];
+        # their value products are pre-multiplied by 2^(BITS j), undone with the slot's codes below.
+        r0 = q0.to(DT)
+        r1 = q1.to(DT)
+        r2 = q2.to(DT)
+        r3 = q3.to(DT)
+        for start in range(tl.maximum(k_lo, F), k_hi, BLOCK_N):
+            offs_n = start + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < k_hi
+            ok = mask_n
+            if HAS_WINDOW:
+                ok &= (offs_n > qpos - WINDOW) | (offs_n < SINKS)
+            rrow = ((b.to(tl.int64) * R + (offs_n - F)) * HKV + h) * D
+            rk = rk_ptr + rrow[:, None]
+            m2 = mask_n[:, None]
+            S = tl.dot(tl.load(rk + dim0[None, :], mask=m2, other=0.0).to(DT), r0, input_precision=PREC)
+            S = tl.dot(tl.load(rk + dim1[None, :], mask=m2, other=0.0).to(DT), r1, S, input_precision=PREC)
+            S = tl.dot(tl.load(rk + dim2[None, :], mask=m2, other=0.0).to(DT), r2, S, input_precision=PREC)
+            S = tl.dot(tl.load(rk + dim3[None, :], mask=m2, other=0.0).to(DT), r3, S, input_precision=PREC)
+            s = tl.sum(tl.reshape(S, (BLOCK_N, NGP, GQ)), 1) * scale_log2
+            p, alpha, m_i, l_i = _softmax_cols(s, ok, m_i, l_i)
+            pc = tl.reshape(tl.broadcast_to(p[:, None, :], (BLOCK_N, NGP, GQ)), (BLOCK_N, C))
+            alpha_c = _cols(alpha, NGP, GQ)
+            zacc = zacc * alpha_c
+            rv = rv_ptr + rrow[None, :]
+            mt = mask_n[None, :]
+            acc0 = acc0 * alpha_c[None, :] + tl.dot(
+                tl.load(rv + dim0[:, None], mask=mt, other=0.0).to(DT), pc.to(DT), input_precision=PREC)
+            acc1 = acc1 * alpha_c[None, :] + tl.dot(
+                tl.load(rv + dim1[:, None], mask=mt, other=0.0).to(DT), (pc * 4.0).to(DT), input_precision=PREC)
+            acc2 = acc2 * alpha_c[None, :] + tl.dot(
+                tl.load(rv + dim2[:, None], mask=mt, other=0.0).to(DT), (pc * 16.0).to(DT), input_precision=PREC)
+            acc3 = acc3 * alpha_c[None, :] + tl.dot(
+                tl.load(rv + dim3[:, None], mask=mt, other=0.0).to(DT), (pc * 64.0).to(DT), input_precision=PREC)
+
+    # ---- outputs: dim of slot j, byte i, query head r from column (group of byte i, r) ----
+    l_c = _cols(l_i, NGP, GQ)
+    inv = 1.0 / tl.where(l_c == 0.0, 1.0, l_c)
+    if KIND >= 3:
+        zo = zacc * inv
+    else:
+        zo = tl.zeros([C], tl.float32)
+    keep = (row_grp[:, None] == col_blk[None, :]) & head_ok[None, :]
+    if SPLIT:
+        orow = (qrow * SPLITS + pid_s) * D
+        optr = part_ptr + orow[None, :]
+        oty = tl.float32
+    else:
+        optr = o_ptr + (qrow * D)[None, :]
+        oty = o_ptr.dtype.element_ty
+    tl.store(optr + dim0[:, None], (acc0 * inv[None, :] + zo[None, :]).to(oty), mask=keep)
+    if P >= 2:
+        tl.store(optr + dim1[:, None], (acc1 * (inv * (1.0 / (1 << BITS)))[None, :] + zo[None, :]).to(oty),
+                 mask=keep)
+    if P == 4:
+        tl.store(optr + dim2[:, None], (acc2 * (inv * (1.0 / 16))[None, :] + zo[None, :]).to(oty), mask=keep)
+        tl.store(optr + dim3[:, None], (acc3 * (inv * (1.0 / 64))[None, :] + zo[None, :]).to(oty), mask=keep)
+    if SPLIT:
+        r = tl.arange(0, GQ)
+        part = (b.to(tl.int64) * HQ + h * G + r) * SPLITS + pid_s
+        tl.store(ml_ptr + part * 2, m_i, mask=r < G)
+        tl.store(ml_ptr + part * 2 + 1, l_i, mask=r < G)
+
+
+# (BLOCK_N, num_warps, num_stages) per format; kivi2's BLOCK_N is capped at the block size.
+TILE_CONFIGS = {"fp8": (64, 4, 3), "int8": (64, 4, 3), "int4": (64, 4, 3), "kivi2": (32, 4, 3)}
+
+
+def quant_decode(q, kind, per_byte, group, tensors, block_tables, seq_lens, scale, sliding_window, sinks,
+                 num_splits, res_k, res_v, config, num_sms, dot_f32):
+    """Launch for :func:`.decode.paged_attention` with one query token (arguments validated there)."""
+    from .decode import SPLIT_WAVES, _combine_splits
+
+    k, v, ks, vs, kz, vz = tensors
+    b, t, hq, d = q.shape
+    n, bs, hkv = k.shape[:3]
+    m = block_tables.shape[1]
+    g = hq // hkv
+    gq = triton.next_power_of_2(g)
+    ngp = d // group  # column blocks = value groups (8-bit: 1); heads padded to fill 16 columns
+    gq = max(gq, triton.cdiv(16, ngp))
+    block_n, num_warps, num_stages = config or TILE_CONFIGS[kind]
+    if kind == "kivi2":
+        block_n = min(block_n, bs)  # a tile inside one block: the key scales fold into the queries
+        if bs % block_n:
+            raise ValueError(f"kivi2 decode tile {block_n} must divide the block size {bs}")
+    n_tiles = triton.cdiv(m * bs, block_n)
+    if num_splits is None:
+        num_splits = max(1, min(n_tiles, triton.cdiv(SPLIT_WAVES.get(kind, 8) * num_sms, b * hkv)))
+    chunk = triton.cdiv(n_tiles, num_splits) * block_n
+    num_splits = triton.cdiv(m * bs, chunk)
+    out = torch.empty_like(q)
+    if num_splits > 1:
+        part = torch.empty((b * hq * num_splits, d), dtype=torch.float32, device=q.device)
+        ml = torch.empty((b * hq * num_splits, 2), dtype=torch.float32, device=q.device)
+    else:
+        part = ml = out
+    if kind == "kivi2":
+        r = res_k.shape[1]
+        kstr = (ks.stride(0), 0, ks.stride(1))  # per channel: [N, H, D]
+    else:
+        res_k = res_v = k
+        r = 0
+        kstr = (ks.stride(0), ks.stride(1), ks.stride(2))
+    vstr = (vs.stride(0), vs.stride(1), vs.stride(2))
+    kind_id = {"fp8": 1, "int8": 2, "int4": 3, "kivi2": 4}[kind]
+    _quant_decode_kernel[(b * hkv, num_splits)](
+        q, out, part, ml, k, v, ks, vs, kz, vz, res_k, res_v, block_tables, seq_lens,
+        hq, hkv, m, r, scale * 1.4426950408889634,
+        k.stride(0), k.stride(1), k.stride(2), *kstr, *vstr,
+        sliding_window or 0, sinks, g, chunk, num_splits,
+        KIND=kind_id, P=per_byte, D=d, GROUP=group, BS=bs, GQ=gq, NGP=ngp, BLOCK_N=block_n,
+        SPLIT=num_splits > 1, HAS_WINDOW=sliding_window is not None, DOT_F32=dot_f32,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    if num_splits > 1:
+        _combine_splits[(b * hq,)](part, ml, out, SPLITS=num_splits, SPAD=triton.next_power_of_2(num_splits),
+                                   D=d, num_warps=4)
+    return out
