@@ -11,15 +11,23 @@ head) on both sides, as fla's ``RWKV7Model`` is; ours with the head is printed b
    fla's ``chunk_rwkv7`` (called as fla's RWKV7Attention calls it). ``--sweep`` also times our kernel
    for every chunk size / BV / num_warps / num_stages (``chunk.DEFAULT_CONFIG`` comes from this).
 
+``--chunk-only`` skips the models and times only the chunk kernel at ``--batch`` x ``--seq`` with 12 heads
+of 64 (bf16): our ``chunk_rwkv7`` with each inverse (``inverse="rows"``, the first version, and the
+default ``"blocked"``), a few scan configs (``maxnreg`` caps that let three scan programs share an SM),
+fla's ``chunk_rwkv7`` if it imports; then the inverse kernel alone per variant and per chunks-per-program,
+and the CUDA time per kernel of one call of each variant (torch profiler).
+
 Timings: ``triton.testing.do_bench`` medians. fla's first compile/autotune takes 2 to 4 minutes.
 
     python benchmarks/bench_rwkv7.py [--batch 32] [--seq 2048] [--out results.json] [--no-fla] [--sweep] [--profile]
+    python benchmarks/bench_rwkv7.py --chunk-only [--no-fla] [--out results.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import warnings
 
 import torch
@@ -93,11 +101,11 @@ def kernel_inputs(b, t, h=12, d=64):
     return (r, w, k * 0.1, v, a, bb), s0
 
 
-def ours_chunk(b, t, chunk_size=None, config=None) -> float:
+def ours_chunk(b, t, chunk_size=None, config=None, inverse="blocked") -> float:
     from constant_state.kernels.rwkv7.chunk import CHUNK, chunk_rwkv7
 
     xs, s0 = kernel_inputs(b, t)
-    kw = dict(chunk_size=chunk_size or CHUNK, config=config)
+    kw = dict(chunk_size=chunk_size or CHUNK, config=config, inverse=inverse)
     chunk_rwkv7(*xs, s0, inplace=True, **kw)  # compile outside the timing
     return bench(lambda: chunk_rwkv7(*xs, s0, inplace=True, **kw))
 
@@ -215,6 +223,125 @@ def attempt(fn, *args):
         return None, f"{type(e).__name__}: {str(e)[:120]}"
 
 
+# -- --chunk-only -------------------------------------------------------------------------------------
+
+def kernel_times(fn, reps=5) -> list[tuple[str, float]]:
+    """CUDA ms per call of each kernel ``fn`` launches (torch profiler, mean of ``reps`` calls)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    rows = [(e.key, e.device_time_total / 1e3 / reps) for e in prof.key_averages() if e.device_time_total > 0]
+    return sorted(rows, key=lambda r: -r[1])
+
+
+def chunk_only(args, out, save) -> None:
+    """Only the chunk kernel: ours with each inverse and a few scan configs, fla's; the inverses alone."""
+    from constant_state.kernels.rwkv7 import chunk as ck
+
+    b, t, h, d = args.batch, args.seq, 12, 64
+    n_tok = b * t
+    torch.manual_seed(0)
+    xs, s0 = kernel_inputs(b, t, h, d)
+    r, w, k, v, a, bb = xs
+    default = ck.default_config(r.device, b * h, d)
+    variants = [("ours, inverse=rows (first version)", dict(inverse="rows")),
+                ("ours, inverse=blocked (default)", dict(inverse="blocked"))]
+    for cfg in ((64, 4, 2, 168), (64, 4, 1, 168), (64, 4, 1)):
+        if tuple(cfg) != tuple(default):
+            variants.append((f"ours, blocked, scan config {cfg}", dict(inverse="blocked", config=cfg)))
+    rows = out["chunk_only"] = []
+
+    # Same inputs, same answer: the variants are checked against the first one before timing.
+    o_first = None
+    for name, kw in variants:
+        rec = dict(name=name, **{k_: str(v_) for k_, v_ in kw.items()})
+        try:
+            s = s0.clone()
+            o, _ = ck.chunk_rwkv7(*xs, s, inplace=True, **kw)
+            if o_first is None:
+                o_first = o
+            rec["max_abs_diff_vs_first"] = (o.float() - o_first.float()).abs().max().item()
+            s = s0.clone()
+            ms = bench(lambda: ck.chunk_rwkv7(*xs, s, inplace=True, **kw))
+            rec.update(ms=ms, mtok_s=n_tok / ms / 1e3)
+            rec["kernels"] = kernel_times(lambda: ck.chunk_rwkv7(*xs, s, inplace=True, **kw))
+        except Exception as e:
+            rec["error"] = f"{type(e).__name__}: {str(e)[:160]}"
+        rows.append(rec)
+        print(f"# {name}: " + (f"{rec['ms']:.3f} ms, {rec['mtok_s']:.1f} M tok/s, max |o - o_first| "
+                                f"{rec['max_abs_diff_vs_first']:.2e}" if "ms" in rec else rec["error"]), flush=True)
+        save()
+    if not args.no_fla:
+        rec = dict(name="fla 0.6.0 chunk_rwkv7 (safe_gate, chunk 64)")
+        try:
+            warnings.filterwarnings("ignore")
+            from fla.ops.rwkv7 import chunk_rwkv7 as fla_chunk_rwkv7
+
+            def run():
+                return fla_chunk_rwkv7(*xs, scale=1.0, initial_state=s0, output_final_state=True, safe_gate=True,
+                                       lower_bound=FLA_LOWER_BOUND, chunk_size=64)
+
+            o_fla = run()[0]
+            rec["max_abs_diff_vs_first"] = (o_fla.float() - o_first.float()).abs().max().item() \
+                if o_first is not None else None
+            ms = bench(run)
+            rec.update(ms=ms, mtok_s=n_tok / ms / 1e3, kernels=kernel_times(run))
+        except Exception as e:
+            rec["error"] = f"{type(e).__name__}: {str(e)[:160]}"
+        rows.append(rec)
+        print(f"# {rec['name']}: " + (f"{rec['ms']:.3f} ms, {rec['mtok_s']:.1f} M tok/s" if "ms" in rec
+                                      else rec["error"]), flush=True)
+        save()
+
+    # The inverse kernel alone (the first of the two launches of ours).
+    inv_rows = out["inverse_only"] = []
+    nt = -(-t // ck.CHUNK)
+    auto_nc = ck.inverse_launch(r.device, b * h * nt, ck.CHUNK)[0]
+    inv_variants = [("rows", None)] + [("blocked", nc) for nc in (None, 1, 2, 4, 8, 16) if nc != auto_nc]
+    ref = ck.chunk_inverses(w, a, bb, inverse="rows")
+    for inverse, nc in inv_variants:
+        label = f"inverse={inverse}" + ("" if inverse == "rows" else
+                                         f", {nc or auto_nc} chunks/program" + (" (default)" if nc is None else ""))
+        rec = dict(name=label)
+        try:
+            inv = ck.chunk_inverses(w, a, bb, inverse=inverse, chunks_per_program=nc)
+            rec["max_abs_diff_vs_rows"] = (inv - ref).abs().max().item()
+            ms = bench(lambda: ck.chunk_inverses(w, a, bb, inverse=inverse, chunks_per_program=nc))
+            rec.update(ms=ms, mtok_s=n_tok / ms / 1e3)
+        except Exception as e:
+            rec["error"] = f"{type(e).__name__}: {str(e)[:160]}"
+        inv_rows.append(rec)
+        print(f"# {label}: " + (f"{rec['ms']:.3f} ms, max |inv - rows| {rec['max_abs_diff_vs_rows']:.2e}"
+                                if "ms" in rec else rec["error"]), flush=True)
+        save()
+
+    print(f"\nchunk kernel alone, {b} x {t}, {h} heads of {d}, bf16, {torch.cuda.get_device_name()}\n")
+    print("| variant | ms per call | M tok/s | max abs diff of o vs the first row |")
+    print("| --- | --- | --- | --- |")
+    for rec in rows:
+        if "ms" in rec:
+            diff = rec.get("max_abs_diff_vs_first")
+            print(f"| {rec['name']} | {rec['ms']:.3f} | {rec['mtok_s']:.1f} | "
+                  f"{'n/a' if diff is None else f'{diff:.2e}'} |")
+        else:
+            print(f"| {rec['name']} | failed: {rec['error']} | | |")
+    print("\n| inverse kernel alone | ms per call | max abs diff vs rows |")
+    print("| --- | --- | --- |")
+    for rec in inv_rows:
+        print(f"| {rec['name']} | " + (f"{rec['ms']:.3f} | {rec['max_abs_diff_vs_rows']:.2e} |" if "ms" in rec
+                                        else f"failed: {rec['error']} | |"))
+    print("\nCUDA time per kernel, one call (torch profiler, mean of 5 calls):")
+    for rec in rows:
+        for name, ms in rec.get("kernels", [])[:8]:
+            print(f"  {rec['name'][:40]:40s} {ms:8.3f} ms  {name[:90]}")
+    save()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=32)
@@ -223,7 +350,13 @@ def main():
     ap.add_argument("--no-fla", action="store_true", help="ours only (skips fla's 2-4 minute compile/autotune)")
     ap.add_argument("--sweep", action="store_true", help="also time our chunk kernel for every launch config")
     ap.add_argument("--profile", action="store_true", help="also list our prefill's kernels by CUDA time")
+    ap.add_argument("--chunk-only", action="store_true",
+                    help="only the chunk kernel: ours with each inverse and a few scan configs, fla's, "
+                         "the inverse kernel alone (no models)")
     args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_rwkv7.py needs a CUDA device (torch.cuda.is_available() is False): the kernels it "
+                 "times are Triton GPU kernels. The CPU checks are the tests (tests/kernels, TRITON_INTERPRET=1).")
     b, t = args.batch, args.seq
     torch.manual_seed(0)
     rows, notes = [], []
@@ -233,6 +366,10 @@ def main():
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(out, f, indent=2)
+
+    if args.chunk_only:
+        chunk_only(args, out, save)
+        return
 
     model = ours_model()
     fla, err = (None, "--no-fla") if args.no_fla else attempt(fla_model)
