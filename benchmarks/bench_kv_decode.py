@@ -84,6 +84,8 @@ def best_tuned(tune_rows) -> dict:
     """Fastest (config, num_splits) per format from ``tune_table`` rows."""
     best = {}
     for r in tune_rows:
+        if r.get("impl") == "general" and r["format"] != "bf16":
+            continue
         if r["us"] == r["us"] and (r["format"] not in best or r["us"] < best[r["format"]][0]):
             best[r["format"]] = (r["us"], eval(r["config"]), r["splits"] or None)
     return {f: dict(config=c, num_splits=n) for f, (_, c, n) in best.items()}
@@ -128,21 +130,32 @@ def attn_table(formats, batches, contexts, tuned=None) -> list[dict]:
     return rows
 
 
-# (BLOCK_N, num_warps, num_stages[, 8-bit variant: 1 = dots in bf16 with the value scale folded into p])
+# Quantized formats: (BLOCK_N, num_warps, num_stages) of decode_quant (kivi2: BLOCK_N <= its block size);
+# bf16: of the general kernel.
 TUNE_CONFIGS = {
     "dense": [(64, 4, 2), (64, 4, 3), (128, 8, 3)],
-    "fp8": [(64, 4, 3, 1), (128, 4, 2, 1), (128, 4, 3, 1), (128, 8, 2, 1), (256, 4, 2, 1), (256, 8, 2, 1), (128, 4, 2, 0)],
-    "int8": [(64, 4, 3, 1), (128, 4, 2, 1), (128, 4, 3, 1), (128, 8, 2, 1), (256, 4, 2, 1), (256, 8, 2, 1), (128, 4, 2, 0)],
-    "int4": [(32, 2, 2), (64, 2, 2), (64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 4, 3)],
-    "kivi2": [(32, 2, 2), (32, 4, 2), (32, 4, 3), (32, 8, 2)],
+    "fp8": [(64, 4, 3), (128, 4, 2), (128, 4, 3), (128, 4, 4), (128, 8, 3), (256, 8, 2)],
+    "int8": [(64, 4, 3), (128, 4, 2), (128, 4, 3), (128, 4, 4), (128, 8, 3), (256, 8, 2)],
+    "int4": [(64, 4, 3), (128, 4, 2), (128, 4, 3), (128, 4, 4), (128, 8, 3), (256, 8, 2)],
+    "kivi2": [(32, 4, 2), (32, 4, 3), (32, 4, 4), (32, 2, 3), (32, 8, 3)],
 }
+
+
+def default_config(kind: str):
+    from constant_state.kernels.paged_attention import decode, decode_quant
+
+    if kind != "dense" and decode.QUANT_DECODE == "transposed":
+        return decode_quant.TILE_CONFIGS[kind]
+    return decode.TILE_CONFIGS[(kind, True)]
 
 
 def tune_table(formats, batch: int, ctx: int, configs=None, splits=(1, 2, 4, 8, 16)) -> list[dict]:
     """Decode-attention time per tile config (BLOCK_N, num_warps, num_stages) and format, to pick
-    ``decode.TILE_CONFIGS`` on this GPU; then the default config at several split counts
-    (``splits=0``: the shape heuristic)."""
-    from constant_state.kernels.paged_attention.decode import TILE_CONFIGS, paged_attention
+    ``decode_quant.TILE_CONFIGS`` (``decode.TILE_CONFIGS`` for bf16) on this GPU; then the default
+    config at several split counts (``splits=0``: the shape heuristic); quantized formats also
+    through the general kernel (``impl=general``, its default config), for comparison."""
+    from constant_state.kernels.paged_attention import decode
+    from constant_state.kernels.paged_attention.decode import paged_attention
 
     rows = []
     q = torch.randn(batch, 1, HQ, D, device=DEVICE, dtype=torch.bfloat16)
@@ -155,22 +168,28 @@ def tune_table(formats, batch: int, ctx: int, configs=None, splits=(1, 2, 4, 8, 
         cache = st.cache if hasattr(st, "cache") else (st.k, st.v)
         kind = getattr(getattr(st, "cache", None), "kind", "dense")
         nbytes = batch * m * get_format(fmt).page_bytes(bs, HKV, D)
-        default = TILE_CONFIGS[(kind, True)]
-        runs = [(cfg, None) for cfg in (configs or TUNE_CONFIGS[kind])] + [(default, n) for n in splits]
-        for cfg, n in runs:
-            if kind == "kivi2" and cfg[0] > bs:
+        default = default_config(kind)
+        runs = [("transposed" if kind != "dense" else "general", cfg, None) for cfg in (configs or TUNE_CONFIGS[kind])]
+        runs += [(runs[0][0], default, n) for n in splits]
+        if kind != "dense":
+            runs.append(("general", None, None))
+        for impl, cfg, n in runs:
+            if kind == "kivi2" and cfg is not None and cfg[0] > bs:
                 continue  # kivi2 tiles stay inside one block (channel scales fold into the queries)
+            decode.QUANT_DECODE = impl
             try:
                 us = bench_graph(lambda: paged_attention(q, cache, bt, seq, D ** -0.5, config=cfg, num_splits=n,
                                                          **extra))
+                note = ""
             except Exception as e:  # a config that does not compile (shared memory, registers)
-                rows.append(dict(format=fmt, config=str(cfg), splits=n or 0, us=float("nan"), tb_s=float("nan"),
-                                 default=cfg == default and n is None, note=type(e).__name__))
-                continue
-            rows.append(dict(format=fmt, config=str(cfg), splits=n or 0, us=us, tb_s=nbytes / us / 1e6,
-                             default=cfg == default and n is None, note=""))
-        print_rows([r for r in rows if r["format"] == fmt], ["format", "config", "splits", "us", "tb_s", "default",
-                                                             "note"])
+                us, note = float("nan"), type(e).__name__
+            finally:
+                decode.QUANT_DECODE = "transposed"
+            rows.append(dict(format=fmt, impl=impl, config=str(cfg or decode.TILE_CONFIGS[(kind, True)]),
+                             splits=n or 0, us=us, tb_s=nbytes / us / 1e6,
+                             default=impl != "general" and cfg == default and n is None, note=note))
+        print_rows([r for r in rows if r["format"] == fmt], ["format", "impl", "config", "splits", "us", "tb_s",
+                                                             "default", "note"])
         del st, bt
         if DEVICE == "cuda":
             torch.cuda.empty_cache()
