@@ -302,16 +302,18 @@ def chunk_only(args, out, save) -> None:
     inv_rows = out["inverse_only"] = []
     nt = -(-t // ck.CHUNK)
     auto_nc = ck.inverse_launch(r.device, b * h * nt, ck.CHUNK)[0]
-    inv_variants = [("rows", None)] + [("blocked", nc) for nc in (None, 1, 2, 4, 8, 16) if nc != auto_nc]
+    inv_variants = [("rows", None, 1)] + [("blocked", nc, 1) for nc in (None, 1, 2, 4, 8, 16) if nc != auto_nc]
+    inv_variants.append(("blocked", None, 2))
     ref = ck.chunk_inverses(w, a, bb, inverse="rows")
-    for inverse, nc in inv_variants:
-        label = f"inverse={inverse}" + ("" if inverse == "rows" else
-                                         f", {nc or auto_nc} chunks/program" + (" (default)" if nc is None else ""))
+    for inverse, nc, stages in inv_variants:
+        label = f"inverse={inverse}" + ("" if inverse == "rows" else f", {nc or auto_nc} chunks/program" + (
+            f", {stages} stages" if stages > 1 else " (default)" if nc is None else ""))
         rec = dict(name=label)
+        kw = dict(inverse=inverse, chunks_per_program=nc, num_stages=stages)
         try:
-            inv = ck.chunk_inverses(w, a, bb, inverse=inverse, chunks_per_program=nc)
+            inv = ck.chunk_inverses(w, a, bb, **kw)
             rec["max_abs_diff_vs_rows"] = (inv - ref).abs().max().item()
-            ms = bench(lambda: ck.chunk_inverses(w, a, bb, inverse=inverse, chunks_per_program=nc))
+            ms = bench(lambda: ck.chunk_inverses(w, a, bb, **kw))
             rec.update(ms=ms, mtok_s=n_tok / ms / 1e3)
         except Exception as e:
             rec["error"] = f"{type(e).__name__}: {str(e)[:160]}"

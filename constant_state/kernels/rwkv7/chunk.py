@@ -11,10 +11,18 @@ the chunk and ``g~ = g - w`` the exclusive one::
     S_end = e^{g_last} S0 + (B e^{g_last - g})^T U + (K e^{g_last - g})^T V
 
 ``(I - L_ab)^{-1}`` does not depend on the state: a first kernel computes it for every chunk in
-parallel, by forward substitution row by row (the product form ``(I + L)(I + L^2)(I + L^4)...`` is
-cheaper but loses all precision when keys are correlated, as powers of ``L`` grow huge before
-cancelling). The second kernel, one program per (V block, batch x head), walks the chunks in order
-with its ``[K, BV]`` fp32 state slice in registers and writes it back in place at the end.
+parallel. Default (``inverse="blocked"``): block doubling. With ``X_n`` the inverse of the block-diagonal
+part of ``I - L`` in blocks of ``n`` and ``E_n`` the part of ``L`` in the lower-left ``n x n`` block of each
+``2n`` block, ``X_2n = X_n + X_n E_n X_n`` (exact, as ``(X_n E_n)^2 = 0``): ``X_2 = I + E_1`` is read off
+``L``, then log2(BT) - 1 levels of two fp32 (IEEE) ``BT x BT`` products. Every level produces exact
+blocks of the inverse, so no intermediate grows beyond the inverse itself. The product form
+``(I + L)(I + L^2)(I + L^4)...`` is cheaper but loses all precision when keys are correlated (powers of
+``L`` grow huge before cancelling). One warp per program at BT = 16 (no barriers), several chunks of one
+(batch x head) per program (:func:`inverse_launch`). The first version (``inverse="rows"``, kept for
+A/B comparisons): forward substitution row by row, one 4-warp program per chunk; its row extractions
+are cross-warp reductions, about a hundred barriers per chunk. The second kernel, one program per
+(V block, batch x head), walks the chunks in order with its ``[K, BV]`` fp32 state slice in registers
+and writes it back in place at the end.
 
 Range: ``e^{-g}`` must stay finite in fp32, so the summed log decay over one chunk must stay above
 about -80; the model's ``w >= -exp(-0.5)`` gives at most 16 * 0.607 = 9.7 for BT = 16 (19.4 for BT = 32).
@@ -206,11 +214,12 @@ def _chunk_rwkv7_kernel(r, w, k, v, a, b, o, s, inv, T, H, K: tl.constexpr, V: t
 
 
 def chunk_inverses(w, a, b, chunk_size: int = CHUNK, *, inverse: str = "blocked", precision: str = "tf32",
-                   chunks_per_program: int | None = None) -> torch.Tensor:
+                   chunks_per_program: int | None = None, num_stages: int = 1) -> torch.Tensor:
     """``(I - L_ab)^{-1}`` of every chunk, ``[B * H, ceil(T / chunk_size), chunk_size, chunk_size]`` fp32.
 
     ``w, a, b``: ``[B, T, H, K]`` contiguous. The first launch of :func:`chunk_rwkv7`, exposed for the
-    tests and the benchmark; ``chunks_per_program`` overrides :func:`inverse_launch` (blocked only).
+    tests and the benchmark; ``chunks_per_program`` overrides :func:`inverse_launch` and ``num_stages``
+    pipelines the loads of the chunk loop (blocked only; 1 by default: it has not been measured).
     """
     if inverse not in INVERSES:
         raise ValueError(f"chunk_rwkv7: inverse expected one of {INVERSES}, got {inverse!r}")
@@ -227,7 +236,7 @@ def chunk_inverses(w, a, b, chunk_size: int = CHUNK, *, inverse: str = "blocked"
     nc = chunks_per_program or nc
     _chunk_inverse_blocked_kernel[(triton.cdiv(nt, nc), bsz * h)](
         w, a, b, inv, t, h, nc, K=dk, BK=bk, BT=bt, LOG2BT=bt.bit_length() - 1, PRECISION=precision,
-        num_warps=num_warps, num_stages=1)
+        num_warps=num_warps, num_stages=num_stages)
     return inv
 
 
