@@ -17,7 +17,7 @@ part of ``I - L`` in blocks of ``n`` and ``E_n`` the part of ``L`` in the lower-
 ``L``, then log2(BT) - 1 levels of two fp32 (IEEE) ``BT x BT`` products. Every level produces exact
 blocks of the inverse, so no intermediate grows beyond the inverse itself. The product form
 ``(I + L)(I + L^2)(I + L^4)...`` is cheaper but loses all precision when keys are correlated (powers of
-``L`` grow huge before cancelling). One warp per program at BT = 16 (no barriers), several chunks of one
+``L`` grow huge before cancelling). One warp per program at BT = 16 (no waiting on other warps), several chunks of one
 (batch x head) per program (:func:`inverse_launch`). The first version (``inverse="rows"``, kept for
 A/B comparisons): forward substitution row by row, one 4-warp program per chunk; its row extractions
 are cross-warp reductions, about a hundred barriers per chunk. The second kernel, one program per
@@ -95,7 +95,7 @@ def _chunk_inverse_blocked_kernel(w, a, b, inv, T, H, NC, K: tl.constexpr, BK: t
     part of ``L`` in the lower-left ``n x n`` block of each ``2n`` block, ``X_2n = X_n + X_n E_n X_n``
     (exact: ``(X_n E_n)^2 = 0``). ``X_2 = I + E_1`` is read off ``L``; then log2(BT) - 1 levels of two
     fp32 (IEEE) products. Every level yields exact blocks of the inverse, so nothing grows beyond the
-    inverse itself (unlike the power series). One warp per program (BT = 16): no barriers.
+    inverse itself (unlike the power series). One warp per program (BT = 16): no waiting on other warps.
     """
     i_p, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
