@@ -405,7 +405,8 @@ def paged_attention(q: torch.Tensor, cache, block_tables: torch.Tensor, seq_lens
         block_n = max(16, min(block_n, bs))
     if not _INTERPRET and d // p < 16:
         raise ValueError(f"{kind}: head_dim {d} / {p} values per byte must be >= 16 for the GPU kernel's dots")
-    if t == 1 and kind != "dense" and QUANT_DECODE == "transposed":
+    # kivi2 on the GPU: the transposed kernel's tiles stay in one block and need 16 tokens.
+    if t == 1 and kind != "dense" and QUANT_DECODE == "transposed" and (kind != "kivi2" or bs >= 16 or _INTERPRET):
         from .decode_quant import quant_decode
 
         if kind == "kivi2" and (res_k is None or res_v is None or res_k.shape[0] != b):

@@ -78,6 +78,20 @@ def _per_col(x, N: tl.constexpr, NGP: tl.constexpr, GQ: tl.constexpr):
 
 
 @triton.jit
+def _group_scales(ptr, row, mask_n, offs_g):
+    """Per-token scales (or zero points) ``[N, NGP]`` at ``ptr + row + g``, fp16."""
+    return tl.load(ptr + row[:, None] + offs_g[None, :], mask=mask_n[:, None], other=0.0)
+
+
+@triton.jit
+def _kivi_key_scales(ks_ptr, kz_ptr, off, dim0, dim1, dim2, dim3):
+    """kivi2: one block's per-channel key scales and zero points, per value slot (``[D / 4]`` each)."""
+    return (tl.load(ks_ptr + off + dim0), tl.load(ks_ptr + off + dim1), tl.load(ks_ptr + off + dim2),
+            tl.load(ks_ptr + off + dim3), tl.load(kz_ptr + off + dim0), tl.load(kz_ptr + off + dim1),
+            tl.load(kz_ptr + off + dim2), tl.load(kz_ptr + off + dim3))
+
+
+@triton.jit
 def _quant_decode_kernel(
     q_ptr, o_ptr, part_ptr, ml_ptr,
     k_ptr, v_ptr, ks_ptr, vs_ptr, kz_ptr, vz_ptr, rk_ptr, rv_ptr,
@@ -159,7 +173,60 @@ def _quant_decode_kernel(
     if KIND == 4:
         F = seq_len // R * R  # kivi2: tokens from F on sit in the residual window
         q_hi = tl.minimum(k_hi, F)
+    # Scales and zero points are loaded one tile ahead (and block ids two tiles ahead): they are too
+    # narrow for Triton's pipelining of the code tiles, and would otherwise stall every tile on a
+    # full memory latency (measured on the H200: about 2 us per tile, whatever the format).
+    offs_a = k_lo + tl.arange(0, BLOCK_N)
+    blk_a = tl.load(bt_row + offs_a // BS, mask=offs_a < q_hi, other=0).to(tl.int64)
+    if KIND == 4:
+        kb_a = tl.load(bt_row + k_lo // BS, mask=k_lo < q_hi, other=0).to(tl.int64)
+        ks0, ks1, ks2, ks3, kz0, kz1, kz2, kz3 = _kivi_key_scales(ks_ptr, kz_ptr, kb_a * stride_kb + h * stride_kh,
+                                                                  dim0, dim1, dim2, dim3)
+        kb_b = tl.load(bt_row + (k_lo + BLOCK_N) // BS, mask=k_lo + BLOCK_N < q_hi, other=0).to(tl.int64)
+    else:
+        ks_n = _group_scales(ks_ptr, blk_a * stride_kb + (offs_a % BS) * stride_kt + h * stride_kh, offs_a < q_hi,
+                             offs_g)
+        if KIND == 3:
+            kz_n = _group_scales(kz_ptr, blk_a * stride_kb + (offs_a % BS) * stride_kt + h * stride_kh,
+                                 offs_a < q_hi, offs_g)
+    vs_n = _group_scales(vs_ptr, blk_a * stride_vb + (offs_a % BS) * stride_vt + h * stride_vh, offs_a < q_hi, offs_g)
+    if KIND >= 3:
+        vz_n = _group_scales(vz_ptr, blk_a * stride_vb + (offs_a % BS) * stride_vt + h * stride_vh, offs_a < q_hi,
+                             offs_g)
+    offs_b = k_lo + BLOCK_N + tl.arange(0, BLOCK_N)
+    blk_b = tl.load(bt_row + offs_b // BS, mask=offs_b < q_hi, other=0).to(tl.int64)
     for start in range(k_lo, q_hi, BLOCK_N):
+        # ---- this tile's scales (loaded last iteration); issue the next tile's ----
+        vs_t = vs_n
+        offs_b = start + BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_b = offs_b < q_hi
+        vs_n = _group_scales(vs_ptr, blk_b * stride_vb + (offs_b % BS) * stride_vt + h * stride_vh, mask_b, offs_g)
+        if KIND >= 3:
+            vz_t = vz_n
+            vz_n = _group_scales(vz_ptr, blk_b * stride_vb + (offs_b % BS) * stride_vt + h * stride_vh, mask_b, offs_g)
+        if KIND == 4:
+            b0 = (q0 * ks0.to(tl.float32)[:, None]).to(DT)
+            b1 = (q1 * (ks1.to(tl.float32) * (1.0 / 4))[:, None]).to(DT)
+            b2 = (q2 * (ks2.to(tl.float32) * (1.0 / 16))[:, None]).to(DT)
+            b3 = (q3 * (ks3.to(tl.float32) * (1.0 / 64))[:, None]).to(DT)
+            zq = tl.sum(q0 * kz0.to(tl.float32)[:, None], 0)
+            zq += tl.sum(q1 * kz1.to(tl.float32)[:, None], 0)
+            zq += tl.sum(q2 * kz2.to(tl.float32)[:, None], 0)
+            zq += tl.sum(q3 * kz3.to(tl.float32)[:, None], 0)
+            ks0, ks1, ks2, ks3, kz0, kz1, kz2, kz3 = _kivi_key_scales(
+                ks_ptr, kz_ptr, kb_b * stride_kb + h * stride_kh, dim0, dim1, dim2, dim3)
+            kb_b = tl.load(bt_row + (start + 2 * BLOCK_N) // BS, mask=start + 2 * BLOCK_N < q_hi,
+                           other=0).to(tl.int64)
+        else:
+            ks_t = ks_n
+            ks_n = _group_scales(ks_ptr, blk_b * stride_kb + (offs_b % BS) * stride_kt + h * stride_kh, mask_b, offs_g)
+            if KIND == 3:
+                kz_t = kz_n
+                kz_n = _group_scales(kz_ptr, blk_b * stride_kb + (offs_b % BS) * stride_kt + h * stride_kh, mask_b,
+                                     offs_g)
+        offs_c2 = start + 2 * BLOCK_N + tl.arange(0, BLOCK_N)
+        blk_b = tl.load(bt_row + offs_c2 // BS, mask=offs_c2 < q_hi, other=0).to(tl.int64)
+
         offs_n = start + tl.arange(0, BLOCK_N)
         mask_n = offs_n < q_hi
         blk = tl.load(bt_row + offs_n // BS, mask=mask_n, other=0).to(tl.int64)
@@ -170,32 +237,16 @@ def _quant_decode_kernel(
             ok &= (offs_n > qpos - WINDOW) | (offs_n < SINKS)
         # ---- scores: S [N, C] = sum over slots of codes [N, DP] @ Qx [DP, C] ----
         kc = tl.load(k_ptr + crow[:, None] + offs_i[None, :], mask=mask_n[:, None], other=0)
-        if KIND == 4:
-            # Keys: scale and zero per channel of this tile's block, folded into Qx / a column constant.
-            blk0 = tl.load(bt_row + start // BS).to(tl.int64)
-            sb = ks_ptr + blk0 * stride_kb + h * stride_kh
-            zb = kz_ptr + blk0 * stride_kb + h * stride_kh
-            b0 = (q0 * tl.load(sb + dim0).to(tl.float32)[:, None]).to(DT)
-            b1 = (q1 * (tl.load(sb + dim1).to(tl.float32) * (1.0 / 4))[:, None]).to(DT)
-            b2 = (q2 * (tl.load(sb + dim2).to(tl.float32) * (1.0 / 16))[:, None]).to(DT)
-            b3 = (q3 * (tl.load(sb + dim3).to(tl.float32) * (1.0 / 64))[:, None]).to(DT)
-            zq = tl.sum(q0 * tl.load(zb + dim0).to(tl.float32)[:, None], 0)
-            zq += tl.sum(q1 * tl.load(zb + dim1).to(tl.float32)[:, None], 0)
-            zq += tl.sum(q2 * tl.load(zb + dim2).to(tl.float32)[:, None], 0)
-            zq += tl.sum(q3 * tl.load(zb + dim3).to(tl.float32)[:, None], 0)
         S = tl.dot(_slot_codes(kc, 0, KIND, BITS, DT), b0, input_precision=PREC)
         if P >= 2:
             S = tl.dot(_slot_codes(kc, 1, KIND, BITS, DT), b1, S, input_precision=PREC)
         if P == 4:
             S = tl.dot(_slot_codes(kc, 2, KIND, BITS, DT), b2, S, input_precision=PREC)
             S = tl.dot(_slot_codes(kc, 3, KIND, BITS, DT), b3, S, input_precision=PREC)
-        ksrow = blk * stride_kb + tok * stride_kt + h * stride_kh
         if KIND == 1 or KIND == 2:
-            S = S * tl.load(ks_ptr + ksrow, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+            S = S * _per_col(ks_t, BLOCK_N, NGP, GQ)
         elif KIND == 3:
-            kg = ksrow[:, None] + offs_g[None, :]
-            S = (S * _per_col(tl.load(ks_ptr + kg, mask=mask_n[:, None], other=0.0), BLOCK_N, NGP, GQ)
-                 + _per_col(tl.load(kz_ptr + kg, mask=mask_n[:, None], other=0.0), BLOCK_N, NGP, GQ) * qsum[None, :])
+            S = S * _per_col(ks_t, BLOCK_N, NGP, GQ) + _per_col(kz_t, BLOCK_N, NGP, GQ) * qsum[None, :]
         else:
             S = S + zq[None, :]
         s = tl.sum(tl.reshape(S, (BLOCK_N, NGP, GQ)), 1) * scale_log2
@@ -203,14 +254,9 @@ def _quant_decode_kernel(
         # ---- values: O^T [DP, C] += codes^T [DP, N] @ Px [N, C] ----
         pc = tl.reshape(tl.broadcast_to(p[:, None, :], (BLOCK_N, NGP, GQ)), (BLOCK_N, C))
         alpha_c = _cols(alpha, NGP, GQ)
-        vsrow = blk * stride_vb + tok * stride_vt + h * stride_vh
-        if KIND == 1 or KIND == 2:
-            px = (pc * tl.load(vs_ptr + vsrow, mask=mask_n, other=0.0).to(tl.float32)[:, None]).to(DT)
-        else:
-            vg = vsrow[:, None] + offs_g[None, :]
-            px = (pc * _per_col(tl.load(vs_ptr + vg, mask=mask_n[:, None], other=0.0), BLOCK_N, NGP, GQ)).to(DT)
-            zacc = zacc * alpha_c + tl.sum(
-                pc * _per_col(tl.load(vz_ptr + vg, mask=mask_n[:, None], other=0.0), BLOCK_N, NGP, GQ), 0)
+        px = (pc * _per_col(vs_t, BLOCK_N, NGP, GQ)).to(DT)
+        if KIND >= 3:
+            zacc = zacc * alpha_c + tl.sum(pc * _per_col(vz_t, BLOCK_N, NGP, GQ), 0)
         vc = tl.load(v_ptr + crow[None, :] + offs_i[:, None], mask=mask_n[None, :], other=0)
         acc0 = tl.dot(_slot_codes(vc, 0, KIND, BITS, DT), px, acc0 * alpha_c[None, :], input_precision=PREC)
         if P >= 2:
