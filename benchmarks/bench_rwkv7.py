@@ -251,7 +251,7 @@ def chunk_only(args, out, save) -> None:
     default = ck.default_config(r.device, b * h, d)
     variants = [("ours, inverse=rows (first version)", dict(inverse="rows")),
                 ("ours, inverse=blocked (default)", dict(inverse="blocked"))]
-    for cfg in ((64, 4, 2, 168), (64, 4, 1, 168), (64, 4, 1)):
+    for cfg in ((64, 4, 2), (64, 4, 2, 168), (64, 4, 1, 168), (64, 4, 1)):
         if tuple(cfg) != tuple(default):
             variants.append((f"ours, blocked, scan config {cfg}", dict(inverse="blocked", config=cfg)))
     rows = out["chunk_only"] = []

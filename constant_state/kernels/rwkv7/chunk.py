@@ -54,22 +54,25 @@ def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def default_config(device: torch.device, programs_per_block: int, dv: int) -> tuple[int, int, int]:
-    """(BV, num_warps, num_stages) of the scan kernel (no autotuning: one compilation per dtype and head
-    size, nothing to re-tune per shape, CUDA-graph safe).
+def default_config(device: torch.device, programs_per_block: int, dv: int) -> tuple[int, ...]:
+    """(BV, num_warps, num_stages[, maxnreg]) of the scan kernel (no autotuning: one compilation per
+    dtype and head size, nothing to re-tune per shape, CUDA-graph safe).
 
-    Measured on the H200 at 32 x 2048, 12 heads of 64, bf16 (``bench_rwkv7.py --sweep``): BV = 64,
-    4 warps, 2 stages 1.58 ms (41.6 M tok/s); BV = 32 2.09 ms; BV = 16 3.96 ms; 8 warps and BT = 32
-    slower throughout. A smaller BV repeats the state-independent work of a chunk (exponentials, the
-    three ``L`` products) once per V block, so the widest block wins once there are enough
-    (batch x head) rows to fill the GPU; with fewer, narrower blocks spread the scan over more SMs.
+    Measured on the H200 at 32 x 2048, 12 heads of 64, bf16 (``bench_rwkv7.py --chunk-only``, with the
+    blocked inverse): BV = 64, 4 warps, 1 stage, registers capped at 168 (3 programs per SM: the 384
+    programs in one wave instead of two; some spills) 1.126 ms = 58.2 M tok/s; uncapped 1.44 ms; 2 stages
+    capped 1.21 ms. Earlier sweep (``--sweep``): BV = 32 and 16 slower, 8 warps and BT = 32 slower
+    throughout. A smaller BV repeats the state-independent work of a chunk (exponentials, the three
+    ``L`` products) once per V block, so the widest block wins once there are enough (batch x head)
+    rows to fill the GPU; with fewer, narrower blocks spread the scan over more SMs.
     """
     if device.type != "cuda":
         return 16, 4, 1
     sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
-    for bv, stages in ((64, 2), (32, 1)):
-        if programs_per_block * triton.cdiv(dv, bv) >= sms:
-            return bv, 4, stages
+    if programs_per_block * triton.cdiv(dv, 64) >= sms:
+        return 64, 4, 1, 168
+    if programs_per_block * triton.cdiv(dv, 32) >= sms:
+        return 32, 4, 1
     return 16, 4, 1
 
 
