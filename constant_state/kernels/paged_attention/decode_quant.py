@@ -55,13 +55,14 @@ def _slot_codes(c, j: tl.constexpr, KIND: tl.constexpr, BITS: tl.constexpr, DT: 
 
 @triton.jit
 def _softmax_cols(s, ok, m_i, l_i):
-    """Online softmax over the rows (tokens) of ``s [N, GQ]``."""
+    """Online softmax over the rows (tokens) of ``s [N, GQ]``; ``l_i [N, GQ]`` holds per-row partial
+    sums, reduced once at the end (a sum over tokens crosses warps: shared memory and barriers)."""
     s = tl.where(ok[:, None], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 0))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.exp2(s - m_safe[None, :])
     alpha = tl.exp2(m_i - m_safe)
-    l_i = l_i * alpha + tl.sum(p, 0)
+    l_i = l_i * alpha[None, :] + p
     return p, alpha, m_new, l_i
 
 
@@ -157,7 +158,7 @@ def _quant_decode_kernel(
         acc2 = tl.zeros([DP, C], tl.float32)
         acc3 = tl.zeros([DP, C], tl.float32)
     if KIND >= 3:
-        zacc = tl.zeros([C], tl.float32)  # sum_n p * (value zero point of the column's group)
+        zacc = tl.zeros([BLOCK_N, C], tl.float32)  # sum_n p * (value zero point of the column's group), per row
     offs_g = tl.arange(0, NGP)
 
     k_lo = pid_s * CHUNK
@@ -167,7 +168,7 @@ def _quant_decode_kernel(
         k_lo = tl.maximum(k_lo, tl.where(SINKS > 0, 0, win_lo))
     qpos = seq_len - 1
     m_i = tl.full([GQ], float("-inf"), tl.float32)
-    l_i = tl.zeros([GQ], tl.float32)
+    l_i = tl.zeros([BLOCK_N, GQ], tl.float32)
     bt_row = bt_ptr + b.to(tl.int64) * M
     q_hi = k_hi
     if KIND == 4:
@@ -256,7 +257,7 @@ def _quant_decode_kernel(
         alpha_c = _cols(alpha, NGP, GQ)
         px = (pc * _per_col(vs_t, BLOCK_N, NGP, GQ)).to(DT)
         if KIND >= 3:
-            zacc = zacc * alpha_c + tl.sum(pc * _per_col(vz_t, BLOCK_N, NGP, GQ), 0)
+            zacc = zacc * alpha_c[None, :] + pc * _per_col(vz_t, BLOCK_N, NGP, GQ)
         vc = tl.load(v_ptr + crow[None, :] + offs_i[:, None], mask=mask_n[None, :], other=0)
         acc0 = tl.dot(_slot_codes(vc, 0, KIND, BITS, DT), px, acc0 * alpha_c[None, :], input_precision=PREC)
         if P >= 2:
@@ -289,7 +290,7 @@ def _quant_decode_kernel(
             p, alpha, m_i, l_i = _softmax_cols(s, ok, m_i, l_i)
             pc = tl.reshape(tl.broadcast_to(p[:, None, :], (BLOCK_N, NGP, GQ)), (BLOCK_N, C))
             alpha_c = _cols(alpha, NGP, GQ)
-            zacc = zacc * alpha_c
+            zacc = zacc * alpha_c[None, :]
             rv = rv_ptr + rrow[None, :]
             mt = mask_n[None, :]
             acc0 = acc0 * alpha_c[None, :] + tl.dot(
@@ -302,10 +303,11 @@ def _quant_decode_kernel(
                 tl.load(rv + dim3[:, None], mask=mt, other=0.0).to(DT), (pc * 64.0).to(DT), input_precision=PREC)
 
     # ---- outputs: dim of slot j, byte i, query head r from column (group of byte i, r) ----
+    l_i = tl.sum(l_i, 0)
     l_c = _cols(l_i, NGP, GQ)
     inv = 1.0 / tl.where(l_c == 0.0, 1.0, l_c)
     if KIND >= 3:
-        zo = zacc * inv
+        zo = tl.sum(zacc, 0) * inv
     else:
         zo = tl.zeros([C], tl.float32)
     keep = (row_grp[:, None] == col_blk[None, :]) & head_ok[None, :]
