@@ -134,10 +134,12 @@ def attn_table(formats, batches, contexts, tuned=None) -> list[dict]:
 # bf16: of the general kernel.
 TUNE_CONFIGS = {
     "dense": [(64, 4, 2), (64, 4, 3), (128, 8, 3)],
-    "fp8": [(64, 4, 3), (128, 4, 2), (128, 4, 3), (128, 4, 4), (128, 8, 3), (256, 8, 2)],
-    "int8": [(64, 4, 3), (128, 4, 2), (128, 4, 3), (128, 4, 4), (128, 8, 3), (256, 8, 2)],
-    "int4": [(64, 4, 3), (128, 4, 2), (128, 4, 3), (128, 4, 4), (128, 8, 3), (256, 8, 2)],
-    "kivi2": [(32, 4, 2), (32, 4, 3), (32, 4, 4), (32, 2, 3), (32, 8, 3)],
+    "fp8": [(128, 4, 3), (128, 4, 3, 168), (128, 4, 3, 128), (64, 2, 3), (64, 2, 3, 128), (32, 1, 3),
+            (32, 1, 3, 128), (64, 4, 3, 128)],
+    "int8": [(128, 4, 3), (128, 4, 3, 168), (128, 4, 3, 128), (64, 2, 3), (64, 2, 3, 128), (32, 1, 3)],
+    "int4": [(128, 4, 3), (128, 4, 3, 168), (128, 4, 3, 128), (64, 2, 3), (64, 2, 3, 128), (32, 1, 3),
+             (32, 1, 3, 128), (64, 4, 3, 128)],
+    "kivi2": [(32, 2, 3), (32, 2, 3, 168), (32, 2, 3, 128), (32, 1, 3), (32, 1, 3, 128), (32, 4, 3, 168)],
 }
 
 
@@ -149,7 +151,7 @@ def default_config(kind: str):
     return decode.TILE_CONFIGS[(kind, True)]
 
 
-def tune_table(formats, batch: int, ctx: int, configs=None, splits=(1, 2, 4, 8, 16)) -> list[dict]:
+def tune_table(formats, batch: int, ctx: int, configs=None, splits=(2, 8, 16)) -> list[dict]:
     """Decode-attention time per tile config (BLOCK_N, num_warps, num_stages) and format, to pick
     ``decode_quant.TILE_CONFIGS`` (``decode.TILE_CONFIGS`` for bf16) on this GPU; then the default
     config at several split counts (``splits=0``: the shape heuristic); quantized formats also
@@ -170,7 +172,7 @@ def tune_table(formats, batch: int, ctx: int, configs=None, splits=(1, 2, 4, 8, 
         nbytes = batch * m * get_format(fmt).page_bytes(bs, HKV, D)
         default = default_config(kind)
         runs = [("transposed" if kind != "dense" else "general", cfg, None) for cfg in (configs or TUNE_CONFIGS[kind])]
-        runs += [(runs[0][0], default, n) for n in splits]
+        runs += [(runs[0][0], default, n) for n in splits if n != 0]
         if kind != "dense":
             runs.append(("general", None, None))
         for impl, cfg, n in runs:

@@ -332,8 +332,8 @@ def _quant_decode_kernel(
         tl.store(ml_ptr + part * 2 + 1, l_i, mask=r < G)
 
 
-# (BLOCK_N, num_warps, num_stages) per format; kivi2's BLOCK_N is capped at the block size.
-TILE_CONFIGS = {"fp8": (64, 4, 3), "int8": (64, 4, 3), "int4": (64, 4, 3), "kivi2": (32, 4, 3)}
+# (BLOCK_N, num_warps, num_stages[, maxnreg]) per format; kivi2's BLOCK_N is capped at the block size.
+TILE_CONFIGS = {"fp8": (128, 4, 3), "int8": (128, 4, 3), "int4": (128, 4, 3), "kivi2": (32, 2, 3)}
 
 
 def quant_decode(q, kind, per_byte, group, tensors, block_tables, seq_lens, scale, sliding_window, sinks,
@@ -349,7 +349,8 @@ def quant_decode(q, kind, per_byte, group, tensors, block_tables, seq_lens, scal
     gq = triton.next_power_of_2(g)
     ngp = d // group  # column blocks = value groups (8-bit: 1); heads padded to fill 16 columns
     gq = max(gq, triton.cdiv(16, ngp))
-    block_n, num_warps, num_stages = config or TILE_CONFIGS[kind]
+    block_n, num_warps, num_stages, *maxnreg = config or TILE_CONFIGS[kind]
+    extra = {"maxnreg": maxnreg[0]} if maxnreg and maxnreg[0] else {}
     if kind == "kivi2":
         block_n = min(block_n, bs)  # a tile inside one block: the key scales fold into the queries
         if bs % block_n:
@@ -381,7 +382,7 @@ def quant_decode(q, kind, per_byte, group, tensors, block_tables, seq_lens, scal
         sliding_window or 0, sinks, g, chunk, num_splits,
         KIND=kind_id, P=per_byte, D=d, GROUP=group, BS=bs, GQ=gq, NGP=ngp, BLOCK_N=block_n,
         SPLIT=num_splits > 1, HAS_WINDOW=sliding_window is not None, DOT_F32=dot_f32,
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages, **extra,
     )
     if num_splits > 1:
         _combine_splits[(b * hq,)](part, ml, out, SPLITS=num_splits, SPAD=triton.next_power_of_2(num_splits),
