@@ -14,7 +14,8 @@ def _add_kv_args(p: argparse.ArgumentParser, allow_all: bool = False) -> None:
     p.add_argument("--kv", action="append" if allow_all else "store", default=None, metavar="FORMAT",
                    help="KV cache format of attention layers (auto = model dtype, bf16, fp16, fp32"
                         + (", ...; repeat it or say 'all')" if allow_all else ", ...)"))
-    p.add_argument("--kv-block-size", type=int, default=16, help="tokens per KV block (default 16)")
+    p.add_argument("--kv-block-size", type=int, default=None,
+                   help="tokens per KV block (default 16; 32 with --kv kivi2)")
     p.add_argument("--kv-group-size", type=int, default=None, help="int4 / kivi2 dims per scale group (32, 64)")
     p.add_argument("--kv-residual", type=int, default=None, help="kivi2: fp16 residual window in tokens (128)")
     p.add_argument("--kv-eviction", default="none", choices=["none", "streaming", "h2o"],

@@ -159,3 +159,10 @@ def test_kv_flags_in_help_and_memory_with_eviction(capsys):
     row = json.loads(capsys.readouterr().out)[0]
     assert row["per_sequence"] == 32 * 8 * 128 * 2 * 2 * (16 + 1024 + 16)  # sink block + window + open block
     assert main(["memory", "--kv", "kivi2", "--kv-residual", "20"]) == 2
+
+
+def test_default_block_size_is_32_for_kivi2_only():
+    assert cs.KVConfig(format="kivi2").block_size == 32
+    assert cs.KVConfig(format="int4").block_size == 16
+    assert cs.KVConfig(format="bf16", layer_formats={3: "kivi2"}).block_size == 32
+    assert cs.KVConfig(format="kivi2", block_size=16).block_size == 16

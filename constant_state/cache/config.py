@@ -11,8 +11,9 @@ class KVConfig:
 
     format: str = "auto"
     """Storage format (--kv): auto (the model's dtype), bf16, fp16, fp32, or a quantized format."""
-    block_size: int = 16
-    """Tokens per KV block (--kv-block-size)."""
+    block_size: int | None = None
+    """Tokens per KV block (--kv-block-size); default 16, or 32 when a layer stores kivi2 (its keys are
+    quantized per channel over a block: 32-token blocks halve the key-scale bytes)."""
     num_blocks: int | None = None
     """Blocks in the pool; default: enough for batch_size x max_context (--kv-blocks)."""
     layer_formats: dict[int, str] = field(default_factory=dict)
@@ -31,6 +32,9 @@ class KVConfig:
     """h2o: tokens kept per sequence, recent window included (default 1024) (--kv-budget)."""
 
     def __post_init__(self):
+        if self.block_size is None:
+            kivi = any(str(f).startswith("kivi2") for f in {self.format, *self.layer_formats.values()})
+            self.block_size = 32 if kivi else 16
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
             raise ValueError(f"KVConfig.block_size (--kv-block-size) must be a power of two, got {self.block_size}")
         if self.num_blocks is not None and self.num_blocks <= 0:

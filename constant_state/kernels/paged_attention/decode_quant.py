@@ -79,9 +79,9 @@ def _per_col(x, N: tl.constexpr, NGP: tl.constexpr, GQ: tl.constexpr):
 
 
 @triton.jit
-def _group_scales(ptr, row, mask_n, offs_g):
-    """Per-token scales (or zero points) ``[N, NGP]`` at ``ptr + row + g``, fp16."""
-    return tl.load(ptr + row[:, None] + offs_g[None, :], mask=mask_n[:, None], other=0.0)
+def _group_scales(ptr, row, mask_n, offs_g, NG: tl.constexpr):
+    """Per-token scales (or zero points) ``[N, NGP]`` at ``ptr + row + g`` (0 for blocks ``g >= NG``), fp16."""
+    return tl.load(ptr + row[:, None] + offs_g[None, :], mask=mask_n[:, None] & (offs_g < NG)[None, :], other=0.0)
 
 
 @triton.jit
@@ -186,14 +186,14 @@ def _quant_decode_kernel(
         kb_b = tl.load(bt_row + (k_lo + BLOCK_N) // BS, mask=k_lo + BLOCK_N < q_hi, other=0).to(tl.int64)
     else:
         ks_n = _group_scales(ks_ptr, blk_a * stride_kb + (offs_a % BS) * stride_kt + h * stride_kh, offs_a < q_hi,
-                             offs_g)
+                             offs_g, NG)
         if KIND == 3:
             kz_n = _group_scales(kz_ptr, blk_a * stride_kb + (offs_a % BS) * stride_kt + h * stride_kh,
-                                 offs_a < q_hi, offs_g)
-    vs_n = _group_scales(vs_ptr, blk_a * stride_vb + (offs_a % BS) * stride_vt + h * stride_vh, offs_a < q_hi, offs_g)
+                                 offs_a < q_hi, offs_g, NG)
+    vs_n = _group_scales(vs_ptr, blk_a * stride_vb + (offs_a % BS) * stride_vt + h * stride_vh, offs_a < q_hi, offs_g, NG)
     if KIND >= 3:
         vz_n = _group_scales(vz_ptr, blk_a * stride_vb + (offs_a % BS) * stride_vt + h * stride_vh, offs_a < q_hi,
-                             offs_g)
+                             offs_g, NG)
     offs_b = k_lo + BLOCK_N + tl.arange(0, BLOCK_N)
     blk_b = tl.load(bt_row + offs_b // BS, mask=offs_b < q_hi, other=0).to(tl.int64)
     for start in range(k_lo, q_hi, BLOCK_N):
@@ -201,10 +201,10 @@ def _quant_decode_kernel(
         vs_t = vs_n
         offs_b = start + BLOCK_N + tl.arange(0, BLOCK_N)
         mask_b = offs_b < q_hi
-        vs_n = _group_scales(vs_ptr, blk_b * stride_vb + (offs_b % BS) * stride_vt + h * stride_vh, mask_b, offs_g)
+        vs_n = _group_scales(vs_ptr, blk_b * stride_vb + (offs_b % BS) * stride_vt + h * stride_vh, mask_b, offs_g, NG)
         if KIND >= 3:
             vz_t = vz_n
-            vz_n = _group_scales(vz_ptr, blk_b * stride_vb + (offs_b % BS) * stride_vt + h * stride_vh, mask_b, offs_g)
+            vz_n = _group_scales(vz_ptr, blk_b * stride_vb + (offs_b % BS) * stride_vt + h * stride_vh, mask_b, offs_g, NG)
         if KIND == 4:
             b0 = (q0 * ks0.to(tl.float32)[:, None]).to(DT)
             b1 = (q1 * (ks1.to(tl.float32) * (1.0 / 4))[:, None]).to(DT)
@@ -220,11 +220,11 @@ def _quant_decode_kernel(
                            other=0).to(tl.int64)
         else:
             ks_t = ks_n
-            ks_n = _group_scales(ks_ptr, blk_b * stride_kb + (offs_b % BS) * stride_kt + h * stride_kh, mask_b, offs_g)
+            ks_n = _group_scales(ks_ptr, blk_b * stride_kb + (offs_b % BS) * stride_kt + h * stride_kh, mask_b, offs_g, NG)
             if KIND == 3:
                 kz_t = kz_n
                 kz_n = _group_scales(kz_ptr, blk_b * stride_kb + (offs_b % BS) * stride_kt + h * stride_kh, mask_b,
-                                     offs_g)
+                                     offs_g, NG)
         offs_c2 = start + 2 * BLOCK_N + tl.arange(0, BLOCK_N)
         blk_b = tl.load(bt_row + offs_c2 // BS, mask=offs_c2 < q_hi, other=0).to(tl.int64)
 
@@ -332,8 +332,14 @@ def _quant_decode_kernel(
         tl.store(ml_ptr + part * 2 + 1, l_i, mask=r < G)
 
 
+# 8-bit formats: query heads in column block 0 of several (the softmax over the real heads only), or
+# padded to 16 columns in one block (False).
+EIGHT_BIT_BLOCKS = False
 # (BLOCK_N, num_warps, num_stages[, maxnreg]) per format; kivi2's BLOCK_N is capped at the block size.
-TILE_CONFIGS = {"fp8": (128, 4, 3), "int8": (128, 4, 3), "int4": (128, 4, 3), "kivi2": (32, 2, 3)}
+# From the H200 sweep (benchmarks/bench_kv_decode.py --only tune, batch 32, context 32k): a register
+# cap of 168 fits 3 programs per SM for the 8-bit and kivi2 kernels (fp8 824 -> 735 us); int4 is as
+# fast with 2 warps and 64-token tiles as with 4 and 128 (780 vs 796 us); 1 warp and caps of 128 slower.
+TILE_CONFIGS = {"fp8": (128, 4, 3, 168), "int8": (128, 4, 3, 168), "int4": (64, 2, 3), "kivi2": (32, 2, 3, 168)}
 
 
 def quant_decode(q, kind, per_byte, group, tensors, block_tables, seq_lens, scale, sliding_window, sinks,
@@ -347,8 +353,11 @@ def quant_decode(q, kind, per_byte, group, tensors, block_tables, seq_lens, scal
     m = block_tables.shape[1]
     g = hq // hkv
     gq = triton.next_power_of_2(g)
-    ngp = d // group  # column blocks = value groups (8-bit: 1); heads padded to fill 16 columns
-    gq = max(gq, triton.cdiv(16, ngp))
+    if kind in ("fp8", "int8") and EIGHT_BIT_BLOCKS:
+        ngp = max(1, triton.cdiv(16, gq))  # the queries in block 0, the other blocks zero: softmax on GQ columns
+    else:
+        ngp = d // group  # column blocks = value groups; query heads padded to fill 16 columns
+        gq = max(gq, triton.cdiv(16, ngp))
     block_n, num_warps, num_stages, *maxnreg = config or TILE_CONFIGS[kind]
     extra = {"maxnreg": maxnreg[0]} if maxnreg and maxnreg[0] else {}
     if kind == "kivi2":
