@@ -344,7 +344,7 @@ QUANT_DECODE = "transposed"
 # converted to fp16 by bit tricks and values dequantized before the dot (False).
 Q8_BF16 = True
 # Decode splits: enough (batch x KV head x split) programs for this many programs per SM.
-SPLIT_WAVES = {"dense": 4}  # others: 8 (H200: dense at batch 8 / 32k: 2 waves 283 us, 8-16 splits 260 us)
+SPLIT_WAVES = {"dense": 2}  # others: 8 (H200: 4 waves for dense was slower at batch 32: 3 splits 1115 us vs 2 958 us)
 
 
 def _num_sms(device: torch.device) -> int:
@@ -416,9 +416,12 @@ def paged_attention(q: torch.Tensor, cache, block_tables: torch.Tensor, seq_lens
                             _INTERPRET or q.dtype == torch.float32)
     n_tiles = triton.cdiv(m * bs, block_n)
     if num_splits is None:
-        # Static: enough programs for ~2 waves of SMs at any batch, from shapes only.
+        # Static: enough programs for SPLIT_WAVES waves of SMs at any batch, from shapes only; dense
+        # rounds up to a power of two (H200, batch 8 / 32k: 5 splits 283 us, 8 splits 260 us, 9: 355 us).
         waves = SPLIT_WAVES.get(kind, 8)
         num_splits = 1 if t > 1 else max(1, min(n_tiles, triton.cdiv(waves * _num_sms(q.device), b * hkv)))
+        if kind == "dense" and num_splits > 1:
+            num_splits = min(n_tiles, triton.next_power_of_2(num_splits))
     chunk = triton.cdiv(n_tiles, num_splits) * block_n
     num_splits = triton.cdiv(m * bs, chunk)
     out = torch.empty_like(q)
