@@ -175,3 +175,35 @@ def test_attention_sinks_and_window(fmt, t):
     else:
         ref = paged_attention_ref(q, st.k, st.v, bt, seq, d ** -0.5, 20, sinks=3)
     assert_close(f"{fmt} sinks", ref, out, 2e-2 if dtype == torch.bfloat16 else 1e-4)
+
+
+@pytest.mark.parametrize("bs", [8, 16])
+@pytest.mark.parametrize("config", [None, (8, 4, 2), (16, 2, 2), (64, 4, 2)], ids=["default", "n8", "n16", "n64"])
+@pytest.mark.parametrize("splits", [None, 3])
+def test_kivi_decode_tiles_and_splits(bs, config, splits):
+    """kivi2 decode over many tiles: tiles inside one block and tiles of several blocks (their key
+    scales as column blocks), split contexts, the residual tail, against the reference."""
+    from constant_state.cache.quant import kivi_name
+    from constant_state.kernels.paged_attention.decode import paged_attention
+    from constant_state.kernels.paged_attention.ref import kivi_write_ref
+
+    if not INTERPRET and config is not None and config[0] < 16:
+        pytest.skip("GPU dots need 16-token tiles")
+    fmt = get_format(kivi_name(32, 16))
+    hkv, b, d, gqa, m = 2, 2, 64, 4, 24
+    g = torch.Generator().manual_seed(5)
+    bt = torch.randperm(b * m + 3, generator=g)[:b * m].view(b, m).int().to(DEVICE)
+    st = fmt.make_storage(b * m + 3, bs, hkv, d, DEVICE)
+    rows = fmt.row_tensors(b, hkv, d, DEVICE)
+    n = 0
+    for t in (150, 7):  # 157 tokens: 144 flushed in 2-bit blocks, 13 in the fp16 residual window
+        n += t
+        seq = torch.full((b,), n, dtype=torch.int32, device=DEVICE)
+        k = torch.randn(b, t, hkv, d, generator=g).to(DEVICE)
+        v = torch.randn(b, t, hkv, d, generator=g).to(DEVICE)
+        kivi_write_ref(st.cache, k, v, seq, bt, rows["res_k"], rows["res_v"])
+    q = torch.randn(b, 1, hkv * gqa, d, generator=g).to(DEVICE)
+    for window in (None, 40):
+        ref = quant_paged_attention_ref(q, st.cache, bt, seq, d ** -0.5, window, **rows)
+        out = paged_attention(q, st.cache, bt, seq, d ** -0.5, window, config=config, num_splits=splits, **rows)
+        assert_close(f"kivi2 decode bs={bs} config={config} splits={splits} window={window}", ref, out, 1e-4)

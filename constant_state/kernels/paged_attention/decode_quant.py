@@ -86,10 +86,13 @@ def _group_scales(ptr, row, mask_n, offs_g, NG: tl.constexpr):
 
 @triton.jit
 def _kivi_key_scales(ks_ptr, kz_ptr, off, dim0, dim1, dim2, dim3):
-    """kivi2: one block's per-channel key scales and zero points, per value slot (``[D / 4]`` each)."""
-    return (tl.load(ks_ptr + off + dim0), tl.load(ks_ptr + off + dim1), tl.load(ks_ptr + off + dim2),
-            tl.load(ks_ptr + off + dim3), tl.load(kz_ptr + off + dim0), tl.load(kz_ptr + off + dim1),
-            tl.load(kz_ptr + off + dim2), tl.load(kz_ptr + off + dim3))
+    """kivi2: per-channel key scales and zero points of the blocks at offsets ``off [NGP]``, per value
+    slot (``[D / 4, NGP]`` each)."""
+    o = off[None, :]
+    return (tl.load(ks_ptr + o + dim0[:, None]), tl.load(ks_ptr + o + dim1[:, None]),
+            tl.load(ks_ptr + o + dim2[:, None]), tl.load(ks_ptr + o + dim3[:, None]),
+            tl.load(kz_ptr + o + dim0[:, None]), tl.load(kz_ptr + o + dim1[:, None]),
+            tl.load(kz_ptr + o + dim2[:, None]), tl.load(kz_ptr + o + dim3[:, None]))
 
 
 @triton.jit
@@ -103,7 +106,7 @@ def _quant_decode_kernel(
     stride_vb, stride_vt, stride_vh,  # value scales / zeros: block, token, head
     WINDOW, SINKS, G, CHUNK, SPLITS,
     KIND: tl.constexpr, P: tl.constexpr, D: tl.constexpr, GROUP: tl.constexpr, BS: tl.constexpr,
-    GQ: tl.constexpr, NGP: tl.constexpr, BLOCK_N: tl.constexpr,
+    GQ: tl.constexpr, NGP: tl.constexpr, BLOCK_N: tl.constexpr, KB: tl.constexpr,
     SPLIT: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_F32: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
@@ -133,6 +136,9 @@ def _quant_decode_kernel(
     qrow = b.to(tl.int64) * HQ + h * G + col_r  # [C] flat (row, query head), T == 1
     if KGROUPED:
         q_ok = (row_grp[:, None] == col_blk[None, :]) & head_ok[None, :]
+    elif KIND == 4:
+        # kivi2: column block bb scores the tile's block bb (its channel scales folded in per tile).
+        q_ok = (offs_i[:, None] >= 0) & ((col_blk < KB) & head_ok)[None, :]
     else:
         q_ok = (offs_i[:, None] >= 0) & ((col_blk == 0) & head_ok)[None, :]
     # Queries per slot, [DP, C] fp32: column block g holds the queries on group g's dims (int4) or
@@ -180,10 +186,12 @@ def _quant_decode_kernel(
     offs_a = k_lo + tl.arange(0, BLOCK_N)
     blk_a = tl.load(bt_row + offs_a // BS, mask=offs_a < q_hi, other=0).to(tl.int64)
     if KIND == 4:
-        kb_a = tl.load(bt_row + k_lo // BS, mask=k_lo < q_hi, other=0).to(tl.int64)
+        kb_a = tl.load(bt_row + k_lo // BS + offs_g, mask=(offs_g < KB) & (k_lo + offs_g * BS < q_hi),
+                       other=0).to(tl.int64)
         ks0, ks1, ks2, ks3, kz0, kz1, kz2, kz3 = _kivi_key_scales(ks_ptr, kz_ptr, kb_a * stride_kb + h * stride_kh,
                                                                   dim0, dim1, dim2, dim3)
-        kb_b = tl.load(bt_row + (k_lo + BLOCK_N) // BS, mask=k_lo + BLOCK_N < q_hi, other=0).to(tl.int64)
+        kb_b = tl.load(bt_row + (k_lo + BLOCK_N) // BS + offs_g,
+                       mask=(offs_g < KB) & (k_lo + BLOCK_N + offs_g * BS < q_hi), other=0).to(tl.int64)
     else:
         ks_n = _group_scales(ks_ptr, blk_a * stride_kb + (offs_a % BS) * stride_kt + h * stride_kh, offs_a < q_hi,
                              offs_g, NG)
@@ -206,18 +214,18 @@ def _quant_decode_kernel(
             vz_t = vz_n
             vz_n = _group_scales(vz_ptr, blk_b * stride_vb + (offs_b % BS) * stride_vt + h * stride_vh, mask_b, offs_g, NG)
         if KIND == 4:
-            b0 = (q0 * ks0.to(tl.float32)[:, None]).to(DT)
-            b1 = (q1 * (ks1.to(tl.float32) * (1.0 / 4))[:, None]).to(DT)
-            b2 = (q2 * (ks2.to(tl.float32) * (1.0 / 16))[:, None]).to(DT)
-            b3 = (q3 * (ks3.to(tl.float32) * (1.0 / 64))[:, None]).to(DT)
-            zq = tl.sum(q0 * kz0.to(tl.float32)[:, None], 0)
-            zq += tl.sum(q1 * kz1.to(tl.float32)[:, None], 0)
-            zq += tl.sum(q2 * kz2.to(tl.float32)[:, None], 0)
-            zq += tl.sum(q3 * kz3.to(tl.float32)[:, None], 0)
+            b0 = (q0 * _per_col(ks0, DP, NGP, GQ)).to(DT)
+            b1 = (q1 * _per_col(ks1, DP, NGP, GQ) * (1.0 / 4)).to(DT)
+            b2 = (q2 * _per_col(ks2, DP, NGP, GQ) * (1.0 / 16)).to(DT)
+            b3 = (q3 * _per_col(ks3, DP, NGP, GQ) * (1.0 / 64)).to(DT)
+            zq = tl.sum(q0 * _per_col(kz0, DP, NGP, GQ), 0)
+            zq += tl.sum(q1 * _per_col(kz1, DP, NGP, GQ), 0)
+            zq += tl.sum(q2 * _per_col(kz2, DP, NGP, GQ), 0)
+            zq += tl.sum(q3 * _per_col(kz3, DP, NGP, GQ), 0)
             ks0, ks1, ks2, ks3, kz0, kz1, kz2, kz3 = _kivi_key_scales(
                 ks_ptr, kz_ptr, kb_b * stride_kb + h * stride_kh, dim0, dim1, dim2, dim3)
-            kb_b = tl.load(bt_row + (start + 2 * BLOCK_N) // BS, mask=start + 2 * BLOCK_N < q_hi,
-                           other=0).to(tl.int64)
+            kb_b = tl.load(bt_row + (start + 2 * BLOCK_N) // BS + offs_g,
+                           mask=(offs_g < KB) & (start + 2 * BLOCK_N + offs_g * BS < q_hi), other=0).to(tl.int64)
         else:
             ks_t = ks_n
             ks_n = _group_scales(ks_ptr, blk_b * stride_kb + (offs_b % BS) * stride_kt + h * stride_kh, mask_b, offs_g, NG)
@@ -250,7 +258,13 @@ def _quant_decode_kernel(
             S = S * _per_col(ks_t, BLOCK_N, NGP, GQ) + _per_col(kz_t, BLOCK_N, NGP, GQ) * qsum[None, :]
         else:
             S = S + zq[None, :]
-        s = tl.sum(tl.reshape(S, (BLOCK_N, NGP, GQ)), 1) * scale_log2
+        if KIND == 4:
+            # each token takes the column block of its block within the tile
+            tb = tl.arange(0, BLOCK_N) // BS
+            s = tl.sum(tl.where(tb[:, None, None] == offs_g[None, :, None], tl.reshape(S, (BLOCK_N, NGP, GQ)), 0.0), 1)
+            s = s * scale_log2
+        else:
+            s = tl.sum(tl.reshape(S, (BLOCK_N, NGP, GQ)), 1) * scale_log2
         p, alpha, m_i, l_i = _softmax_cols(s, ok, m_i, l_i)
         # ---- values: O^T [DP, C] += codes^T [DP, N] @ Px [N, C] ----
         pc = tl.reshape(tl.broadcast_to(p[:, None, :], (BLOCK_N, NGP, GQ)), (BLOCK_N, C))
@@ -269,10 +283,11 @@ def _quant_decode_kernel(
     if KIND == 4:
         # kivi2: the row's newest tokens [F, seq_len) from its fp16 residual window [B, R, Hkv, D];
         # their value products are pre-multiplied by 2^(BITS j), undone with the slot's codes below.
-        r0 = q0.to(DT)
-        r1 = q1.to(DT)
-        r2 = q2.to(DT)
-        r3 = q3.to(DT)
+        first = (col_blk == 0)[None, :]
+        r0 = tl.where(first, q0, 0.0).to(DT)
+        r1 = tl.where(first, q1, 0.0).to(DT)
+        r2 = tl.where(first, q2, 0.0).to(DT)
+        r3 = tl.where(first, q3, 0.0).to(DT)
         for start in range(tl.maximum(k_lo, F), k_hi, BLOCK_N):
             offs_n = start + tl.arange(0, BLOCK_N)
             mask_n = offs_n < k_hi
@@ -355,15 +370,23 @@ def quant_decode(q, kind, per_byte, group, tensors, block_tables, seq_lens, scal
     gq = triton.next_power_of_2(g)
     if kind in ("fp8", "int8") and EIGHT_BIT_BLOCKS:
         ngp = max(1, triton.cdiv(16, gq))  # the queries in block 0, the other blocks zero: softmax on GQ columns
+    elif kind == "kivi2":
+        # column blocks: value groups, and key blocks of a tile (several blocks per tile)
+        ngp = max(d // group, triton.cdiv(16, gq))
     else:
         ngp = d // group  # column blocks = value groups; query heads padded to fill 16 columns
         gq = max(gq, triton.cdiv(16, ngp))
     block_n, num_warps, num_stages, *maxnreg = config or TILE_CONFIGS[kind]
     extra = {"maxnreg": maxnreg[0]} if maxnreg and maxnreg[0] else {}
+    kb = 1
     if kind == "kivi2":
-        block_n = min(block_n, bs)  # a tile inside one block: the key scales fold into the queries
-        if bs % block_n:
-            raise ValueError(f"kivi2 decode tile {block_n} must divide the block size {bs}")
+        # A tile covers kb whole blocks (column block bb scores block bb, its channel scales folded
+        # into the queries), at most one per column block, or lies inside one block.
+        block_n = min(block_n, ngp * bs)
+        if block_n >= bs and block_n % bs == 0:
+            kb = block_n // bs
+        elif bs % block_n:
+            raise ValueError(f"kivi2 decode tile {block_n} and block size {bs}: one must divide the other")
     n_tiles = triton.cdiv(m * bs, block_n)
     if num_splits is None:
         num_splits = max(1, min(n_tiles, triton.cdiv(SPLIT_WAVES.get(kind, 8) * num_sms, b * hkv)))
@@ -389,7 +412,7 @@ def quant_decode(q, kind, per_byte, group, tensors, block_tables, seq_lens, scal
         hq, hkv, m, r, scale * 1.4426950408889634,
         k.stride(0), k.stride(1), k.stride(2), *kstr, *vstr,
         sliding_window or 0, sinks, g, chunk, num_splits,
-        KIND=kind_id, P=per_byte, D=d, GROUP=group, BS=bs, GQ=gq, NGP=ngp, BLOCK_N=block_n,
+        KIND=kind_id, P=per_byte, D=d, GROUP=group, BS=bs, GQ=gq, NGP=ngp, BLOCK_N=block_n, KB=kb,
         SPLIT=num_splits > 1, HAS_WINDOW=sliding_window is not None, DOT_F32=dot_f32,
         num_warps=num_warps, num_stages=num_stages, **extra,
     )
