@@ -176,8 +176,6 @@ def tune_table(formats, batch: int, ctx: int, configs=None, splits=(2, 8, 16)) -
         if kind != "dense":
             runs.append(("general", None, None))
         for impl, cfg, n in runs:
-            if kind == "kivi2" and cfg is not None and cfg[0] > bs:
-                continue  # kivi2 tiles stay inside one block (channel scales fold into the queries)
             decode.QUANT_DECODE = impl
             try:
                 us = bench_graph(lambda: paged_attention(q, cache, bt, seq, D ** -0.5, config=cfg, num_splits=n,
