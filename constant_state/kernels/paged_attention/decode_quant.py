@@ -354,7 +354,8 @@ EIGHT_BIT_BLOCKS = False
 # From the H200 sweep (benchmarks/bench_kv_decode.py --only tune, batch 32, context 32k): a register
 # cap of 168 fits 3 programs per SM for the 8-bit and kivi2 kernels (fp8 824 -> 735 us); int4 is as
 # fast with 2 warps and 64-token tiles as with 4 and 128 (780 vs 796 us); 1 warp and caps of 128 slower.
-TILE_CONFIGS = {"fp8": (128, 4, 3, 168), "int8": (128, 4, 3, 168), "int4": (64, 2, 3), "kivi2": (32, 2, 3, 168)}
+# kivi2: two 32-token blocks per tile, 2 warps (937 us; one block per tile 1229-1275, 128 tokens 1034-1314).
+TILE_CONFIGS = {"fp8": (128, 4, 3, 168), "int8": (128, 4, 3, 168), "int4": (64, 2, 3), "kivi2": (64, 2, 3)}
 
 
 def quant_decode(q, kind, per_byte, group, tensors, block_tables, seq_lens, scale, sliding_window, sinks,
