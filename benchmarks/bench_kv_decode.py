@@ -84,8 +84,8 @@ def best_tuned(tune_rows) -> dict:
     """Fastest (config, num_splits) per format from ``tune_table`` rows."""
     best = {}
     for r in tune_rows:
-        if r.get("impl") == "general" and r["format"] != "bf16":
-            continue
+        if r.get("impl") not in (None, "transposed") and r["format"] != "bf16":
+            continue  # attn runs the default kernel: only its configs are candidates
         if r["us"] == r["us"] and (r["format"] not in best or r["us"] < best[r["format"]][0]):
             best[r["format"]] = (r["us"], eval(r["config"]), r["splits"] or None)
     return {f: dict(config=c, num_splits=n) for f, (_, c, n) in best.items()}
@@ -134,12 +134,10 @@ def attn_table(formats, batches, contexts, tuned=None) -> list[dict]:
 # bf16: of the general kernel.
 TUNE_CONFIGS = {
     "dense": [(64, 4, 2), (64, 4, 3), (128, 8, 3)],
-    "fp8": [(128, 4, 3), (128, 4, 3, 168), (128, 4, 3, 128), (64, 2, 3), (64, 2, 3, 128), (32, 1, 3),
-            (32, 1, 3, 128), (64, 4, 3, 128)],
-    "int8": [(128, 4, 3), (128, 4, 3, 168), (128, 4, 3, 128), (64, 2, 3), (64, 2, 3, 128), (32, 1, 3)],
-    "int4": [(128, 4, 3), (128, 4, 3, 168), (128, 4, 3, 128), (64, 2, 3), (64, 2, 3, 128), (32, 1, 3),
-             (32, 1, 3, 128), (64, 4, 3, 128)],
-    "kivi2": [(32, 2, 3, 168), (64, 2, 3), (64, 2, 3, 168), (128, 2, 3), (128, 4, 3), (128, 4, 3, 168), (64, 4, 3)],
+    "fp8": [(128, 4, 3, 168), (128, 4, 3, 192), (128, 4, 2, 168)],
+    "int8": [(128, 4, 3, 168), (128, 4, 3, 192), (128, 4, 2, 168)],
+    "int4": [(64, 2, 3), (64, 2, 3, 192), (128, 4, 3, 192)],
+    "kivi2": [(64, 2, 3), (64, 2, 3, 192), (64, 2, 4)],
 }
 
 
@@ -173,10 +171,15 @@ def tune_table(formats, batch: int, ctx: int, configs=None, splits=(2, 8, 16)) -
         default = default_config(kind)
         runs = [("transposed" if kind != "dense" else "general", cfg, None) for cfg in (configs or TUNE_CONFIGS[kind])]
         runs += [(runs[0][0], default, n) for n in splits if n != 0]
+        if kind in ("fp8", "int8"):
+            runs.append(("transposed-blocks", default, None))  # decode_quant.EIGHT_BIT_BLOCKS = True
         if kind != "dense":
             runs.append(("general", None, None))
         for impl, cfg, n in runs:
-            decode.QUANT_DECODE = impl
+            from constant_state.kernels.paged_attention import decode_quant
+
+            decode.QUANT_DECODE = "transposed" if impl.startswith("transposed") else impl
+            decode_quant.EIGHT_BIT_BLOCKS = impl == "transposed-blocks"
             try:
                 us = bench_graph(lambda: paged_attention(q, cache, bt, seq, D ** -0.5, config=cfg, num_splits=n,
                                                          **extra))
@@ -185,9 +188,10 @@ def tune_table(formats, batch: int, ctx: int, configs=None, splits=(2, 8, 16)) -
                 us, note = float("nan"), type(e).__name__
             finally:
                 decode.QUANT_DECODE = "transposed"
+                decode_quant.EIGHT_BIT_BLOCKS = False
             rows.append(dict(format=fmt, impl=impl, config=str(cfg or decode.TILE_CONFIGS[(kind, True)]),
                              splits=n or 0, us=us, tb_s=nbytes / us / 1e6,
-                             default=impl != "general" and cfg == default and n is None, note=note))
+                             default=impl == runs[0][0] and cfg == default and n is None, note=note))
         print_rows([r for r in rows if r["format"] == fmt], ["format", "impl", "config", "splits", "us", "tb_s",
                                                              "default", "note"])
         del st, bt
