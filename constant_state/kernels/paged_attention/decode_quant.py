@@ -21,8 +21,10 @@ points never touch the big tiles: they multiply the small ``[N, C]`` tiles.
   token's group-``g`` scale (plus zero x the query's group sum), and the blocks are summed. Values:
   block ``g`` of ``Px`` carries the group-``g`` value scales; an output dim of group ``g`` is read
   from column block ``g``.
-- KIVI 2-bit: keys have scales per channel and block, folded into ``Qx`` once per tile (a tile lies
-  in one block); values as int4. The fp16 residual window is a dense tail.
+- KIVI 2-bit: keys have scales per channel and block, folded into ``Qx`` once per tile: a tile of
+  ``KB`` blocks puts block ``bb``'s scaled queries in column block ``bb`` and each token takes the
+  column block of its block (or the tile lies inside one block); values as int4. The fp16 residual
+  window is a dense tail.
 
 Packed codes are split into ``P`` value slots (slot ``j`` = bits ``[8j/P, 8(j+1)/P)`` of every
 byte, dims ``ref.pack_order``), one product per slot. A slot is decoded without shifts as
