@@ -371,3 +371,20 @@ def test_cuda_backend_glue_with_fake_kernels(hf_dirs, kind, monkeypatch):
     parts = [ours(ids[:, a:b], state)[0] for a, b in ((0, 2), (2, 24), (24, 38))]
     parts += [ours(ids[:, t:t + 1], state)[0] for t in range(38, 41)]
     assert max_diff(torch.cat(parts, 1), expected) <= TOL[kind]
+
+
+def test_triton_kernels_under_interpreter():
+    """tests/kernels/test_mamba_kernels.py in a subprocess with TRITON_INTERPRET=1 from the start."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton")
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           "tests/kernels/test_mamba_kernels.py"], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout and "skipped" not in proc.stdout, proc.stdout[-2000:]
