@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ref
-from .state_correction import initial_state_correction
+from .state_correction import continue_from_state
 
 log = logging.getLogger(__name__)
 
@@ -158,14 +158,9 @@ class MambaOps:
         if fresh:
             return y, last
         # selective_scan_fn has no initial state. The scan is linear in it:
-        # h_t += exp(A * sum_{s<=t} dt_s) h0, so y_t += C_t . that (times silu(z_t)).
-        dt = F.softplus(delta.float() + delta_bias.float()[:, None])  # [B, D, T]
-        cs = dt.cumsum(-1)  # [B, D, T]
-        h0 = initial_state.float()  # [B, D, N]
-        corr = initial_state_correction(cs, A, h0, C)  # Triton: one pass, N exponentials per output
-        y = (y.float() + corr * F.silu(z.float())).to(y.dtype)
-        last = last.float() + torch.exp(cs[:, :, -1:] * A.float()) * h0  # [B, D, N]
-        return y, last
+        # h_t += exp(A * sum_{s<=t} dt_s) h0, so y_t += C_t . that (times silu(z_t)); one fused Triton
+        # pass adds both (kernels/mamba/state_correction.py).
+        return continue_from_state(y, last.float().contiguous(), delta, delta_bias, A, initial_state.float(), C, z)
 
     def selective_state_update(self, state, x, dt, A, B, C, D, z, dt_bias, dt_softplus=True):
         if self.ssm == "ref":
