@@ -1,0 +1,120 @@
+"""Compile the quantized decode kernel for the H200 (sm_90) on a machine without a GPU and count the
+instructions of its main loop: a cheap first look before spending device time.
+
+Triton compiles to PTX and cubin for any target without a driver; ``nvdisasm`` and ``ptxas`` ship
+with Triton's NVIDIA backend. The loop is found as the body of the backward branch with the most
+instructions. Per-token figures are warp instructions per token and KV head (loop body x warps /
+BLOCK_N). Note: the GPU machine runs an older Triton (3.6) than CI (3.9); code generation can differ.
+
+    python benchmarks/offline_sass.py --kind fp8 --config 128,4,3,168
+    python benchmarks/offline_sass.py --kind int4 --config 64,2,3 --show LDS
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import subprocess
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from constant_state.kernels.paged_attention import decode_quant
+
+FORMATS = {  # kind id, values per byte, group (D = 128), block size, code type
+    "fp8": (1, 1, 128, 16, "*u8"), "int8": (2, 1, 128, 16, "*i8"), "int4": (3, 2, 64, 16, "*u8"),
+    "int4-g32": (3, 2, 32, 16, "*u8"), "kivi2": (4, 4, 64, 32, "*u8"),
+}
+
+
+def _bin(name: str) -> str:
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+def compile_decode(fmt: str, block_n: int, num_warps: int, num_stages: int, maxnreg: int | None, g: int = 4):
+    kind, p, group, bs, cty = FORMATS[fmt]
+    d = 128
+    gq = triton.next_power_of_2(g)
+    if kind == 4:
+        ngp = max(d // group, triton.cdiv(16, gq))
+    else:
+        ngp = d // group
+        gq = max(gq, triton.cdiv(16, ngp))
+    sig = dict(q_ptr="*bf16", o_ptr="*bf16", part_ptr="*fp32", ml_ptr="*fp32", k_ptr=cty, v_ptr=cty,
+               ks_ptr="*fp16", vs_ptr="*fp16", kz_ptr="*fp16", vz_ptr="*fp16", rk_ptr="*fp16", rv_ptr="*fp16",
+               bt_ptr="*i32", seq_ptr="*i32")
+    for name in ("HQ", "HKV", "M", "R"):
+        sig[name] = "i32"
+    sig["scale_log2"] = "fp32"
+    for name in ("stride_cb stride_ct stride_ch stride_kb stride_kt stride_kh stride_vb stride_vt stride_vh "
+                 "WINDOW SINKS G CHUNK SPLITS").split():
+        sig[name] = "i32"
+    const = dict(KIND=kind, P=p, D=d, GROUP=group, BS=bs, GQ=gq, NGP=ngp, BLOCK_N=block_n,
+                 KB=max(1, block_n // bs) if kind == 4 else 1, SPLIT=True, HAS_WINDOW=False, DOT_F32=False)
+    sig.update({k: "constexpr" for k in const})
+    names = list(sig)
+    aligned = [i for i, n in enumerate(names) if n.endswith("_ptr") or n.startswith("stride_") or n == "M"]
+    src = ASTSource(fn=decode_quant._quant_decode_kernel, signature=sig, constexprs=const,
+                    attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
+    opts = {"num_warps": num_warps, "num_stages": num_stages}
+    if maxnreg:
+        opts["maxnreg"] = maxnreg
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
+
+
+def loop_body(sass: str) -> list[str]:
+    labels, instrs = {}, []
+    for line in sass.splitlines():
+        m = re.match(r"^(\.L_x_\d+):", line.strip())
+        if m:
+            labels[m.group(1)] = len(instrs)
+            continue
+        m = re.match(r"^\s+/\*[0-9a-f]+\*/\s+(.*?);", line)
+        if m:
+            instrs.append(m.group(1))
+    best: list[str] = []
+    for i, text in enumerate(instrs):
+        op = re.sub(r"^@!?U?P\w+\s+", "", text).split()[0]
+        target = re.search(r"(\.L_x_\d+)", text)
+        if op == "BRA" and target and labels.get(target.group(1), 1 << 60) < i:
+            body = instrs[labels[target.group(1)]:i + 1]
+            best = body if len(body) > len(best) else best
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--kind", choices=list(FORMATS), default="fp8")
+    ap.add_argument("--config", default=None, help="BLOCK_N,warps,stages[,maxnreg] (default: decode_quant.TILE_CONFIGS)")
+    ap.add_argument("--show", default=None, help="print the loop's instructions whose opcode starts with this")
+    a = ap.parse_args()
+    cfg = [int(x) for x in a.config.split(",")] if a.config else list(decode_quant.TILE_CONFIGS[a.kind.split("-")[0]])
+    block_n, warps, stages, *cap = cfg
+    c = compile_decode(a.kind, block_n, warps, stages, cap[0] if cap else None)
+    cubin = "/tmp/offline_sass.cubin"
+    with open(cubin, "wb") as f:
+        f.write(c.asm["cubin"])
+    sass = subprocess.run([_bin("nvdisasm"), "-c", cubin], capture_output=True, text=True, check=True).stdout
+    ptx = "/tmp/offline_sass.ptx"
+    with open(ptx, "w") as f:
+        f.write(c.asm["ptx"])
+    ptxas = _bin("ptxas-blackwell") if os.path.exists(_bin("ptxas-blackwell")) else _bin("ptxas")
+    info = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", ptx, "-o", os.devnull], capture_output=True, text=True)
+    regs = " ".join(l.split("info    :")[-1].strip() for l in info.stderr.splitlines() if "registers" in l or "spill" in l)
+    body = loop_body(sass)
+    ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0] for t in body)
+    print(f"{a.kind} config {tuple(cfg)}: {regs or info.stderr.strip()[:200]}")
+    print(f"main loop: {len(body)} instructions per warp per {block_n}-token tile = "
+          f"{len(body) * warps / block_n:.1f} warp instructions per token and KV head")
+    print("  " + ", ".join(f"{k} {v}" for k, v in ops.most_common(24)))
+    if a.show:
+        for t in body:
+            if re.sub(r"^@!?U?P\w+\s+", "", t).startswith(a.show):
+                print("   ", t)
+
+
+if __name__ == "__main__":
+    main()

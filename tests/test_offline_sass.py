@@ -1,0 +1,19 @@
+"""benchmarks/offline_sass.py: the quantized decode kernel compiles for sm_90 without a GPU and its
+main loop is found (a development tool; kept working by this test)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def test_offline_sass_reports_the_main_loop():
+    pytest.importorskip("triton")
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, "benchmarks/offline_sass.py", "--kind", "int4", "--config", "64,2,3"],
+                          cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "main loop:" in proc.stdout and "warp instructions per token" in proc.stdout, proc.stdout
+    n = int(proc.stdout.split("main loop: ")[1].split()[0])
+    assert n > 100, proc.stdout
