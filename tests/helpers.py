@@ -2,11 +2,35 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
+
+# Kernel tests (tests/kernels/) run on a GPU, or on the CPU under Triton's interpreter when
+# TRITON_INTERPRET=1 was set before triton was imported; in a plain CPU process they skip.
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+KERNEL_DEVICE = "cpu" if INTERPRET else "cuda"
+needs_interpreter_or_cuda = pytest.mark.skipif(not INTERPRET and not torch.cuda.is_available(),
+                                               reason="needs TRITON_INTERPRET=1 from process start, or a CUDA device")
+
+
+def run_under_interpreter(test_file: str, *pytest_args: str) -> str:
+    """Run ``tests/kernels/<test_file>`` in a fresh process with TRITON_INTERPRET=1 (the interpreter
+    must be chosen before triton is imported); assert it passed and return its output."""
+    pytest.importorskip("triton")
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *pytest_args,
+                           f"tests/kernels/{test_file}"], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    return proc.stdout
 
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:

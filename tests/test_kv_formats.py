@@ -1,13 +1,9 @@
 """Quantized KV formats: memory formulas exact to the byte, config and CLI selection, the generate
 loop on every format (references on the CPU), and the Triton kernels under the interpreter."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from helpers import run_under_interpreter
 
 import constant_state as cs
 from constant_state.__main__ import main
@@ -137,14 +133,7 @@ def test_backend_can_be_forced():
 def test_kernels_under_triton_interpreter():
     """tests/kernels/test_paged_attention_kernels.py in a fresh process with TRITON_INTERPRET=1
     (the interpreter must be chosen before triton is imported)."""
-    pytest.importorskip("triton")
-    root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-                        str(root / "tests" / "kernels" / "test_paged_attention_kernels.py")],
-                       cwd=root, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
-    assert " passed" in r.stdout
+    assert " passed" in run_under_interpreter("test_paged_attention_kernels.py", "-x")
 
 
 def test_kv_flags_in_help_and_memory_with_eviction(capsys):

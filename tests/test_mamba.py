@@ -12,7 +12,7 @@ from constant_state.kernels.mamba import ref
 from constant_state.models.mamba import Mamba2Config, MambaConfig
 from constant_state.state import spec_bytes_per_sequence
 from constant_state.state_io import load_state, save_state
-from helpers import max_diff
+from helpers import max_diff, run_under_interpreter
 
 V = 96
 # Mamba-2 tolerance: our chunked SSD reference and HF's torch path are the same algorithm in fp32
@@ -375,16 +375,5 @@ def test_cuda_backend_glue_with_fake_kernels(hf_dirs, kind, monkeypatch):
 
 def test_triton_kernels_under_interpreter():
     """tests/kernels/test_mamba_kernels.py in a subprocess with TRITON_INTERPRET=1 from the start."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    pytest.importorskip("triton")
-    root = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                           "tests/kernels/test_mamba_kernels.py"], cwd=root, env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert " passed" in proc.stdout and "skipped" not in proc.stdout, proc.stdout[-2000:]
+    out = run_under_interpreter("test_mamba_kernels.py")
+    assert " passed" in out and "skipped" not in out, out[-2000:]

@@ -5,9 +5,6 @@ The Triton kernels run on the CPU under Triton's interpreter in a subprocess
 """
 
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +13,7 @@ import constant_state as cs
 from constant_state.kernels import rwkv7 as k7
 from constant_state.kernels.rwkv7.ref import rwkv7_chunk_ref, rwkv7_ref
 from constant_state.models.rwkv7 import RWKV7, RWKV7Config, convert_blinkdl, convert_fla, config_from_blinkdl
-from helpers import max_diff
+from helpers import max_diff, run_under_interpreter
 from models_under_test import TINY_RWKV7
 from rwkv7_helpers import blinkdl_state_dict, blinkdl_to_fla, save_blinkdl
 
@@ -155,14 +152,8 @@ def test_model_chunked_cpu_path_matches_loop(monkeypatch):
 
 def test_triton_kernels_under_interpreter():
     """tests/kernels/test_rwkv7_kernels.py in a subprocess with TRITON_INTERPRET=1 from the start."""
-    pytest.importorskip("triton")
-    root = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                           "tests/kernels/test_rwkv7_kernels.py"], cwd=root, env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert " passed" in proc.stdout and "skipped" not in proc.stdout, proc.stdout[-2000:]
+    out = run_under_interpreter("test_rwkv7_kernels.py")
+    assert " passed" in out and "skipped" not in out, out[-2000:]
 
 
 @torch.no_grad()

@@ -5,40 +5,14 @@ triton was imported (tests/test_mamba.py runs this file in such a subprocess). I
 pytest process it skips: the interpreter cannot be switched on after import.
 """
 
-import os
-
 import pytest
 import torch
+from helpers import KERNEL_DEVICE, needs_interpreter_or_cuda
 
-from constant_state.kernels.mamba.state_correction import initial_state_correction, initial_state_correction_ref
+from constant_state.kernels.mamba.state_correction import continue_from_state, continue_from_state_ref
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-pytestmark = pytest.mark.skipif(not INTERPRET and not torch.cuda.is_available(),
-                                reason="needs TRITON_INTERPRET=1 from process start, or a CUDA device")
-DEVICE = "cpu" if INTERPRET else "cuda"
-
-
-@pytest.mark.parametrize("b, d, t, n", [(1, 8, 5, 4), (2, 37, 70, 16), (3, 64, 129, 8)])
-def test_initial_state_correction_matches_reference(b, d, t, n):
-    """The output term of a non-zero initial state, odd channel and step counts (masked tiles)."""
-    g = torch.Generator().manual_seed(0)
-    dt = torch.nn.functional.softplus(torch.randn(b, d, t, generator=g))
-    cs = dt.cumsum(-1).to(DEVICE)
-    A = (-torch.rand(d, n, generator=g) * 2).to(DEVICE)
-    h0 = torch.randn(b, d, n, generator=g).to(DEVICE)
-    C = torch.randn(b, n, t, generator=g).to(DEVICE)
-    ref = initial_state_correction_ref(cs, A, h0, C)
-    out = initial_state_correction(cs, A, h0, C)
-    assert out.shape == (b, d, t)
-    err = (out - ref).abs().max().item()
-    assert err <= 1e-5 * max(1.0, ref.abs().max().item()), f"max abs err {err:.2e}"
-
-
-def test_initial_state_correction_rejects_bad_shapes():
-    cs = torch.zeros(2, 8, 5, device=DEVICE)
-    with pytest.raises(ValueError, match="C \\[B, N, T\\]"):
-        initial_state_correction(cs, torch.zeros(8, 4, device=DEVICE), torch.zeros(2, 8, 4, device=DEVICE),
-                                 torch.zeros(2, 4, 6, device=DEVICE))
+pytestmark = needs_interpreter_or_cuda
+DEVICE = KERNEL_DEVICE
 
 
 @pytest.mark.parametrize("b, d, t, n", [(1, 8, 5, 4), (2, 37, 130, 16)])
@@ -46,8 +20,6 @@ def test_initial_state_correction_rejects_bad_shapes():
 def test_continue_from_state_matches_reference(b, d, t, n, with_z, with_bias):
     """The fused continuation (softplus + running sum + output term + gate + final state) vs the
     reference, on strided dt / z views (time contiguous) and bf16 y, several time tiles."""
-    from constant_state.kernels.mamba.state_correction import continue_from_state, continue_from_state_ref
-
     g = torch.Generator().manual_seed(1)
     xz = torch.randn(2 * d, b, t, generator=g).to(DEVICE).permute(1, 0, 2)  # [B, 2D, T], strided like the model
     dt, z = xz[:, :d] * 0.5 - 1.0, (xz[:, d:] if with_z else None)

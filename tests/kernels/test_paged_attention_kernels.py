@@ -5,19 +5,16 @@ triton was imported (tests/test_kv_formats.py runs this file in such a subproces
 pytest process it skips: the interpreter cannot be switched on after import.
 """
 
-import os
-
 import pytest
 import torch
+from helpers import INTERPRET, KERNEL_DEVICE, needs_interpreter_or_cuda
 
 from constant_state.cache.formats import get_format
 from constant_state.kernels.paged_attention.ref import (QuantKV, dequantize_ref, paged_attention_ref,
                                                         quant_paged_attention_ref, quant_write_ref)
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-pytestmark = pytest.mark.skipif(not INTERPRET and not torch.cuda.is_available(),
-                                reason="needs TRITON_INTERPRET=1 from process start, or a CUDA device")
-DEVICE = "cpu" if INTERPRET else "cuda"
+pytestmark = needs_interpreter_or_cuda
+DEVICE = KERNEL_DEVICE
 FORMATS = ["bf16", "fp8", "int8", "int4", "int4-g32"]
 
 

@@ -5,15 +5,12 @@ triton was imported (tests/test_rwkv7.py runs this file in such a subprocess). I
 pytest process it skips: the interpreter cannot be switched on after import.
 """
 
-import os
-
 import pytest
 import torch
+from helpers import KERNEL_DEVICE, needs_interpreter_or_cuda
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-pytestmark = pytest.mark.skipif(not INTERPRET and not torch.cuda.is_available(),
-                                reason="needs TRITON_INTERPRET=1 from process start, or a CUDA device")
-DEVICE = "cpu" if INTERPRET else "cuda"
+pytestmark = needs_interpreter_or_cuda
+DEVICE = KERNEL_DEVICE
 
 
 def inputs(b, t, h, dk, dv, dtype=torch.float32, seed=0):

@@ -390,6 +390,17 @@ def paged_attention(q: torch.Tensor, cache, block_tables: torch.Tensor, seq_lens
     q = q.contiguous()
     block_tables = block_tables.to(torch.int32).contiguous()
     seq_lens = seq_lens.to(torch.int32).contiguous()
+    if not _INTERPRET and d // p < 16:
+        raise ValueError(f"{kind}: head_dim {d} / {p} values per byte must be >= 16 for the GPU kernel's dots")
+    if kind == "kivi2" and (res_k is None or res_v is None or res_k.shape[0] != b):
+        raise ValueError(f"kivi2 needs res_k, res_v [B={b}, R, Hkv, D]")
+    # Quantized decode: the transposed kernel (kivi2 on the GPU needs blocks of >= 16 tokens there).
+    if t == 1 and kind != "dense" and QUANT_DECODE == "transposed" and (kind != "kivi2" or bs >= 16 or _INTERPRET):
+        from .decode_quant import quant_decode
+
+        return quant_decode(q, kind, p, group, (k, v, ks, vs, kz, vz), block_tables, seq_lens, scale,
+                            sliding_window, sinks, num_splits, res_k, res_v, config, _num_sms(q.device),
+                            _INTERPRET or q.dtype == torch.float32)
     m = block_tables.shape[1]
     gq = hq // hkv
     gpad = max(triton.next_power_of_2(gq), 1)
@@ -403,17 +414,6 @@ def paged_attention(q: torch.Tensor, cache, block_tables: torch.Tensor, seq_lens
     if kind == "kivi2" and config is None:
         # A tile inside one block (channel scales fold into the queries); dots need 16 tokens.
         block_n = max(16, min(block_n, bs))
-    if not _INTERPRET and d // p < 16:
-        raise ValueError(f"{kind}: head_dim {d} / {p} values per byte must be >= 16 for the GPU kernel's dots")
-    # kivi2 on the GPU: the transposed kernel's tiles stay in one block and need 16 tokens.
-    if t == 1 and kind != "dense" and QUANT_DECODE == "transposed" and (kind != "kivi2" or bs >= 16 or _INTERPRET):
-        from .decode_quant import quant_decode
-
-        if kind == "kivi2" and (res_k is None or res_v is None or res_k.shape[0] != b):
-            raise ValueError(f"kivi2 needs res_k, res_v [B={b}, R, Hkv, D]")
-        return quant_decode(q, kind, p, group, (k, v, ks, vs, kz, vz), block_tables, seq_lens, scale,
-                            sliding_window, sinks, num_splits, res_k, res_v, config, _num_sms(q.device),
-                            _INTERPRET or q.dtype == torch.float32)
     n_tiles = triton.cdiv(m * bs, block_n)
     if num_splits is None:
         # Static: enough programs for SPLIT_WAVES waves of SMs at any batch, from shapes only; dense
@@ -431,8 +431,6 @@ def paged_attention(q: torch.Tensor, cache, block_tables: torch.Tensor, seq_lens
     else:
         part = ml = out
     if kind == "kivi2":
-        if res_k is None or res_v is None or res_k.shape[0] != b:
-            raise ValueError(f"kivi2 needs res_k, res_v [B={b}, R, Hkv, D]")
         r = res_k.shape[1]
         kstr = (ks.stride(0), 0, ks.stride(1))  # per channel: [N, H, D]
     else:

@@ -87,6 +87,25 @@ def _group_scales(ptr, row, mask_n, offs_g, NG: tl.constexpr):
 
 
 @triton.jit
+def _tile_blocks(bt_row, offs_n, q_hi, BS: tl.constexpr):
+    """Block ids of tokens ``offs_n`` of a row (block 0 past ``q_hi``), int64."""
+    return tl.load(bt_row + offs_n // BS, mask=offs_n < q_hi, other=0).to(tl.int64)
+
+
+@triton.jit
+def _token_scales(ptr, blk, offs_n, q_hi, h, sb, st, sh, offs_g, NG: tl.constexpr, BS: tl.constexpr):
+    """Per-token scales (or zero points) ``[N, NGP]`` of tokens ``offs_n`` in blocks ``blk``."""
+    return _group_scales(ptr, blk * sb + (offs_n % BS) * st + h * sh, offs_n < q_hi, offs_g, NG)
+
+
+@triton.jit
+def _kivi_blocks(bt_row, start, offs_g, q_hi, KB: tl.constexpr, BS: tl.constexpr):
+    """kivi2: ids of the ``KB`` blocks of the tile at ``start``, as ``[NGP]`` (block 0 past them)."""
+    return tl.load(bt_row + start // BS + offs_g, mask=(offs_g < KB) & (start + offs_g * BS < q_hi),
+                   other=0).to(tl.int64)
+
+
+@triton.jit
 def _kivi_key_scales(ks_ptr, kz_ptr, off, dim0, dim1, dim2, dim3):
     """kivi2: per-channel key scales and zero points of the blocks at offsets ``off [NGP]``, per value
     slot (``[D / 4, NGP]`` each)."""
@@ -186,35 +205,28 @@ def _quant_decode_kernel(
     # narrow for Triton's pipelining of the code tiles, and would otherwise stall every tile on a
     # full memory latency (measured on the H200: about 2 us per tile, whatever the format).
     offs_a = k_lo + tl.arange(0, BLOCK_N)
-    blk_a = tl.load(bt_row + offs_a // BS, mask=offs_a < q_hi, other=0).to(tl.int64)
+    blk_a = _tile_blocks(bt_row, offs_a, q_hi, BS)
     if KIND == 4:
-        kb_a = tl.load(bt_row + k_lo // BS + offs_g, mask=(offs_g < KB) & (k_lo + offs_g * BS < q_hi),
-                       other=0).to(tl.int64)
-        ks0, ks1, ks2, ks3, kz0, kz1, kz2, kz3 = _kivi_key_scales(ks_ptr, kz_ptr, kb_a * stride_kb + h * stride_kh,
-                                                                  dim0, dim1, dim2, dim3)
-        kb_b = tl.load(bt_row + (k_lo + BLOCK_N) // BS + offs_g,
-                       mask=(offs_g < KB) & (k_lo + BLOCK_N + offs_g * BS < q_hi), other=0).to(tl.int64)
+        ks0, ks1, ks2, ks3, kz0, kz1, kz2, kz3 = _kivi_key_scales(
+            ks_ptr, kz_ptr, _kivi_blocks(bt_row, k_lo, offs_g, q_hi, KB, BS) * stride_kb + h * stride_kh,
+            dim0, dim1, dim2, dim3)
+        kb_b = _kivi_blocks(bt_row, k_lo + BLOCK_N, offs_g, q_hi, KB, BS)
     else:
-        ks_n = _group_scales(ks_ptr, blk_a * stride_kb + (offs_a % BS) * stride_kt + h * stride_kh, offs_a < q_hi,
-                             offs_g, NG)
+        ks_n = _token_scales(ks_ptr, blk_a, offs_a, q_hi, h, stride_kb, stride_kt, stride_kh, offs_g, NG, BS)
         if KIND == 3:
-            kz_n = _group_scales(kz_ptr, blk_a * stride_kb + (offs_a % BS) * stride_kt + h * stride_kh,
-                                 offs_a < q_hi, offs_g, NG)
-    vs_n = _group_scales(vs_ptr, blk_a * stride_vb + (offs_a % BS) * stride_vt + h * stride_vh, offs_a < q_hi, offs_g, NG)
+            kz_n = _token_scales(kz_ptr, blk_a, offs_a, q_hi, h, stride_kb, stride_kt, stride_kh, offs_g, NG, BS)
+    vs_n = _token_scales(vs_ptr, blk_a, offs_a, q_hi, h, stride_vb, stride_vt, stride_vh, offs_g, NG, BS)
     if KIND >= 3:
-        vz_n = _group_scales(vz_ptr, blk_a * stride_vb + (offs_a % BS) * stride_vt + h * stride_vh, offs_a < q_hi,
-                             offs_g, NG)
-    offs_b = k_lo + BLOCK_N + tl.arange(0, BLOCK_N)
-    blk_b = tl.load(bt_row + offs_b // BS, mask=offs_b < q_hi, other=0).to(tl.int64)
+        vz_n = _token_scales(vz_ptr, blk_a, offs_a, q_hi, h, stride_vb, stride_vt, stride_vh, offs_g, NG, BS)
+    blk_b = _tile_blocks(bt_row, k_lo + BLOCK_N + tl.arange(0, BLOCK_N), q_hi, BS)
     for start in range(k_lo, q_hi, BLOCK_N):
         # ---- this tile's scales (loaded last iteration); issue the next tile's ----
-        vs_t = vs_n
         offs_b = start + BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_b = offs_b < q_hi
-        vs_n = _group_scales(vs_ptr, blk_b * stride_vb + (offs_b % BS) * stride_vt + h * stride_vh, mask_b, offs_g, NG)
+        vs_t = vs_n
+        vs_n = _token_scales(vs_ptr, blk_b, offs_b, q_hi, h, stride_vb, stride_vt, stride_vh, offs_g, NG, BS)
         if KIND >= 3:
             vz_t = vz_n
-            vz_n = _group_scales(vz_ptr, blk_b * stride_vb + (offs_b % BS) * stride_vt + h * stride_vh, mask_b, offs_g, NG)
+            vz_n = _token_scales(vz_ptr, blk_b, offs_b, q_hi, h, stride_vb, stride_vt, stride_vh, offs_g, NG, BS)
         if KIND == 4:
             b0 = (q0 * _per_col(ks0, DP, NGP, GQ)).to(DT)
             b1 = (q1 * _per_col(ks1, DP, NGP, GQ) * (1.0 / 4)).to(DT)
@@ -226,21 +238,18 @@ def _quant_decode_kernel(
             zq += tl.sum(q3 * _per_col(kz3, DP, NGP, GQ), 0)
             ks0, ks1, ks2, ks3, kz0, kz1, kz2, kz3 = _kivi_key_scales(
                 ks_ptr, kz_ptr, kb_b * stride_kb + h * stride_kh, dim0, dim1, dim2, dim3)
-            kb_b = tl.load(bt_row + (start + 2 * BLOCK_N) // BS + offs_g,
-                           mask=(offs_g < KB) & (start + 2 * BLOCK_N + offs_g * BS < q_hi), other=0).to(tl.int64)
+            kb_b = _kivi_blocks(bt_row, start + 2 * BLOCK_N, offs_g, q_hi, KB, BS)
         else:
             ks_t = ks_n
-            ks_n = _group_scales(ks_ptr, blk_b * stride_kb + (offs_b % BS) * stride_kt + h * stride_kh, mask_b, offs_g, NG)
+            ks_n = _token_scales(ks_ptr, blk_b, offs_b, q_hi, h, stride_kb, stride_kt, stride_kh, offs_g, NG, BS)
             if KIND == 3:
                 kz_t = kz_n
-                kz_n = _group_scales(kz_ptr, blk_b * stride_kb + (offs_b % BS) * stride_kt + h * stride_kh, mask_b,
-                                     offs_g, NG)
-        offs_c2 = start + 2 * BLOCK_N + tl.arange(0, BLOCK_N)
-        blk_b = tl.load(bt_row + offs_c2 // BS, mask=offs_c2 < q_hi, other=0).to(tl.int64)
+                kz_n = _token_scales(kz_ptr, blk_b, offs_b, q_hi, h, stride_kb, stride_kt, stride_kh, offs_g, NG, BS)
+        blk_b = _tile_blocks(bt_row, start + 2 * BLOCK_N + tl.arange(0, BLOCK_N), q_hi, BS)
 
         offs_n = start + tl.arange(0, BLOCK_N)
         mask_n = offs_n < q_hi
-        blk = tl.load(bt_row + offs_n // BS, mask=mask_n, other=0).to(tl.int64)
+        blk = _tile_blocks(bt_row, offs_n, q_hi, BS)
         tok = offs_n % BS
         crow = blk * stride_cb + tok * stride_ct + h * stride_ch
         ok = mask_n
