@@ -49,8 +49,8 @@ def compile_decode(fmt: str, block_n: int, num_warps: int, num_stages: int, maxn
     for name in ("HQ", "HKV", "M", "R"):
         sig[name] = "i32"
     sig["scale_log2"] = "fp32"
-    for name in ("stride_cb stride_ct stride_ch stride_kb stride_kt stride_kh stride_vb stride_vt stride_vh "
-                 "WINDOW SINKS G CHUNK SPLITS").split():
+    for name in ("stride_cb stride_ct stride_ch stride_wb stride_wt stride_wh stride_wc stride_kb stride_kt stride_kh "
+                 "stride_vb stride_vt stride_vh WINDOW SINKS G CHUNK SPLITS").split():
         sig[name] = "i32"
     const = dict(KIND=kind, P=p, D=d, GROUP=group, BS=bs, GQ=gq, NGP=ngp, BLOCK_N=block_n,
                  KB=max(1, block_n // bs) if kind == 4 else 1, SPLIT=True, HAS_WINDOW=False, DOT_F32=False)

@@ -21,7 +21,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from ..kernels.paged_attention.ref import (QuantKV, kivi_update_residual, kivi_window, kivi_write_ref,
+from ..kernels.paged_attention.ref import (QuantKV, token_contiguous, kivi_update_residual, kivi_window, kivi_write_ref,
                                            quant_paged_attention_ref, quant_write_ref)
 from .formats import _ALIASES, KVFormat, KVStorage, format_names, register_format
 
@@ -74,7 +74,8 @@ class QuantStorage(KVStorage):
         codes = lambda: torch.zeros((n, bs, h, d // fmt.per_byte), dtype=fmt.code_dtype, device=device)
         scales = lambda: torch.zeros((n, bs, h, fmt.groups(d)), dtype=torch.float16, device=device)
         zeros = (lambda: scales()) if fmt.has_zero else (lambda: None)
-        self.cache = QuantKV(fmt.kind, codes(), codes(), scales(), scales(), zeros(), zeros(),
+        vcodes = token_contiguous(n, bs, h, d // fmt.per_byte, fmt.code_dtype, device)
+        self.cache = QuantKV(fmt.kind, codes(), vcodes, scales(), scales(), zeros(), zeros(),
                              group_size=fmt.group_for(d))
 
     def write(self, k, v, slot_mapping):
@@ -163,7 +164,7 @@ class KiviFormat(KVFormat):
         n, bs, h, d = num_blocks, block_size, num_kv_heads, head_dim
         g = self.group_for(d)
         z = lambda *shape, dt=torch.float16: torch.zeros(shape, dtype=dt, device=device)  # noqa: E731
-        st.cache = QuantKV("kivi2", z(n, bs, h, d // 4, dt=torch.uint8), z(n, bs, h, d // 4, dt=torch.uint8),
+        st.cache = QuantKV("kivi2", z(n, bs, h, d // 4, dt=torch.uint8), token_contiguous(n, bs, h, d // 4, torch.uint8, device),
                            z(n, h, d), z(n, bs, h, d // g), z(n, h, d), z(n, bs, h, d // g),
                            group_size=g, residual=self.residual)
         return st

@@ -82,7 +82,8 @@ def _paged_attn_kernel(
     k_ptr, v_ptr, ks_ptr, vs_ptr, kz_ptr, vz_ptr, rk_ptr, rv_ptr,
     bt_ptr, seq_ptr,
     T, HQ, HKV, M, R, scale_log2,
-    stride_cb, stride_ct, stride_ch,  # codes: block, token, head (elements)
+    stride_cb, stride_ct, stride_ch,  # key codes: block, token, head (elements; unit stride along the head dim)
+    stride_wb, stride_wt, stride_wh, stride_wc,  # value codes: block, token, head, byte
     stride_kb, stride_kt, stride_kh,  # key scales / zeros: block, token, head
     stride_vb, stride_vt, stride_vh,  # value scales / zeros: block, token, head
     WINDOW, SINKS, G, CHUNK, SPLITS,  # G, CHUNK, SPLITS at run time: fewer compiled variants
@@ -168,6 +169,7 @@ def _paged_attn_kernel(
         if HAS_WINDOW:
             ok &= (offs_n[None, :] > qpos[:, None] - WINDOW) | (offs_n[None, :] < SINKS)
         cptr = row[:, None] + offs_c[None, :]
+        vptr = (blk * stride_wb + tok * stride_wt + h * stride_wh)[:, None] + offs_c[None, :] * stride_wc
         # ---- scores [ROWS, N] ----
         if KIND == 0:
             k = tl.load(k_ptr + cptr, mask=mask_n[:, None], other=0.0).to(DT)
@@ -232,10 +234,10 @@ def _paged_attn_kernel(
         pd = p.to(DT)
         # ---- values ----
         if KIND == 0:
-            v = tl.load(v_ptr + cptr, mask=mask_n[:, None], other=0.0).to(DT)
+            v = tl.load(v_ptr + vptr, mask=mask_n[:, None], other=0.0).to(DT)
             acc0 = acc0 * alpha[:, None] + tl.dot(pd, v, input_precision=PREC)
         elif KIND == 1 or KIND == 2:
-            vc = tl.load(v_ptr + cptr, mask=mask_n[:, None], other=0)
+            vc = tl.load(v_ptr + vptr, mask=mask_n[:, None], other=0)
             if Q8_BF16:
                 vsc = tl.load(vs_ptr + vsrow, mask=mask_n, other=0.0).to(tl.float32)
                 if KIND == 1:
@@ -253,7 +255,7 @@ def _paged_attn_kernel(
                 acc0 = acc0 * alpha[:, None] + tl.dot(pd, v * vsc[:, None], input_precision=PREC)
         else:
             # int4 and kivi2 values: scale and zero per token and group of GROUP dims.
-            vc = tl.load(v_ptr + cptr, mask=mask_n[:, None], other=0).to(tl.int16)
+            vc = tl.load(v_ptr + vptr, mask=mask_n[:, None], other=0).to(tl.int16)
             sc = _group_bcast(vs_ptr, vsrow, mask_n, offs_c, NG, GP, DT)
             zc = _group_bcast(vz_ptr, vsrow, mask_n, offs_c, NG, GP, DT)
             acc0 = acc0 * alpha[:, None] + tl.dot(pd, _nibbles(vc, 0, BITS, DT) * sc + zc, input_precision=PREC)
@@ -384,9 +386,12 @@ def paged_attention(q: torch.Tensor, cache, block_tables: torch.Tensor, seq_lens
     if block_tables.shape[0] != b or seq_lens.shape != (b,):
         raise ValueError(f"block_tables [B, M] / seq_lens [B] expected B={b}, got {tuple(block_tables.shape)} / "
                          f"{tuple(seq_lens.shape)}")
-    for x in (k, v, ks, vs):
+    for x in (k, ks, vs):
         if not x.is_contiguous():
             raise ValueError("cache tensors must be contiguous")
+    if v.shape != k.shape or (kind != "dense" and v.stride(1) != 1) or (kind == "dense" and not v.is_contiguous()):
+        raise ValueError("value codes must match the keys' shape: contiguous (dense) or tokens contiguous "
+                         "within a block (quantized, see ref.token_contiguous)")
     q = q.contiguous()
     block_tables = block_tables.to(torch.int32).contiguous()
     seq_lens = seq_lens.to(torch.int32).contiguous()
@@ -442,7 +447,7 @@ def paged_attention(q: torch.Tensor, cache, block_tables: torch.Tensor, seq_lens
     _paged_attn_kernel[grid](
         q, out, part, ml, k, v, ks, vs, kz, vz, res_k, res_v, block_tables, seq_lens,
         t, hq, hkv, m, r, scale * 1.4426950408889634,
-        k.stride(0), k.stride(1), k.stride(2), *kstr, *vstr,
+        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), v.stride(3), *kstr, *vstr,
         sliding_window or 0, sinks, gq, chunk, num_splits,
         KIND=KIND_IDS[kind], P=p, D=d, GROUP=group, BS=bs, GPAD=gpad, BLOCK_T=block_t, BLOCK_N=block_n,
         SPLIT=num_splits > 1, HAS_WINDOW=sliding_window is not None, Q8_BF16=q8_bf16,

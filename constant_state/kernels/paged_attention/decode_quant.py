@@ -122,7 +122,8 @@ def _quant_decode_kernel(
     k_ptr, v_ptr, ks_ptr, vs_ptr, kz_ptr, vz_ptr, rk_ptr, rv_ptr,
     bt_ptr, seq_ptr,
     HQ, HKV, M, R, scale_log2,
-    stride_cb, stride_ct, stride_ch,  # codes: block, token, head (elements)
+    stride_cb, stride_ct, stride_ch,  # key codes: block, token, head (elements; unit stride along the head dim)
+    stride_wb, stride_wt, stride_wh, stride_wc,  # value codes: block, token, head, byte
     stride_kb, stride_kt, stride_kh,  # key scales / zeros: block, token, head
     stride_vb, stride_vt, stride_vh,  # value scales / zeros: block, token, head
     WINDOW, SINKS, G, CHUNK, SPLITS,
@@ -283,7 +284,15 @@ def _quant_decode_kernel(
         px = (pc * _per_col(vs_t, BLOCK_N, NGP, GQ)).to(DT)
         if KIND >= 3:
             zacc = zacc * alpha_c[None, :] + pc * _per_col(vz_t, BLOCK_N, NGP, GQ)
-        vc = tl.load(v_ptr + crow[None, :] + offs_i[:, None], mask=mask_n[None, :], other=0)
+        # value codes: the tokens of a block contiguous (ref.token_contiguous), bytes BS apart
+        # Tiles start at multiples of BLOCK_N, so runs of RUN = min(BS, BLOCK_N) tokens share a block and
+        # are contiguous; the mask is per run (tokens past the end inside the row's last block are read,
+        # finite codes, and weighted by p = 0) so that the loads stay vectorized.
+        RUN: tl.constexpr = BS if BS < BLOCK_N else BLOCK_N
+        vrow = blk * stride_wb + tok + h * stride_wh
+        voff = tl.max_contiguous(tl.multiple_of(vrow[None, :] + offs_i[:, None] * BS, [1, RUN]), [1, RUN])
+        vmask = ((start + tl.arange(0, BLOCK_N) // RUN * RUN) < q_hi)[None, :]
+        vc = tl.load(v_ptr + voff, mask=vmask, other=0)
         acc0 = tl.dot(_slot_codes(vc, 0, KIND, BITS, DT), px, acc0 * alpha_c[None, :], input_precision=PREC)
         if P >= 2:
             acc1 = tl.dot(_slot_codes(vc, 1, KIND, BITS, DT), px, acc1 * alpha_c[None, :], input_precision=PREC)
@@ -375,6 +384,9 @@ def quant_decode(q, kind, per_byte, group, tensors, block_tables, seq_lens, scal
     from .decode import SPLIT_WAVES, _combine_splits
 
     k, v, ks, vs, kz, vz = tensors
+    if v.stride(1) != 1 or v.stride(3) != v.shape[1]:
+        raise ValueError("quantized decode needs token-contiguous value codes (ref.token_contiguous), got strides "
+                         f"{tuple(v.stride())}")
     b, t, hq, d = q.shape
     n, bs, hkv = k.shape[:3]
     m = block_tables.shape[1]
@@ -422,7 +434,7 @@ def quant_decode(q, kind, per_byte, group, tensors, block_tables, seq_lens, scal
     _quant_decode_kernel[(b * hkv, num_splits)](
         q, out, part, ml, k, v, ks, vs, kz, vz, res_k, res_v, block_tables, seq_lens,
         hq, hkv, m, r, scale * 1.4426950408889634,
-        k.stride(0), k.stride(1), k.stride(2), *kstr, *vstr,
+        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), v.stride(3), *kstr, *vstr,
         sliding_window or 0, sinks, g, chunk, num_splits,
         KIND=kind_id, P=per_byte, D=d, GROUP=group, BS=bs, GQ=gq, NGP=ngp, BLOCK_N=block_n, KB=kb,
         SPLIT=num_splits > 1, HAS_WINDOW=sliding_window is not None, DOT_F32=dot_f32,

@@ -100,6 +100,13 @@ class QuantKV:
         return self.group_size if self.kind in ("int4", "kivi2") else self.head_dim
 
 
+def token_contiguous(n: int, bs: int, h: int, width: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """Zeroed value codes ``[N, bs, H, width]`` stored ``[N, H, width, bs]``: the tokens of a block are
+    contiguous for each head and byte, so a decode kernel that multiplies ``codes^T [width, tokens]``
+    reads them along tokens (a view: index it like the keys, kernels take its strides)."""
+    return torch.zeros((n, h, width, bs), dtype=dtype, device=device).permute(0, 3, 1, 2)
+
+
 def pack_order(d: int, g: int, p: int) -> torch.Tensor:
     """Head-dim index held by unpacked position ``i * p + j`` (byte i, value j)."""
     flat = torch.arange(d)
@@ -175,8 +182,10 @@ def quant_write_ref(cache: QuantKV, k: torch.Tensor, v: torch.Tensor, slot_mappi
     h = k.shape[-2]
     for x, codes, sc, zp in ((k, cache.k, cache.k_scale, cache.k_zero), (v, cache.v, cache.v_scale, cache.v_zero)):
         q, s, z = _quant_token(x.reshape(-1, h, x.shape[-1]), cache.kind, cache.group)
-        # Byte views: index_copy_ has no float8 kernel on the CPU.
-        codes.view(torch.uint8).view(-1, *codes.shape[2:]).index_copy_(0, slots, q.view(torch.uint8))
+        # Byte views (index_put_ has no float8 kernel on the CPU), indexed by (block, token): value codes
+        # are a token-contiguous view (see token_contiguous).
+        bs = codes.shape[1]
+        codes.view(torch.uint8)[slots // bs, slots % bs] = q.view(torch.uint8)
         sc.view(-1, *sc.shape[2:]).index_copy_(0, slots, s)
         if zp is not None:
             zp.view(-1, *zp.shape[2:]).index_copy_(0, slots, z)

@@ -36,9 +36,10 @@ def _round_e4m3(y):
 
 
 @triton.jit
-def _quant_store(x, codes_ptr, scale_ptr, zero_ptr, row, srow,
+def _quant_store(x, codes_ptr, scale_ptr, zero_ptr, row, srow, cstride,
                  KIND: tl.constexpr, D: tl.constexpr, GROUP: tl.constexpr):
-    """Quantize one head vector ``x [D]`` (fp32, unpacked byte order) and store it."""
+    """Quantize one head vector ``x [D]`` (fp32, unpacked byte order) and store it (its bytes
+    ``cstride`` apart: 1 for keys, the block size for token-contiguous values)."""
     if KIND == 1 or KIND == 2:
         qmax = 448.0 if KIND == 1 else 127.0
         s = tl.maximum(_div(tl.max(tl.abs(x), 0), qmax), _MIN_SCALE).to(tl.float16)
@@ -50,7 +51,7 @@ def _quant_store(x, codes_ptr, scale_ptr, zero_ptr, row, srow,
         else:
             y = tl.where(y >= 0, tl.floor(y + 0.5), -tl.floor(-y + 0.5))
             c = tl.minimum(tl.maximum(y, -127.0), 127.0).to(tl.int8)
-        tl.store(codes_ptr + row + offs, c)
+        tl.store(codes_ptr + row + offs * cstride, c)
         tl.store(scale_ptr + srow, s)
     else:
         # int4: the unpacked order keeps each group contiguous, so [D] -> [D / GROUP, GROUP].
@@ -64,7 +65,7 @@ def _quant_store(x, codes_ptr, scale_ptr, zero_ptr, row, srow,
         pairs = tl.reshape(qv, [D // 2, 2])
         shift = tl.arange(0, 2) * 4
         packed = tl.sum(pairs << shift[None, :], 1).to(tl.uint8)
-        tl.store(codes_ptr + row + tl.arange(0, D // 2), packed)
+        tl.store(codes_ptr + row + tl.arange(0, D // 2) * cstride, packed)
         g = tl.arange(0, NG)
         tl.store(scale_ptr + srow + g, s)
         tl.store(zero_ptr + srow + g, z)
@@ -72,8 +73,8 @@ def _quant_store(x, codes_ptr, scale_ptr, zero_ptr, row, srow,
 
 @triton.jit
 def _write_kernel(k_ptr, v_ptr, slot_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, kz_ptr, vz_ptr,
-                  H, stride_cb, stride_ct, stride_ch, stride_sb, stride_st, stride_sh,
-                  KIND: tl.constexpr, P: tl.constexpr, D: tl.constexpr, GROUP: tl.constexpr,
+                  H, stride_cb, stride_ct, stride_ch, stride_wb, stride_wt, stride_wh, stride_wc,
+                  stride_sb, stride_st, stride_sh, KIND: tl.constexpr, P: tl.constexpr, D: tl.constexpr, GROUP: tl.constexpr,
                   BS: tl.constexpr):
     tok = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
@@ -85,8 +86,10 @@ def _write_kernel(k_ptr, v_ptr, slot_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, kz_ptr
         t = slot % BS
         row = blk * stride_cb + t * stride_ct + h * stride_ch
         srow = blk * stride_sb + t * stride_st + h * stride_sh
-        _quant_store(tl.load(k_ptr + src).to(tl.float32), kc_ptr, ks_ptr, kz_ptr, row, srow, KIND, D, GROUP)
-        _quant_store(tl.load(v_ptr + src).to(tl.float32), vc_ptr, vs_ptr, vz_ptr, row, srow, KIND, D, GROUP)
+        vrow = blk * stride_wb + t * stride_wt + h * stride_wh
+        _quant_store(tl.load(k_ptr + src).to(tl.float32), kc_ptr, ks_ptr, kz_ptr, row, srow, 1, KIND, D, GROUP)
+        _quant_store(tl.load(v_ptr + src).to(tl.float32), vc_ptr, vs_ptr, vz_ptr, vrow, srow, stride_wc, KIND, D,
+                     GROUP)
 
 
 def quant_write(cache: QuantKV, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -103,7 +106,7 @@ def quant_write(cache: QuantKV, k: torch.Tensor, v: torch.Tensor, slot_mapping: 
     bs = kc.shape[1]
     _write_kernel[(b * t, h)](
         k.contiguous(), v.contiguous(), slot_mapping.contiguous(), kc, vc, cache.k_scale, cache.v_scale, kz, vz,
-        h, kc.stride(0), kc.stride(1), kc.stride(2),
+        h, kc.stride(0), kc.stride(1), kc.stride(2), vc.stride(0), vc.stride(1), vc.stride(2), vc.stride(3),
         cache.k_scale.stride(0), cache.k_scale.stride(1), cache.k_scale.stride(2),
         KIND=KIND_IDS[cache.kind], P=cache.per_byte, D=d, GROUP=cache.group, BS=bs, num_warps=1,
     )
@@ -120,8 +123,8 @@ def _pack2(q, ROWS: tl.constexpr, D: tl.constexpr):
 @triton.jit
 def _kivi_flush_kernel(wk_ptr, wv_ptr, seq_ptr, bt_ptr, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr,
                        T, L, H, M, R,
-                       stride_cb, stride_ct, stride_ch, stride_vb, stride_vt, stride_vh,
-                       D: tl.constexpr, GROUP: tl.constexpr, BS: tl.constexpr):
+                       stride_cb, stride_ct, stride_ch, stride_wb, stride_wt, stride_wh, stride_wc,
+                       stride_vb, stride_vt, stride_vh, D: tl.constexpr, GROUP: tl.constexpr, BS: tl.constexpr):
     """One block of one head of one row's open-group window: quantize and store it if its group of
     ``R`` tokens is complete (keys per channel over the block, values per token and group)."""
     b = tl.program_id(0)
@@ -154,7 +157,8 @@ def _kivi_flush_kernel(wk_ptr, wv_ptr, seq_ptr, bt_ptr, kc_ptr, vc_ptr, ks_ptr, 
         zv = mnv.to(tl.float16)
         qv = tl.floor(_div(xv - zv.to(tl.float32)[:, :, None], sv.to(tl.float32)[:, :, None]) + 0.5)
         qv = tl.reshape(tl.minimum(tl.maximum(qv, 0.0), 3.0).to(tl.int32), [BS, D])
-        tl.store(vc_ptr + row[:, None] + tl.arange(0, D // 4)[None, :], _pack2(qv, BS, D))
+        vrow = blk * stride_wb + tok * stride_wt + h * stride_wh
+        tl.store(vc_ptr + vrow[:, None] + tl.arange(0, D // 4)[None, :] * stride_wc, _pack2(qv, BS, D))
         srow = blk * stride_vb + tok * stride_vt + h * stride_vh
         g = tl.arange(0, NG)
         tl.store(vs_ptr + srow[:, None] + g[None, :], sv)
@@ -173,6 +177,7 @@ def kivi_flush(cache: QuantKV, wk: torch.Tensor, wv: torch.Tensor, seq_lens: tor
         wk.contiguous(), wv.contiguous(), seq_lens.to(torch.int32).contiguous(),
         block_tables.to(torch.int32).contiguous(), cache.k, cache.v, cache.k_scale, cache.k_zero, vs, cache.v_zero,
         t, L, h, block_tables.shape[1], cache.residual,
-        cache.k.stride(0), cache.k.stride(1), cache.k.stride(2), vs.stride(0), vs.stride(1), vs.stride(2),
+        cache.k.stride(0), cache.k.stride(1), cache.k.stride(2),
+        cache.v.stride(0), cache.v.stride(1), cache.v.stride(2), cache.v.stride(3), vs.stride(0), vs.stride(1), vs.stride(2),
         D=d, GROUP=cache.group, BS=bs, num_warps=4,
     )
