@@ -34,7 +34,8 @@ def _bin(name: str) -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
 
 
-def compile_decode(fmt: str, block_n: int, num_warps: int, num_stages: int, maxnreg: int | None, g: int = 4):
+def compile_decode(fmt: str, block_n: int, num_warps: int, num_stages: int, maxnreg: int | None, g: int = 4,
+                   mma8: bool | None = None):
     kind, p, group, bs, cty = FORMATS[fmt]
     d = 128
     gq = triton.next_power_of_2(g)
@@ -53,7 +54,8 @@ def compile_decode(fmt: str, block_n: int, num_warps: int, num_stages: int, maxn
                  "stride_vb stride_vt stride_vh WINDOW SINKS G CHUNK SPLITS").split():
         sig[name] = "i32"
     const = dict(KIND=kind, P=p, D=d, GROUP=group, BS=bs, GQ=gq, NGP=ngp, BLOCK_N=block_n,
-                 KB=max(1, block_n // bs) if kind == 4 else 1, SPLIT=True, HAS_WINDOW=False, DOT_F32=False)
+                 KB=max(1, block_n // bs) if kind == 4 else 1, SPLIT=True, HAS_WINDOW=False, DOT_F32=False,
+                 MMA8=mma8 if mma8 is not None else fmt in decode_quant.MMA8_KINDS)
     sig.update({k: "constexpr" for k in const})
     names = list(sig)
     aligned = [i for i, n in enumerate(names) if n.endswith("_ptr") or n.startswith("stride_") or n == "M"]
@@ -89,11 +91,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--kind", choices=list(FORMATS), default="fp8")
     ap.add_argument("--config", default=None, help="BLOCK_N,warps,stages[,maxnreg] (default: decode_quant.TILE_CONFIGS)")
+    ap.add_argument("--mma8", choices=["on", "off"], default=None,
+                    help="8-bit tensor-core products on / off (default: decode_quant.MMA8_KINDS)")
     ap.add_argument("--show", default=None, help="print the loop's instructions whose opcode starts with this")
     a = ap.parse_args()
     cfg = [int(x) for x in a.config.split(",")] if a.config else list(decode_quant.TILE_CONFIGS[a.kind.split("-")[0]])
     block_n, warps, stages, *cap = cfg
-    c = compile_decode(a.kind, block_n, warps, stages, cap[0] if cap else None)
+    c = compile_decode(a.kind, block_n, warps, stages, cap[0] if cap else None,
+                       mma8=None if a.mma8 is None else a.mma8 == "on")
     cubin = "/tmp/offline_sass.cubin"
     with open(cubin, "wb") as f:
         f.write(c.asm["cubin"])
@@ -109,7 +114,7 @@ def main() -> None:
     print(f"{a.kind} config {tuple(cfg)}: {regs or info.stderr.strip()[:200]}")
     print(f"main loop: {len(body)} instructions per warp per {block_n}-token tile = "
           f"{len(body) * warps / block_n:.1f} warp instructions per token and KV head")
-    print("  " + ", ".join(f"{k} {v}" for k, v in ops.most_common(24)))
+    print("  " + ", ".join(f"{k} {v}" for k, v in ops.most_common(int(os.environ.get("TOP", 24)))))
     if a.show:
         for t in body:
             if re.sub(r"^@!?U?P\w+\s+", "", t).startswith(a.show):
