@@ -333,10 +333,10 @@ def _quant_decode_kernel(
                 S = tl.dot(a0, qh0, out_dtype=tl.int32)
                 if P >= 2:
                     a1 = _codes8(kc, 1, KIND)
-                    S = tl.dot(a1, qh1, S)
-                S = tl.dot(a0, ql0, S * 256)
+                    S = tl.dot(a1, qh1, S, out_dtype=tl.int32)
+                S = tl.dot(a0, ql0, S * 256, out_dtype=tl.int32)
                 if P >= 2:
-                    S = tl.dot(a1, ql1, S)
+                    S = tl.dot(a1, ql1, S, out_dtype=tl.int32)
             S = S.to(tl.float32) * colk[None, :]
         else:
             S = tl.dot(_slot_codes(kc, 0, KIND, BITS, DT), b0, input_precision=PREC)
@@ -394,10 +394,10 @@ def _quant_decode_kernel(
             if KIND == 1:
                 acc0 = tl.dot(v0, pl, tl.dot(v0, ph, acc0 * alpha_c[None, :]))
             else:
-                acc0 = acc0 * alpha_c[None, :] + tl.dot(v0, pl, tl.dot(v0, ph, out_dtype=tl.int32) * 256).to(tl.float32)
+                acc0 = acc0 * alpha_c[None, :] + tl.dot(v0, pl, tl.dot(v0, ph, out_dtype=tl.int32) * 256, out_dtype=tl.int32).to(tl.float32)
                 if P >= 2:
                     v1 = _codes8(vc, 1, KIND)
-                    acc1 = acc1 * alpha_c[None, :] + tl.dot(v1, pl, tl.dot(v1, ph, out_dtype=tl.int32) * 256).to(
+                    acc1 = acc1 * alpha_c[None, :] + tl.dot(v1, pl, tl.dot(v1, ph, out_dtype=tl.int32) * 256, out_dtype=tl.int32).to(
                         tl.float32)
         else:
           acc0 = tl.dot(_slot_codes(vc, 0, KIND, BITS, DT), px, acc0 * alpha_c[None, :], input_precision=PREC)
