@@ -56,6 +56,9 @@ def compile_decode(fmt: str, block_n: int, num_warps: int, num_stages: int, maxn
     const = dict(KIND=kind, P=p, D=d, GROUP=group, BS=bs, GQ=gq, NGP=ngp, BLOCK_N=block_n,
                  KB=max(1, block_n // bs) if kind == 4 else 1, SPLIT=True, HAS_WINDOW=False, DOT_F32=False,
                  MMA8=mma8 if mma8 is not None else fmt in decode_quant.MMA8_KINDS)
+    # value codes: token-contiguous (int4) or token-major; the unit stride is specialized at run time
+    const["VT"] = p == 2
+    const["stride_wt" if p == 2 else "stride_wc"] = 1
     sig.update({k: "constexpr" for k in const})
     names = list(sig)
     aligned = [i for i, n in enumerate(names) if n.endswith("_ptr") or n.startswith("stride_") or n == "M"]

@@ -21,8 +21,8 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from ..kernels.paged_attention.ref import (QuantKV, token_contiguous, kivi_update_residual, kivi_window, kivi_write_ref,
-                                           quant_paged_attention_ref, quant_write_ref)
+from ..kernels.paged_attention.ref import (QuantKV, kivi_update_residual, kivi_window, kivi_write_ref,
+                                           quant_paged_attention_ref, quant_write_ref, token_contiguous)
 from .formats import _ALIASES, KVFormat, KVStorage, format_names, register_format
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,10 @@ class QuantStorage(KVStorage):
         codes = lambda: torch.zeros((n, bs, h, d // fmt.per_byte), dtype=fmt.code_dtype, device=device)
         scales = lambda: torch.zeros((n, bs, h, fmt.groups(d)), dtype=torch.float16, device=device)
         zeros = (lambda: scales()) if fmt.has_zero else (lambda: None)
-        vcodes = token_contiguous(n, bs, h, d // fmt.per_byte, fmt.code_dtype, device)
+        # int4 values token-contiguous within a block (H200, batch 32 / 32k: 785 -> 690 us); fp8 / int8
+        # token-major like the keys (token-contiguous: 740 -> 898 us, 800 -> 1026 us).
+        vcodes = (token_contiguous(n, bs, h, d // fmt.per_byte, fmt.code_dtype, device) if fmt.per_byte == 2
+                  else codes())
         self.cache = QuantKV(fmt.kind, codes(), vcodes, scales(), scales(), zeros(), zeros(),
                              group_size=fmt.group_for(d))
 
@@ -164,7 +167,7 @@ class KiviFormat(KVFormat):
         n, bs, h, d = num_blocks, block_size, num_kv_heads, head_dim
         g = self.group_for(d)
         z = lambda *shape, dt=torch.float16: torch.zeros(shape, dtype=dt, device=device)  # noqa: E731
-        st.cache = QuantKV("kivi2", z(n, bs, h, d // 4, dt=torch.uint8), token_contiguous(n, bs, h, d // 4, torch.uint8, device),
+        st.cache = QuantKV("kivi2", z(n, bs, h, d // 4, dt=torch.uint8), z(n, bs, h, d // 4, dt=torch.uint8),
                            z(n, h, d), z(n, bs, h, d // g), z(n, h, d), z(n, bs, h, d // g),
                            group_size=g, residual=self.residual)
         return st

@@ -389,9 +389,9 @@ def paged_attention(q: torch.Tensor, cache, block_tables: torch.Tensor, seq_lens
     for x in (k, ks, vs):
         if not x.is_contiguous():
             raise ValueError("cache tensors must be contiguous")
-    if v.shape != k.shape or (kind != "dense" and v.stride(1) != 1) or (kind == "dense" and not v.is_contiguous()):
-        raise ValueError("value codes must match the keys' shape: contiguous (dense) or tokens contiguous "
-                         "within a block (quantized, see ref.token_contiguous)")
+    if v.shape != k.shape or not (v.is_contiguous() or (kind != "dense" and v.stride(1) == 1)):
+        raise ValueError("value codes must match the keys' shape: contiguous, or (quantized) tokens contiguous "
+                         "within a block (see ref.token_contiguous)")
     q = q.contiguous()
     block_tables = block_tables.to(torch.int32).contiguous()
     seq_lens = seq_lens.to(torch.int32).contiguous()

@@ -56,18 +56,12 @@ def _slot_codes(c, j: tl.constexpr, KIND: tl.constexpr, BITS: tl.constexpr, DT: 
 
 
 @triton.jit
-def _codes8(c, j: tl.constexpr, KIND: tl.constexpr):
-    """Value slot ``j`` of code bytes ``c`` as an 8-bit tensor-core operand: fp8 e4m3 and int8 codes as
-    they are; int4 nibbles as ``16 * code - 128`` (int8: one mask or shift and one xor per byte, and
-    the ``- 128`` and the ``16`` fold into the zero point and the column scale)."""
+def _codes8(c, KIND: tl.constexpr):
+    """fp8 / int8 code bytes ``c`` as an 8-bit tensor-core operand (no conversion)."""
     if KIND == 1:
         return c.to(tl.float8e4nv, bitcast=True)
-    elif KIND == 2:
-        return c
-    elif j == 0:
-        return ((c << 4) ^ 0x80).to(tl.int8, bitcast=True)
     else:
-        return ((c & 0xF0) ^ 0x80).to(tl.int8, bitcast=True)
+        return c
 
 
 @triton.jit
@@ -84,20 +78,6 @@ def _split8(x, INT: tl.constexpr):
         hb = ((x.to(tl.int32, bitcast=True) + 0x80000) & -0x100000).to(tl.float32, bitcast=True)
         hi = hb.to(tl.float8e4nv)
         return hi, (x - hi.to(tl.float32)).to(tl.float8e4nv)
-
-
-@triton.jit
-def _softmax_vs(s, vsc, ok, m_i, l_i):
-    """Online softmax over the rows of ``s [N, C]`` whose value weights ``px = p * vsc`` (probability
-    times value scale) stay within ``(0, 1]``: the running maximum is taken of ``s + log2(vsc)``, so
-    ``px`` fits an 8-bit operand times a constant; ``p`` (for the row sums ``l_i [N, C]``) may exceed 1."""
-    s = tl.where(ok[:, None], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s + tl.log2(tl.maximum(vsc, 1e-30)), 0))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.exp2(s - m_safe[None, :])
-    alpha = tl.exp2(m_i - m_safe)
-    l_i = l_i * alpha[None, :] + p
-    return p, p * vsc, alpha, m_new, l_i
 
 
 @triton.jit
@@ -175,6 +155,7 @@ def _quant_decode_kernel(
     KIND: tl.constexpr, P: tl.constexpr, D: tl.constexpr, GROUP: tl.constexpr, BS: tl.constexpr,
     GQ: tl.constexpr, NGP: tl.constexpr, BLOCK_N: tl.constexpr, KB: tl.constexpr,
     SPLIT: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_F32: tl.constexpr, MMA8: tl.constexpr,
+    VT: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -231,23 +212,17 @@ def _quant_decode_kernel(
         acc2 = tl.zeros([DP, C], tl.float32)
         acc3 = tl.zeros([DP, C], tl.float32)
     if MMA8:
-        # 8-bit products: the queries times a power of two per column fill the operand's range, split
-        # into two 8-bit parts (hi, lo); colk undoes the scaling (int8: lo weighs 1/256; int4: the
-        # codes enter as 16 * code - 128).
+        # Key product on 8-bit operands (fp8 / int8): the queries times a power of two per column fill
+        # the operand's range, split into two 8-bit parts (hi, lo); colk undoes the scaling (int8: lo
+        # weighs 1/256).
         qa = tl.max(tl.abs(q0), 0)
-        if P >= 2:
-            qa = tl.maximum(qa, tl.max(tl.abs(q1), 0))
         if KIND == 1:
             fq = tl.exp2(tl.floor(tl.log2(448.0 / tl.maximum(qa, 1e-30))))
             colk = 1.0 / fq
         else:
             fq = tl.exp2(tl.floor(tl.log2(127.0 / tl.maximum(qa, 1e-30))))
             colk = (1.0 / 256) / fq
-        if KIND == 3:
-            colk = colk * (1.0 / 16)
         qh0, ql0 = _split8(q0 * fq[None, :], KIND != 1)
-        if P >= 2:
-            qh1, ql1 = _split8(q1 * fq[None, :], KIND != 1)
     if KIND >= 3:
         zacc = tl.zeros([BLOCK_N, C], tl.float32)  # sum_n p * (value zero point of the column's group), per row
     offs_g = tl.arange(0, NGP)
@@ -258,12 +233,8 @@ def _quant_decode_kernel(
         win_lo = (seq_len - WINDOW) // BLOCK_N * BLOCK_N
         k_lo = tl.maximum(k_lo, tl.where(SINKS > 0, 0, win_lo))
     qpos = seq_len - 1
-    if MMA8:
-        m_i = tl.full([C], float("-inf"), tl.float32)  # running max of score + log2(value scale), per column
-        l_i = tl.zeros([BLOCK_N, C], tl.float32)
-    else:
-        m_i = tl.full([GQ], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_N, GQ], tl.float32)
+    m_i = tl.full([GQ], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_N, GQ], tl.float32)
     bt_row = bt_ptr + b.to(tl.int64) * M
     q_hi = k_hi
     if KIND == 4:
@@ -326,17 +297,11 @@ def _quant_decode_kernel(
         # ---- scores: S [N, C] = sum over slots of codes [N, DP] @ Qx [DP, C] ----
         kc = tl.load(k_ptr + crow[:, None] + offs_i[None, :], mask=mask_n[:, None], other=0)
         if MMA8:
-            a0 = _codes8(kc, 0, KIND)
+            a0 = _codes8(kc, KIND)
             if KIND == 1:
                 S = tl.dot(a0, qh0, tl.dot(a0, ql0))
             else:
-                S = tl.dot(a0, qh0, out_dtype=tl.int32)
-                if P >= 2:
-                    a1 = _codes8(kc, 1, KIND)
-                    S = tl.dot(a1, qh1, S, out_dtype=tl.int32)
-                S = tl.dot(a0, ql0, S * 256, out_dtype=tl.int32)
-                if P >= 2:
-                    S = tl.dot(a1, ql1, S, out_dtype=tl.int32)
+                S = tl.dot(a0, ql0, tl.dot(a0, qh0, out_dtype=tl.int32) * 256, out_dtype=tl.int32)
             S = S.to(tl.float32) * colk[None, :]
         else:
             S = tl.dot(_slot_codes(kc, 0, KIND, BITS, DT), b0, input_precision=PREC)
@@ -347,10 +312,6 @@ def _quant_decode_kernel(
                 S = tl.dot(_slot_codes(kc, 3, KIND, BITS, DT), b3, S, input_precision=PREC)
         if KIND == 1 or KIND == 2:
             S = S * _per_col(ks_t, BLOCK_N, NGP, GQ)
-        elif KIND == 3 and MMA8:
-            # codes 16 * c - 128: the 1/16 is in colk, the -128 / 16 * scale joins the zero point
-            ks_c = _per_col(ks_t, BLOCK_N, NGP, GQ)
-            S = S * ks_c + (_per_col(kz_t, BLOCK_N, NGP, GQ) + 8.0 * ks_c) * qsum[None, :]
         elif KIND == 3:
             S = S * _per_col(ks_t, BLOCK_N, NGP, GQ) + _per_col(kz_t, BLOCK_N, NGP, GQ) * qsum[None, :]
         else:
@@ -362,48 +323,29 @@ def _quant_decode_kernel(
             s = s * scale_log2
         else:
             s = tl.sum(tl.reshape(S, (BLOCK_N, NGP, GQ)), 1) * scale_log2
-        if MMA8:
-            vs_c = _per_col(vs_t, BLOCK_N, NGP, GQ)
-            sc = tl.reshape(tl.broadcast_to(s[:, None, :], (BLOCK_N, NGP, GQ)), (BLOCK_N, C))
-            pc, pv, alpha_c, m_i, l_i = _softmax_vs(sc, vs_c, ok, m_i, l_i)
-            if KIND >= 3:
-                zacc = zacc * alpha_c[None, :] + pc * (_per_col(vz_t, BLOCK_N, NGP, GQ) + 8.0 * vs_c)
-            if KIND == 1:
-                ph, pl = _split8(pv * 448.0, False)
-            else:
-                ph, pl = _split8(pv * 127.0, True)
-        else:
-            p, alpha, m_i, l_i = _softmax_cols(s, ok, m_i, l_i)
-            pc = tl.reshape(tl.broadcast_to(p[:, None, :], (BLOCK_N, NGP, GQ)), (BLOCK_N, C))
-            alpha_c = _cols(alpha, NGP, GQ)
-            px = (pc * _per_col(vs_t, BLOCK_N, NGP, GQ)).to(DT)
-            if KIND >= 3:
-                zacc = zacc * alpha_c[None, :] + pc * _per_col(vz_t, BLOCK_N, NGP, GQ)
+        p, alpha, m_i, l_i = _softmax_cols(s, ok, m_i, l_i)
+        pc = tl.reshape(tl.broadcast_to(p[:, None, :], (BLOCK_N, NGP, GQ)), (BLOCK_N, C))
+        alpha_c = _cols(alpha, NGP, GQ)
+        px = (pc * _per_col(vs_t, BLOCK_N, NGP, GQ)).to(DT)
+        if KIND >= 3:
+            zacc = zacc * alpha_c[None, :] + pc * _per_col(vz_t, BLOCK_N, NGP, GQ)
         # ---- values: O^T [DP, C] += codes^T [DP, N] @ Px [N, C] ----
-        # value codes: the tokens of a block contiguous (ref.token_contiguous), bytes BS apart
-        # Tiles start at multiples of BLOCK_N, so runs of RUN = min(BS, BLOCK_N) tokens share a block and
-        # are contiguous; the mask is per run (tokens past the end inside the row's last block are read,
-        # finite codes, and weighted by p = 0) so that the loads stay vectorized.
-        RUN: tl.constexpr = BS if BS < BLOCK_N else BLOCK_N
-        vrow = blk * stride_wb + tok + h * stride_wh
-        voff = tl.max_contiguous(tl.multiple_of(vrow[None, :] + offs_i[:, None] * BS, [1, RUN]), [1, RUN])
-        vmask = ((start + tl.arange(0, BLOCK_N) // RUN * RUN) < q_hi)[None, :]
-        vc = tl.load(v_ptr + voff, mask=vmask, other=0)
-        if MMA8:
-            v0 = _codes8(vc, 0, KIND)
-            if KIND == 1:
-                acc0 = tl.dot(v0, pl, tl.dot(v0, ph, acc0 * alpha_c[None, :]))
-            else:
-                acc0 = acc0 * alpha_c[None, :] + tl.dot(v0, pl, tl.dot(v0, ph, out_dtype=tl.int32) * 256, out_dtype=tl.int32).to(tl.float32)
-                if P >= 2:
-                    v1 = _codes8(vc, 1, KIND)
-                    acc1 = acc1 * alpha_c[None, :] + tl.dot(v1, pl, tl.dot(v1, ph, out_dtype=tl.int32) * 256, out_dtype=tl.int32).to(
-                        tl.float32)
-        else:
-          acc0 = tl.dot(_slot_codes(vc, 0, KIND, BITS, DT), px, acc0 * alpha_c[None, :], input_precision=PREC)
-          if P >= 2:
+        if VT:
+            # value codes token-contiguous within a block (ref.token_contiguous), bytes BS apart. Tiles
+            # start at multiples of BLOCK_N, so runs of RUN = min(BS, BLOCK_N) tokens share a block and
+            # are contiguous; the mask is per run (tokens past the end inside the row's last block are
+            # read, finite codes, and weighted by p = 0) so that the loads stay vectorized.
+            RUN: tl.constexpr = BS if BS < BLOCK_N else BLOCK_N
+            vrow = blk * stride_wb + tok + h * stride_wh
+            voff = tl.max_contiguous(tl.multiple_of(vrow[None, :] + offs_i[:, None] * BS, [1, RUN]), [1, RUN])
+            vmask = ((start + tl.arange(0, BLOCK_N) // RUN * RUN) < q_hi)[None, :]
+            vc = tl.load(v_ptr + voff, mask=vmask, other=0)
+        else:  # token-major: the keys' layout and offsets
+            vc = tl.load(v_ptr + crow[None, :] + offs_i[:, None], mask=mask_n[None, :], other=0)
+        acc0 = tl.dot(_slot_codes(vc, 0, KIND, BITS, DT), px, acc0 * alpha_c[None, :], input_precision=PREC)
+        if P >= 2:
             acc1 = tl.dot(_slot_codes(vc, 1, KIND, BITS, DT), px, acc1 * alpha_c[None, :], input_precision=PREC)
-          if P == 4:
+        if P == 4:
             acc2 = tl.dot(_slot_codes(vc, 2, KIND, BITS, DT), px, acc2 * alpha_c[None, :], input_precision=PREC)
             acc3 = tl.dot(_slot_codes(vc, 3, KIND, BITS, DT), px, acc3 * alpha_c[None, :], input_precision=PREC)
 
@@ -445,30 +387,11 @@ def _quant_decode_kernel(
                 tl.load(rv + dim3[:, None], mask=mt, other=0.0).to(DT), (pc * 64.0).to(DT), input_precision=PREC)
 
     # ---- outputs: dim of slot j, byte i, query head r from column (group of byte i, r) ----
-    if MMA8:
-        # per column: m_i, l_c relative to max(score + log2 value scale); any column block of a head
-        # gives the same softmax mass l * 2^m (block 0's goes to the split combine)
-        l_c = tl.sum(l_i, 0)
-        first = tl.reshape(col_blk == 0, (NGP, GQ))
-        m_i = tl.sum(tl.where(first, tl.reshape(m_i, (NGP, GQ)), 0.0), 0)
-        l_i = tl.sum(tl.where(first, tl.reshape(l_c, (NGP, GQ)), 0.0), 0)
-        inv_z = 1.0 / tl.where(l_c == 0.0, 1.0, l_c)
-        # undo the operand scaling of Px (int8: lo weighs 1/256; int4 codes 16 * c - 128)
-        if KIND == 1:
-            inv = inv_z * (1.0 / 448)
-        elif KIND == 2:
-            inv = inv_z * (1.0 / (127 * 256))
-        else:
-            inv = inv_z * (1.0 / (127 * 256 * 16))
-        inv1 = inv
-    else:
-        l_i = tl.sum(l_i, 0)
-        l_c = _cols(l_i, NGP, GQ)
-        inv = 1.0 / tl.where(l_c == 0.0, 1.0, l_c)
-        inv_z = inv
-        inv1 = inv * (1.0 / (1 << BITS))
+    l_i = tl.sum(l_i, 0)
+    l_c = _cols(l_i, NGP, GQ)
+    inv = 1.0 / tl.where(l_c == 0.0, 1.0, l_c)
     if KIND >= 3:
-        zo = tl.sum(zacc, 0) * inv_z
+        zo = tl.sum(zacc, 0) * inv
     else:
         zo = tl.zeros([C], tl.float32)
     keep = (row_grp[:, None] == col_blk[None, :]) & head_ok[None, :]
@@ -481,7 +404,7 @@ def _quant_decode_kernel(
         oty = o_ptr.dtype.element_ty
     tl.store(optr + dim0[:, None], (acc0 * inv[None, :] + zo[None, :]).to(oty), mask=keep)
     if P >= 2:
-        tl.store(optr + dim1[:, None], (acc1 * inv1[None, :] + zo[None, :]).to(oty),
+        tl.store(optr + dim1[:, None], (acc1 * (inv * (1.0 / (1 << BITS)))[None, :] + zo[None, :]).to(oty),
                  mask=keep)
     if P == 4:
         tl.store(optr + dim2[:, None], (acc2 * (inv * (1.0 / 16))[None, :] + zo[None, :]).to(oty), mask=keep)
@@ -496,9 +419,9 @@ def _quant_decode_kernel(
 # 8-bit formats: query heads in column block 0 of several (the softmax over the real heads only), or
 # padded to 16 columns in one block (False).
 EIGHT_BIT_BLOCKS = False
-# Formats whose products run on 8-bit tensor-core operands (fp8 e4m3 / int8, the queries and the
-# probabilities split into two 8-bit parts) when the queries are bf16 / fp16; fp32 queries (and the
-# formats not listed) take fp16 products of codes decoded by bit tricks.
+# Formats whose key product runs on 8-bit tensor-core operands (fp8 e4m3 / int8 codes as they are,
+# the queries split into two 8-bit parts) when the queries are bf16 / fp16; fp32 queries and the
+# other formats take fp16 products of codes decoded by bit tricks.
 MMA8_KINDS = {"fp8", "int8"}
 # (BLOCK_N, num_warps, num_stages[, maxnreg]) per format; kivi2's BLOCK_N is capped at the block size.
 # From the H200 sweep (benchmarks/bench_kv_decode.py --only tune, batch 32, context 32k): a register
@@ -514,9 +437,10 @@ def quant_decode(q, kind, per_byte, group, tensors, block_tables, seq_lens, scal
     from .decode import SPLIT_WAVES, _combine_splits
 
     k, v, ks, vs, kz, vz = tensors
-    if v.stride(1) != 1 or v.stride(3) != v.shape[1]:
-        raise ValueError("quantized decode needs token-contiguous value codes (ref.token_contiguous), got strides "
-                         f"{tuple(v.stride())}")
+    vt = v.stride(1) == 1 and v.stride(3) == v.shape[1]  # token-contiguous value codes
+    if not vt and v.stride() != k.stride():
+        raise ValueError(f"value codes: token-major (contiguous) or token-contiguous within a block "
+                         f"(ref.token_contiguous), got strides {tuple(v.stride())}")
     b, t, hq, d = q.shape
     n, bs, hkv = k.shape[:3]
     m = block_tables.shape[1]
@@ -568,7 +492,7 @@ def quant_decode(q, kind, per_byte, group, tensors, block_tables, seq_lens, scal
         sliding_window or 0, sinks, g, chunk, num_splits,
         KIND=kind_id, P=per_byte, D=d, GROUP=group, BS=bs, GQ=gq, NGP=ngp, BLOCK_N=block_n, KB=kb,
         SPLIT=num_splits > 1, HAS_WINDOW=sliding_window is not None, DOT_F32=dot_f32,
-        MMA8=kind in MMA8_KINDS and q.dtype != torch.float32,
+        MMA8=kind in MMA8_KINDS and q.dtype != torch.float32, VT=vt,
         num_warps=num_warps, num_stages=num_stages, **extra,
     )
     if num_splits > 1:
