@@ -140,10 +140,6 @@ TUNE_CONFIGS = {
     "kivi2": [(64, 2, 3), (64, 2, 3, 192), (64, 2, 4)],
 }
 
-# Tile configs of the non-default product type in the sweep (others: the format's default config).
-MMA8_CONFIGS = {("int4", "transposed-mma8"): [(64, 4, 3), (128, 4, 3, 168)],
-                ("fp8", "transposed-fp16"): [(128, 4, 3, 168)], ("int8", "transposed-fp16"): [(128, 4, 3, 168)]}
-
 
 def default_config(kind: str):
     from constant_state.kernels.paged_attention import decode, decode_quant
@@ -158,11 +154,9 @@ def tune_table(formats, batch: int, ctx: int, configs=None, splits=(2, 8, 16)) -
     ``decode_quant.TILE_CONFIGS`` (``decode.TILE_CONFIGS`` for bf16) on this GPU; then the default
     config at several split counts (``splits=0``: the shape heuristic); quantized formats also
     through the general kernel (``impl=general``, its default config), for comparison."""
-    from constant_state.kernels.paged_attention import decode, decode_quant
+    from constant_state.kernels.paged_attention import decode
     from constant_state.kernels.paged_attention.decode import paged_attention
 
-    global MMA8_DEFAULT
-    MMA8_DEFAULT = frozenset(decode_quant.MMA8_KINDS)
     rows = []
     q = torch.randn(batch, 1, HQ, D, device=DEVICE, dtype=torch.bfloat16)
     seq = torch.full((batch,), ctx, dtype=torch.int32, device=DEVICE)
@@ -179,10 +173,6 @@ def tune_table(formats, batch: int, ctx: int, configs=None, splits=(2, 8, 16)) -
         runs += [(runs[0][0], default, n) for n in splits if n != 0]
         if kind in ("fp8", "int8"):
             runs.append(("transposed-blocks", default, None))  # decode_quant.EIGHT_BIT_BLOCKS = True
-        if kind in ("fp8", "int8", "int4"):
-            # the other product type: 8-bit tensor-core operands on / off (decode_quant.MMA8_KINDS)
-            other = "transposed-fp16" if kind in MMA8_DEFAULT else "transposed-mma8"
-            runs += [(other, cfg, None) for cfg in MMA8_CONFIGS.get((kind, other), [default])]
         if kind != "dense":
             runs.append(("general", None, None))
         for impl, cfg, n in runs:
@@ -190,8 +180,6 @@ def tune_table(formats, batch: int, ctx: int, configs=None, splits=(2, 8, 16)) -
 
             decode.QUANT_DECODE = "transposed" if impl.startswith("transposed") else impl
             decode_quant.EIGHT_BIT_BLOCKS = impl == "transposed-blocks"
-            decode_quant.MMA8_KINDS = ({kind} | MMA8_DEFAULT if impl == "transposed-mma8" else
-                                       MMA8_DEFAULT - {kind} if impl == "transposed-fp16" else MMA8_DEFAULT)
             try:
                 us = bench_graph(lambda: paged_attention(q, cache, bt, seq, D ** -0.5, config=cfg, num_splits=n,
                                                          **extra))
@@ -201,7 +189,6 @@ def tune_table(formats, batch: int, ctx: int, configs=None, splits=(2, 8, 16)) -
             finally:
                 decode.QUANT_DECODE = "transposed"
                 decode_quant.EIGHT_BIT_BLOCKS = False
-                decode_quant.MMA8_KINDS = MMA8_DEFAULT
             rows.append(dict(format=fmt, impl=impl, config=str(cfg or decode.TILE_CONFIGS[(kind, True)]),
                              splits=n or 0, us=us, tb_s=nbytes / us / 1e6,
                              default=impl == runs[0][0] and cfg == default and n is None, note=note))

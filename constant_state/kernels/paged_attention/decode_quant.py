@@ -56,31 +56,6 @@ def _slot_codes(c, j: tl.constexpr, KIND: tl.constexpr, BITS: tl.constexpr, DT: 
 
 
 @triton.jit
-def _codes8(c, KIND: tl.constexpr):
-    """fp8 / int8 code bytes ``c`` as an 8-bit tensor-core operand (no conversion)."""
-    if KIND == 1:
-        return c.to(tl.float8e4nv, bitcast=True)
-    else:
-        return c
-
-
-@triton.jit
-def _split8(x, INT: tl.constexpr):
-    """``x`` (fp32, within the 8-bit range: |x| <= 448 for fp8, <= 127 for int8) as two 8-bit operands
-    ``hi, lo``: fp8 ``x ~ hi + lo`` (about 8 significant bits: a bf16 number times a power of two
-    exactly); int8 ``x ~ hi + lo / 256``."""
-    if INT:
-        hi = tl.floor(x + 0.5)
-        lo = tl.minimum(tl.maximum(tl.floor((x - hi) * 256.0 + 0.5), -127.0), 127.0)
-        return hi.to(tl.int8), lo.to(tl.int8)
-    else:
-        # hi: x rounded to 3 mantissa bits in fp32 (exact in e4m3; the same on the GPU and in the interpreter)
-        hb = ((x.to(tl.int32, bitcast=True) + 0x80000) & -0x100000).to(tl.float32, bitcast=True)
-        hi = hb.to(tl.float8e4nv)
-        return hi, (x - hi.to(tl.float32)).to(tl.float8e4nv)
-
-
-@triton.jit
 def _softmax_cols(s, ok, m_i, l_i):
     """Online softmax over the rows (tokens) of ``s [N, GQ]``; ``l_i [N, GQ]`` holds per-row partial
     sums, reduced once at the end (a sum over tokens crosses warps: shared memory and barriers)."""
@@ -154,8 +129,7 @@ def _quant_decode_kernel(
     WINDOW, SINKS, G, CHUNK, SPLITS,
     KIND: tl.constexpr, P: tl.constexpr, D: tl.constexpr, GROUP: tl.constexpr, BS: tl.constexpr,
     GQ: tl.constexpr, NGP: tl.constexpr, BLOCK_N: tl.constexpr, KB: tl.constexpr,
-    SPLIT: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_F32: tl.constexpr, MMA8: tl.constexpr,
-    VT: tl.constexpr,
+    SPLIT: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_F32: tl.constexpr, VT: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -211,18 +185,6 @@ def _quant_decode_kernel(
         q3 = tl.load(q_ptr + qrow[None, :] * D + dim3[:, None], mask=q_ok, other=0.0).to(tl.float32)
         acc2 = tl.zeros([DP, C], tl.float32)
         acc3 = tl.zeros([DP, C], tl.float32)
-    if MMA8:
-        # Key product on 8-bit operands (fp8 / int8): the queries times a power of two per column fill
-        # the operand's range, split into two 8-bit parts (hi, lo); colk undoes the scaling (int8: lo
-        # weighs 1/256).
-        qa = tl.max(tl.abs(q0), 0)
-        if KIND == 1:
-            fq = tl.exp2(tl.floor(tl.log2(448.0 / tl.maximum(qa, 1e-30))))
-            colk = 1.0 / fq
-        else:
-            fq = tl.exp2(tl.floor(tl.log2(127.0 / tl.maximum(qa, 1e-30))))
-            colk = (1.0 / 256) / fq
-        qh0, ql0 = _split8(q0 * fq[None, :], KIND != 1)
     if KIND >= 3:
         zacc = tl.zeros([BLOCK_N, C], tl.float32)  # sum_n p * (value zero point of the column's group), per row
     offs_g = tl.arange(0, NGP)
@@ -296,20 +258,12 @@ def _quant_decode_kernel(
             ok &= (offs_n > qpos - WINDOW) | (offs_n < SINKS)
         # ---- scores: S [N, C] = sum over slots of codes [N, DP] @ Qx [DP, C] ----
         kc = tl.load(k_ptr + crow[:, None] + offs_i[None, :], mask=mask_n[:, None], other=0)
-        if MMA8:
-            a0 = _codes8(kc, KIND)
-            if KIND == 1:
-                S = tl.dot(a0, qh0, tl.dot(a0, ql0))
-            else:
-                S = tl.dot(a0, ql0, tl.dot(a0, qh0, out_dtype=tl.int32) * 256, out_dtype=tl.int32)
-            S = S.to(tl.float32) * colk[None, :]
-        else:
-            S = tl.dot(_slot_codes(kc, 0, KIND, BITS, DT), b0, input_precision=PREC)
-            if P >= 2:
-                S = tl.dot(_slot_codes(kc, 1, KIND, BITS, DT), b1, S, input_precision=PREC)
-            if P == 4:
-                S = tl.dot(_slot_codes(kc, 2, KIND, BITS, DT), b2, S, input_precision=PREC)
-                S = tl.dot(_slot_codes(kc, 3, KIND, BITS, DT), b3, S, input_precision=PREC)
+        S = tl.dot(_slot_codes(kc, 0, KIND, BITS, DT), b0, input_precision=PREC)
+        if P >= 2:
+            S = tl.dot(_slot_codes(kc, 1, KIND, BITS, DT), b1, S, input_precision=PREC)
+        if P == 4:
+            S = tl.dot(_slot_codes(kc, 2, KIND, BITS, DT), b2, S, input_precision=PREC)
+            S = tl.dot(_slot_codes(kc, 3, KIND, BITS, DT), b3, S, input_precision=PREC)
         if KIND == 1 or KIND == 2:
             S = S * _per_col(ks_t, BLOCK_N, NGP, GQ)
         elif KIND == 3:
@@ -419,10 +373,6 @@ def _quant_decode_kernel(
 # 8-bit formats: query heads in column block 0 of several (the softmax over the real heads only), or
 # padded to 16 columns in one block (False).
 EIGHT_BIT_BLOCKS = False
-# Formats whose key product runs on 8-bit tensor-core operands (fp8 e4m3 / int8 codes as they are,
-# the queries split into two 8-bit parts) when the queries are bf16 / fp16; fp32 queries and the
-# other formats take fp16 products of codes decoded by bit tricks.
-MMA8_KINDS = {"fp8", "int8"}
 # (BLOCK_N, num_warps, num_stages[, maxnreg]) per format; kivi2's BLOCK_N is capped at the block size.
 # From the H200 sweep (benchmarks/bench_kv_decode.py --only tune, batch 32, context 32k): a register
 # cap of 168 fits 3 programs per SM for the 8-bit and kivi2 kernels (fp8 824 -> 735 us); int4 is as
@@ -492,7 +442,7 @@ def quant_decode(q, kind, per_byte, group, tensors, block_tables, seq_lens, scal
         sliding_window or 0, sinks, g, chunk, num_splits,
         KIND=kind_id, P=per_byte, D=d, GROUP=group, BS=bs, GQ=gq, NGP=ngp, BLOCK_N=block_n, KB=kb,
         SPLIT=num_splits > 1, HAS_WINDOW=sliding_window is not None, DOT_F32=dot_f32,
-        MMA8=kind in MMA8_KINDS and q.dtype != torch.float32, VT=vt,
+        VT=vt,
         num_warps=num_warps, num_stages=num_stages, **extra,
     )
     if num_splits > 1:

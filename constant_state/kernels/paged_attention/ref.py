@@ -182,8 +182,8 @@ def quant_write_ref(cache: QuantKV, k: torch.Tensor, v: torch.Tensor, slot_mappi
     h = k.shape[-2]
     for x, codes, sc, zp in ((k, cache.k, cache.k_scale, cache.k_zero), (v, cache.v, cache.v_scale, cache.v_zero)):
         q, s, z = _quant_token(x.reshape(-1, h, x.shape[-1]), cache.kind, cache.group)
-        # Byte views (index_put_ has no float8 kernel on the CPU), indexed by (block, token): value codes
-        # are a token-contiguous view (see token_contiguous).
+        # Byte views (index_put_ has no float8 kernel on the CPU), indexed by (block, token): int4 value
+        # codes are a token-contiguous view (see token_contiguous).
         bs = codes.shape[1]
         codes.view(torch.uint8)[slots // bs, slots % bs] = q.view(torch.uint8)
         sc.view(-1, *sc.shape[2:]).index_copy_(0, slots, s)
