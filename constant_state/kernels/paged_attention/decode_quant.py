@@ -42,16 +42,23 @@ from .decode import _slot_dims
 
 
 @triton.jit
-def _slot_codes(c, j: tl.constexpr, KIND: tl.constexpr, BITS: tl.constexpr, DT: tl.constexpr):
-    """Value slot ``j`` of code bytes ``c`` as exact ``DT`` numbers (packed formats: ``code * 2^(BITS j)``)."""
+def _slot_codes(c, j: tl.constexpr, KIND: tl.constexpr, BITS: tl.constexpr, DT: tl.constexpr,
+                OFF: tl.constexpr = False):
+    """Value slot ``j`` of code bytes ``c`` as exact ``DT`` numbers (packed formats: ``code * 2^(BITS j)``).
+    ``OFF``: int8 / packed codes keep the offset of the fp16 bit trick (``_OFFSET[KIND] + code``, one
+    subtraction less per pair of codes); the caller subtracts ``offset * sum(operand)`` once per column."""
     if KIND == 1:
         x = c.to(tl.float8e4nv, bitcast=True).to(tl.float16)
     elif KIND == 2:
         # int8 via fp16 bits: 0x6400 | (c ^ 0x80) = 1024 + c + 128.
-        x = (((c.to(tl.int16) & 0xFF) ^ 0x6480).to(tl.float16, bitcast=True) - 1152.0)
+        x = ((c.to(tl.int16) & 0xFF) ^ 0x6480).to(tl.float16, bitcast=True)
+        if not OFF:
+            x = x - 1152.0
     else:
         m = c.to(tl.int16) & (((1 << BITS) - 1) << (BITS * j))
-        x = (m | 0x6400).to(tl.float16, bitcast=True) - 1024.0
+        x = (m | 0x6400).to(tl.float16, bitcast=True)
+        if not OFF:
+            x = x - 1024.0
     return x.to(DT)
 
 
@@ -130,6 +137,7 @@ def _quant_decode_kernel(
     KIND: tl.constexpr, P: tl.constexpr, D: tl.constexpr, GROUP: tl.constexpr, BS: tl.constexpr,
     GQ: tl.constexpr, NGP: tl.constexpr, BLOCK_N: tl.constexpr, KB: tl.constexpr,
     SPLIT: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_F32: tl.constexpr, VT: tl.constexpr,
+    KOFF: tl.constexpr, VOFF: tl.constexpr,  # keys / values: codes keep the bit trick's offset (_slot_codes)
 ):
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -187,6 +195,15 @@ def _quant_decode_kernel(
         acc3 = tl.zeros([DP, C], tl.float32)
     if KIND >= 3:
         zacc = tl.zeros([BLOCK_N, C], tl.float32)  # sum_n p * (value zero point of the column's group), per row
+    OFFV: tl.constexpr = 1152.0 if KIND == 2 else 1024.0
+    if KOFF:
+        # codes offset + c: scores gain offset * (sum of the column's key operand), taken off per tile
+        kcorr = tl.sum(b0.to(tl.float32), 0)
+        if P >= 2:
+            kcorr += tl.sum(b1.to(tl.float32), 0)
+        kcorr = kcorr * OFFV
+    if VOFF:
+        pxs = tl.zeros([BLOCK_N, C], tl.float32)  # sum_n px per row: the value codes' offset, taken off at the end
     offs_g = tl.arange(0, NGP)
 
     k_lo = pid_s * CHUNK
@@ -258,12 +275,14 @@ def _quant_decode_kernel(
             ok &= (offs_n > qpos - WINDOW) | (offs_n < SINKS)
         # ---- scores: S [N, C] = sum over slots of codes [N, DP] @ Qx [DP, C] ----
         kc = tl.load(k_ptr + crow[:, None] + offs_i[None, :], mask=mask_n[:, None], other=0)
-        S = tl.dot(_slot_codes(kc, 0, KIND, BITS, DT), b0, input_precision=PREC)
+        S = tl.dot(_slot_codes(kc, 0, KIND, BITS, DT, KOFF), b0, input_precision=PREC)
         if P >= 2:
-            S = tl.dot(_slot_codes(kc, 1, KIND, BITS, DT), b1, S, input_precision=PREC)
+            S = tl.dot(_slot_codes(kc, 1, KIND, BITS, DT, KOFF), b1, S, input_precision=PREC)
         if P == 4:
             S = tl.dot(_slot_codes(kc, 2, KIND, BITS, DT), b2, S, input_precision=PREC)
             S = tl.dot(_slot_codes(kc, 3, KIND, BITS, DT), b3, S, input_precision=PREC)
+        if KOFF:
+            S = S - kcorr[None, :]
         if KIND == 1 or KIND == 2:
             S = S * _per_col(ks_t, BLOCK_N, NGP, GQ)
         elif KIND == 3:
@@ -283,6 +302,8 @@ def _quant_decode_kernel(
         px = (pc * _per_col(vs_t, BLOCK_N, NGP, GQ)).to(DT)
         if KIND >= 3:
             zacc = zacc * alpha_c[None, :] + pc * _per_col(vz_t, BLOCK_N, NGP, GQ)
+        if VOFF:
+            pxs = pxs * alpha_c[None, :] + px.to(tl.float32)
         # ---- values: O^T [DP, C] += codes^T [DP, N] @ Px [N, C] ----
         if VT:
             # value codes token-contiguous within a block (ref.token_contiguous), bytes BS apart. Tiles
@@ -296,12 +317,12 @@ def _quant_decode_kernel(
             vc = tl.load(v_ptr + voff, mask=vmask, other=0)
         else:  # token-major: the keys' layout and offsets
             vc = tl.load(v_ptr + crow[None, :] + offs_i[:, None], mask=mask_n[None, :], other=0)
-        acc0 = tl.dot(_slot_codes(vc, 0, KIND, BITS, DT), px, acc0 * alpha_c[None, :], input_precision=PREC)
+        acc0 = tl.dot(_slot_codes(vc, 0, KIND, BITS, DT, VOFF), px, acc0 * alpha_c[None, :], input_precision=PREC)
         if P >= 2:
-            acc1 = tl.dot(_slot_codes(vc, 1, KIND, BITS, DT), px, acc1 * alpha_c[None, :], input_precision=PREC)
+            acc1 = tl.dot(_slot_codes(vc, 1, KIND, BITS, DT, VOFF), px, acc1 * alpha_c[None, :], input_precision=PREC)
         if P == 4:
-            acc2 = tl.dot(_slot_codes(vc, 2, KIND, BITS, DT), px, acc2 * alpha_c[None, :], input_precision=PREC)
-            acc3 = tl.dot(_slot_codes(vc, 3, KIND, BITS, DT), px, acc3 * alpha_c[None, :], input_precision=PREC)
+            acc2 = tl.dot(_slot_codes(vc, 2, KIND, BITS, DT, VOFF), px, acc2 * alpha_c[None, :], input_precision=PREC)
+            acc3 = tl.dot(_slot_codes(vc, 3, KIND, BITS, DT, VOFF), px, acc3 * alpha_c[None, :], input_precision=PREC)
 
     if KIND == 4:
         # kivi2: the row's newest tokens [F, seq_len) from its fp16 residual window [B, R, Hkv, D];
@@ -329,6 +350,8 @@ def _quant_decode_kernel(
             pc = tl.reshape(tl.broadcast_to(p[:, None, :], (BLOCK_N, NGP, GQ)), (BLOCK_N, C))
             alpha_c = _cols(alpha, NGP, GQ)
             zacc = zacc * alpha_c[None, :]
+            if VOFF:
+                pxs = pxs * alpha_c[None, :]
             rv = rv_ptr + rrow[None, :]
             mt = mask_n[None, :]
             acc0 = acc0 * alpha_c[None, :] + tl.dot(
@@ -348,6 +371,14 @@ def _quant_decode_kernel(
         zo = tl.sum(zacc, 0) * inv
     else:
         zo = tl.zeros([C], tl.float32)
+    if VOFF:
+        vcorr = tl.sum(pxs, 0) * OFFV
+        acc0 -= vcorr[None, :]
+        if P >= 2:
+            acc1 -= vcorr[None, :]
+        if P == 4:
+            acc2 -= vcorr[None, :]
+            acc3 -= vcorr[None, :]
     keep = (row_grp[:, None] == col_blk[None, :]) & head_ok[None, :]
     if SPLIT:
         orow = (qrow * SPLITS + pid_s) * D
@@ -370,6 +401,11 @@ def _quant_decode_kernel(
         tl.store(ml_ptr + part * 2 + 1, l_i, mask=r < G)
 
 
+# fp16 products (bf16 / fp16 queries): formats whose key / value codes enter the dots with the fp16
+# bit trick's offset (1024 + code; int8 1152 + code), taken off once per column instead of once per
+# pair of codes. kivi2 keys (channel scales folded into the queries per tile) keep the subtraction.
+OFFSET_KEYS = {"int8", "int4"}
+OFFSET_VALUES = {"int8", "int4", "kivi2"}
 # 8-bit formats: query heads in column block 0 of several (the softmax over the real heads only), or
 # padded to 16 columns in one block (False).
 EIGHT_BIT_BLOCKS = False
@@ -442,7 +478,7 @@ def quant_decode(q, kind, per_byte, group, tensors, block_tables, seq_lens, scal
         sliding_window or 0, sinks, g, chunk, num_splits,
         KIND=kind_id, P=per_byte, D=d, GROUP=group, BS=bs, GQ=gq, NGP=ngp, BLOCK_N=block_n, KB=kb,
         SPLIT=num_splits > 1, HAS_WINDOW=sliding_window is not None, DOT_F32=dot_f32,
-        VT=vt,
+        VT=vt, KOFF=not dot_f32 and kind in OFFSET_KEYS, VOFF=not dot_f32 and kind in OFFSET_VALUES,
         num_warps=num_warps, num_stages=num_stages, **extra,
     )
     if num_splits > 1:
