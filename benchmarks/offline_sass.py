@@ -59,7 +59,7 @@ def compile_decode(fmt: str, block_n: int, num_warps: int, num_stages: int, maxn
     # value codes: token-contiguous (int4) or token-major; the unit stride is specialized at run time
     const["VT"] = p == 2
     const["stride_wt" if p == 2 else "stride_wc"] = 1
-    const.update(KOFF=kind in (2, 3), VOFF=kind >= 2)
+    const.update(KOFF=kind == 3, VOFF=kind == 3)  # decode_quant.OFFSET_KEYS / _VALUES
     sig.update({k: "constexpr" for k in const})
     names = list(sig)
     aligned = [i for i, n in enumerate(names) if n.endswith("_ptr") or n.startswith("stride_") or n == "M"]
