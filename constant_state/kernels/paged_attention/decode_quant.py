@@ -45,8 +45,9 @@ from .decode import _slot_dims
 def _slot_codes(c, j: tl.constexpr, KIND: tl.constexpr, BITS: tl.constexpr, DT: tl.constexpr,
                 OFF: tl.constexpr = False):
     """Value slot ``j`` of code bytes ``c`` as exact ``DT`` numbers (packed formats: ``code * 2^(BITS j)``).
-    ``OFF``: int8 / packed codes keep the offset of the fp16 bit trick (``_OFFSET[KIND] + code``, one
-    subtraction less per pair of codes); the caller subtracts ``offset * sum(operand)`` once per column."""
+    ``OFF``: int8 / packed codes keep the offset of the fp16 bit trick (``1152 + code`` for int8, else
+    ``1024 + code``: one subtraction less per pair of codes); the caller subtracts ``offset *
+    sum(other operand)`` once per column (``OFFSET_KEYS`` / ``OFFSET_VALUES``)."""
     if KIND == 1:
         x = c.to(tl.float8e4nv, bitcast=True).to(tl.float16)
     elif KIND == 2:
