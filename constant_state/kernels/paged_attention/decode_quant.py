@@ -194,6 +194,8 @@ def _quant_decode_kernel(
         q3 = tl.load(q_ptr + qrow[None, :] * D + dim3[:, None], mask=q_ok, other=0.0).to(tl.float32)
         acc2 = tl.zeros([DP, C], tl.float32)
         acc3 = tl.zeros([DP, C], tl.float32)
+    if KIND == 4:
+        ones = tl.full([BLOCK_N, DP], 1.0, DT)
     if KIND >= 3:
         zacc = tl.zeros([BLOCK_N, C], tl.float32)  # sum_n p * (value zero point of the column's group), per row
     OFFV: tl.constexpr = 1152.0 if KIND == 2 else 1024.0
@@ -251,10 +253,10 @@ def _quant_decode_kernel(
             b1 = (q1 * _per_col(ks1, DP, NGP, GQ) * (1.0 / 4)).to(DT)
             b2 = (q2 * _per_col(ks2, DP, NGP, GQ) * (1.0 / 16)).to(DT)
             b3 = (q3 * _per_col(ks3, DP, NGP, GQ) * (1.0 / 64)).to(DT)
-            zq = tl.sum(q0 * _per_col(kz0, DP, NGP, GQ), 0)
-            zq += tl.sum(q1 * _per_col(kz1, DP, NGP, GQ), 0)
-            zq += tl.sum(q2 * _per_col(kz2, DP, NGP, GQ), 0)
-            zq += tl.sum(q3 * _per_col(kz3, DP, NGP, GQ), 0)
+            # zero points: q . kz per column, summed over the dims by a product with a ones tile (a sum
+            # over the dims in registers crosses lanes: shuffles)
+            zs = q0 * _per_col(kz0, DP, NGP, GQ) + q1 * _per_col(kz1, DP, NGP, GQ)
+            zs += q2 * _per_col(kz2, DP, NGP, GQ) + q3 * _per_col(kz3, DP, NGP, GQ)
             ks0, ks1, ks2, ks3, kz0, kz1, kz2, kz3 = _kivi_key_scales(
                 ks_ptr, kz_ptr, kb_b * stride_kb + h * stride_kh, dim0, dim1, dim2, dim3)
             kb_b = _kivi_blocks(bt_row, start + 2 * BLOCK_N, offs_g, q_hi, KB, BS)
@@ -289,7 +291,7 @@ def _quant_decode_kernel(
         elif KIND == 3:
             S = S * _per_col(ks_t, BLOCK_N, NGP, GQ) + _per_col(kz_t, BLOCK_N, NGP, GQ) * qsum[None, :]
         else:
-            S = S + zq[None, :]
+            S = tl.dot(ones, zs.to(DT), S, input_precision=PREC)
         if KIND == 4:
             # each token takes the column block of its block within the tile
             tb = tl.arange(0, BLOCK_N) // BS
