@@ -55,6 +55,16 @@ def _slot_codes(c, j: tl.constexpr, KIND: tl.constexpr, BITS: tl.constexpr, DT: 
         x = ((c.to(tl.int16) & 0xFF) ^ 0x6480).to(tl.float16, bitcast=True)
         if not OFF:
             x = x - 1152.0
+    elif KIND == 3 and OFF:
+        # int4 on the GPU (OFF is never set under the interpreter): 4 bytes per instance, one
+        # lop3 per pair of nibbles ((w & mask) | 0x64006400: 1024 + code * 16^j) and two prmt to
+        # pair bytes (0, 1) and (2, 3); Triton's own code spreads each byte to 16 bits first.
+        x = tl.inline_asm_elementwise(
+            "{ .reg .b32 t0, t1; shr.b32 t1, $2, 8; "
+            f"lop3.b32 t0, $2, {0x000F000F << (4 * j)}, 0x64006400, 0xEA; "
+            f"lop3.b32 t1, t1, {0x000F000F << (4 * j)}, 0x64006400, 0xEA; "
+            "prmt.b32 $0, t0, t1, 0x5410; prmt.b32 $1, t0, t1, 0x7632; }",
+            "=r,=r,r", [c], dtype=tl.float16, is_pure=True, pack=4)
     else:
         m = c.to(tl.int16) & (((1 << BITS) - 1) << (BITS * j))
         x = (m | 0x6400).to(tl.float16, bitcast=True)
