@@ -59,7 +59,9 @@ def compile_decode(fmt: str, block_n: int, num_warps: int, num_stages: int, maxn
     # value codes: token-contiguous (int4) or token-major; the unit stride is specialized at run time
     const["VT"] = p == 2
     const["stride_wt" if p == 2 else "stride_wc"] = 1
-    const.update(KOFF=kind == 3, VOFF=kind == 3)  # decode_quant.OFFSET_KEYS / _VALUES
+    name = {1: "fp8", 2: "int8", 3: "int4", 4: "kivi2"}[kind]
+    const.update(KOFF=decode_quant._offset(name, group, False, decode_quant.OFFSET_KEYS),
+                 VOFF=decode_quant._offset(name, group, False, decode_quant.OFFSET_VALUES))
     sig.update({k: "constexpr" for k in const})
     names = list(sig)
     aligned = [i for i, n in enumerate(names) if n.endswith("_ptr") or n.startswith("stride_") or n == "M"]

@@ -43,11 +43,12 @@ from .decode import _slot_dims
 
 @triton.jit
 def _slot_codes(c, j: tl.constexpr, KIND: tl.constexpr, BITS: tl.constexpr, DT: tl.constexpr,
-                OFF: tl.constexpr = False):
+                OFF: tl.constexpr = 0):
     """Value slot ``j`` of code bytes ``c`` as exact ``DT`` numbers (packed formats: ``code * 2^(BITS j)``).
-    ``OFF``: int8 / packed codes keep the offset of the fp16 bit trick (``1152 + code`` for int8, else
-    ``1024 + code``: one subtraction less per pair of codes); the caller subtracts ``offset *
-    sum(other operand)`` once per column (``OFFSET_KEYS`` / ``OFFSET_VALUES``)."""
+    ``OFF`` (0, 1, 2): int8 / packed codes keep the offset of the fp16 bit trick (``1152 + code`` for
+    int8, else ``1024 + code``: one subtraction less per pair of codes); the caller subtracts ``offset *
+    sum(other operand)`` once per column (``OFFSET_KEYS`` / ``OFFSET_VALUES``). 2: int4 decoded by
+    inline PTX (``ASM_GROUPS``)."""
     if KIND == 1:
         x = c.to(tl.float8e4nv, bitcast=True).to(tl.float16)
     elif KIND == 2:
@@ -55,7 +56,7 @@ def _slot_codes(c, j: tl.constexpr, KIND: tl.constexpr, BITS: tl.constexpr, DT: 
         x = ((c.to(tl.int16) & 0xFF) ^ 0x6480).to(tl.float16, bitcast=True)
         if not OFF:
             x = x - 1152.0
-    elif KIND == 3 and OFF:
+    elif KIND == 3 and OFF == 2:
         # int4 on the GPU (OFF is never set under the interpreter): 4 bytes per instance, one
         # lop3 per pair of nibbles ((w & mask) | 0x64006400: 1024 + code * 16^j) and two prmt to
         # pair bytes (0, 1) and (2, 3); Triton's own code spreads each byte to 16 bits first.
@@ -420,6 +421,9 @@ def _quant_decode_kernel(
 # kivi2 (values) 931 -> 954 (more registers: spills), so those keep the subtraction.
 OFFSET_KEYS = {"int4"}
 OFFSET_VALUES = {"int4"}
+# int4 group sizes whose codes (with the offset) are decoded by inline PTX, 4 codes per lop3 pair:
+# group 64 683 -> 651 us; group 32 778 -> 860 (slower: not used).
+ASM_GROUPS = {64}
 # 8-bit formats: query heads in column block 0 of several (the softmax over the real heads only), or
 # padded to 16 columns in one block (False).
 EIGHT_BIT_BLOCKS = False
@@ -429,6 +433,13 @@ EIGHT_BIT_BLOCKS = False
 # fast with 2 warps and 64-token tiles as with 4 and 128 (780 vs 796 us); 1 warp and caps of 128 slower.
 # kivi2: two 32-token blocks per tile, 2 warps (937 us; one block per tile 1229-1275, 128 tokens 1034-1314).
 TILE_CONFIGS = {"fp8": (128, 4, 3, 168), "int8": (128, 4, 3, 168), "int4": (64, 2, 3), "kivi2": (64, 2, 3)}
+
+
+def _offset(kind, group, dot_f32, kinds) -> int:
+    """``OFF`` of :func:`_slot_codes`: 0 (fp32 queries or a format not listed), 1, or 2 (inline PTX)."""
+    if dot_f32 or kind not in kinds:
+        return 0
+    return 2 if kind == "int4" and group in ASM_GROUPS else 1
 
 
 def quant_decode(q, kind, per_byte, group, tensors, block_tables, seq_lens, scale, sliding_window, sinks,
@@ -492,7 +503,8 @@ def quant_decode(q, kind, per_byte, group, tensors, block_tables, seq_lens, scal
         sliding_window or 0, sinks, g, chunk, num_splits,
         KIND=kind_id, P=per_byte, D=d, GROUP=group, BS=bs, GQ=gq, NGP=ngp, BLOCK_N=block_n, KB=kb,
         SPLIT=num_splits > 1, HAS_WINDOW=sliding_window is not None, DOT_F32=dot_f32,
-        VT=vt, KOFF=not dot_f32 and kind in OFFSET_KEYS, VOFF=not dot_f32 and kind in OFFSET_VALUES,
+        VT=vt, KOFF=_offset(kind, group, dot_f32, OFFSET_KEYS),
+        VOFF=_offset(kind, group, dot_f32, OFFSET_VALUES),
         num_warps=num_warps, num_stages=num_stages, **extra,
     )
     if num_splits > 1:
