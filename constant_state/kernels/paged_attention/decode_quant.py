@@ -45,31 +45,33 @@ from .decode import _slot_dims
 def _slot_codes(c, j: tl.constexpr, KIND: tl.constexpr, BITS: tl.constexpr, DT: tl.constexpr,
                 OFF: tl.constexpr = 0):
     """Value slot ``j`` of code bytes ``c`` as exact ``DT`` numbers (packed formats: ``code * 2^(BITS j)``).
-    ``OFF`` (0, 1, 2): int8 / packed codes keep the offset of the fp16 bit trick (``1152 + code`` for
+    ``OFF`` (bits): 1 = int8 / packed codes keep the offset of the fp16 bit trick (``1152 + code`` for
     int8, else ``1024 + code``: one subtraction less per pair of codes); the caller subtracts ``offset *
-    sum(other operand)`` once per column (``OFFSET_KEYS`` / ``OFFSET_VALUES``). 2: int4 decoded by
-    inline PTX (``ASM_GROUPS``)."""
+    sum(other operand)`` once per column (``OFFSET_KEYS`` / ``OFFSET_VALUES``). 2 = packed codes
+    decoded by inline PTX (``ASM_FORMATS``; never under the interpreter, which cannot run PTX)."""
     if KIND == 1:
         x = c.to(tl.float8e4nv, bitcast=True).to(tl.float16)
     elif KIND == 2:
         # int8 via fp16 bits: 0x6400 | (c ^ 0x80) = 1024 + c + 128.
         x = ((c.to(tl.int16) & 0xFF) ^ 0x6480).to(tl.float16, bitcast=True)
-        if not OFF:
+        if OFF % 2 == 0:
             x = x - 1152.0
-    elif KIND == 3 and OFF == 2:
-        # int4 on the GPU (OFF is never set under the interpreter): 4 bytes per instance, one
-        # lop3 per pair of nibbles ((w & mask) | 0x64006400: 1024 + code * 16^j) and two prmt to
-        # pair bytes (0, 1) and (2, 3); Triton's own code spreads each byte to 16 bits first.
+    elif OFF >= 2:
+        # packed codes on the GPU: 4 bytes per instance, one lop3 per pair of codes ((w & mask) |
+        # 0x64006400: 1024 + code * 2^(BITS j)) and two prmt to pair bytes (0, 1) and (2, 3);
+        # Triton's own code spreads each byte to 16 bits first.
         x = tl.inline_asm_elementwise(
             "{ .reg .b32 t0, t1; shr.b32 t1, $2, 8; "
-            f"lop3.b32 t0, $2, {0x000F000F << (4 * j)}, 0x64006400, 0xEA; "
-            f"lop3.b32 t1, t1, {0x000F000F << (4 * j)}, 0x64006400, 0xEA; "
+            f"lop3.b32 t0, $2, {(((1 << BITS) - 1) * 0x00010001) << (BITS * j)}, 0x64006400, 0xEA; "
+            f"lop3.b32 t1, t1, {(((1 << BITS) - 1) * 0x00010001) << (BITS * j)}, 0x64006400, 0xEA; "
             "prmt.b32 $0, t0, t1, 0x5410; prmt.b32 $1, t0, t1, 0x7632; }",
             "=r,=r,r", [c], dtype=tl.float16, is_pure=True, pack=4)
+        if OFF % 2 == 0:
+            x = x - 1024.0
     else:
         m = c.to(tl.int16) & (((1 << BITS) - 1) << (BITS * j))
         x = (m | 0x6400).to(tl.float16, bitcast=True)
-        if not OFF:
+        if OFF % 2 == 0:
             x = x - 1024.0
     return x.to(DT)
 
@@ -149,7 +151,7 @@ def _quant_decode_kernel(
     KIND: tl.constexpr, P: tl.constexpr, D: tl.constexpr, GROUP: tl.constexpr, BS: tl.constexpr,
     GQ: tl.constexpr, NGP: tl.constexpr, BLOCK_N: tl.constexpr, KB: tl.constexpr,
     SPLIT: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_F32: tl.constexpr, VT: tl.constexpr,
-    KOFF: tl.constexpr, VOFF: tl.constexpr,  # keys / values: codes keep the bit trick's offset (_slot_codes)
+    KOFF: tl.constexpr, VOFF: tl.constexpr,  # keys / values: OFF of _slot_codes (1: offset kept, 2: PTX)
 ):
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -210,13 +212,13 @@ def _quant_decode_kernel(
     if KIND >= 3:
         zacc = tl.zeros([BLOCK_N, C], tl.float32)  # sum_n p * (value zero point of the column's group), per row
     OFFV: tl.constexpr = 1152.0 if KIND == 2 else 1024.0
-    if KOFF:
+    if KOFF % 2 == 1:
         # codes offset + c: scores gain offset * (sum of the column's key operand), taken off per tile
         kcorr = tl.sum(b0.to(tl.float32), 0)
         if P >= 2:
             kcorr += tl.sum(b1.to(tl.float32), 0)
         kcorr = kcorr * OFFV
-    if VOFF:
+    if VOFF % 2 == 1:
         pxs = tl.zeros([BLOCK_N, C], tl.float32)  # sum_n px per row: the value codes' offset, taken off at the end
     offs_g = tl.arange(0, NGP)
 
@@ -293,9 +295,9 @@ def _quant_decode_kernel(
         if P >= 2:
             S = tl.dot(_slot_codes(kc, 1, KIND, BITS, DT, KOFF), b1, S, input_precision=PREC)
         if P == 4:
-            S = tl.dot(_slot_codes(kc, 2, KIND, BITS, DT), b2, S, input_precision=PREC)
-            S = tl.dot(_slot_codes(kc, 3, KIND, BITS, DT), b3, S, input_precision=PREC)
-        if KOFF:
+            S = tl.dot(_slot_codes(kc, 2, KIND, BITS, DT, KOFF), b2, S, input_precision=PREC)
+            S = tl.dot(_slot_codes(kc, 3, KIND, BITS, DT, KOFF), b3, S, input_precision=PREC)
+        if KOFF % 2 == 1:
             S = S - kcorr[None, :]
         if KIND == 1 or KIND == 2:
             S = S * _per_col(ks_t, BLOCK_N, NGP, GQ)
@@ -316,7 +318,7 @@ def _quant_decode_kernel(
         px = (pc * _per_col(vs_t, BLOCK_N, NGP, GQ)).to(DT)
         if KIND >= 3:
             zacc = zacc * alpha_c[None, :] + pc * _per_col(vz_t, BLOCK_N, NGP, GQ)
-        if VOFF:
+        if VOFF % 2 == 1:
             pxs = pxs * alpha_c[None, :] + px.to(tl.float32)
         # ---- values: O^T [DP, C] += codes^T [DP, N] @ Px [N, C] ----
         if VT:
@@ -364,7 +366,7 @@ def _quant_decode_kernel(
             pc = tl.reshape(tl.broadcast_to(p[:, None, :], (BLOCK_N, NGP, GQ)), (BLOCK_N, C))
             alpha_c = _cols(alpha, NGP, GQ)
             zacc = zacc * alpha_c[None, :]
-            if VOFF:
+            if VOFF % 2 == 1:
                 pxs = pxs * alpha_c[None, :]
             rv = rv_ptr + rrow[None, :]
             mt = mask_n[None, :]
@@ -385,7 +387,7 @@ def _quant_decode_kernel(
         zo = tl.sum(zacc, 0) * inv
     else:
         zo = tl.zeros([C], tl.float32)
-    if VOFF:
+    if VOFF % 2 == 1:
         vcorr = tl.sum(pxs, 0) * OFFV
         acc0 -= vcorr[None, :]
         if P >= 2:
@@ -421,9 +423,9 @@ def _quant_decode_kernel(
 # kivi2 (values) 931 -> 954 (more registers: spills), so those keep the subtraction.
 OFFSET_KEYS = {"int4"}
 OFFSET_VALUES = {"int4"}
-# int4 group sizes whose codes (with the offset) are decoded by inline PTX, 4 codes per lop3 pair:
-# group 64 683 -> 651 us; group 32 778 -> 860 (slower: not used).
-ASM_GROUPS = {64}
+# Packed formats whose codes are decoded by inline PTX (format kind -> group sizes, None: all), 4
+# codes per lop3 pair: int4 group 64 683 -> 651 us; group 32 778 -> 860 (slower: not used).
+ASM_FORMATS = {"int4": (64,), "kivi2": None}
 # 8-bit formats: query heads in column block 0 of several (the softmax over the real heads only), or
 # padded to 16 columns in one block (False).
 EIGHT_BIT_BLOCKS = False
@@ -436,10 +438,12 @@ TILE_CONFIGS = {"fp8": (128, 4, 3, 168), "int8": (128, 4, 3, 168), "int4": (64, 
 
 
 def _offset(kind, group, dot_f32, kinds) -> int:
-    """``OFF`` of :func:`_slot_codes`: 0 (fp32 queries or a format not listed), 1, or 2 (inline PTX)."""
-    if dot_f32 or kind not in kinds:
+    """``OFF`` of :func:`_slot_codes` (fp32 queries: 0): 1 if the format keeps the offset in this
+    product (``kinds``), plus 2 if its codes are decoded by inline PTX."""
+    if dot_f32:
         return 0
-    return 2 if kind == "int4" and group in ASM_GROUPS else 1
+    groups = ASM_FORMATS.get(kind, ())
+    return int(kind in kinds) + 2 * (groups is None or group in groups)
 
 
 def quant_decode(q, kind, per_byte, group, tensors, block_tables, seq_lens, scale, sliding_window, sinks,
