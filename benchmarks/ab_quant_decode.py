@@ -1,0 +1,80 @@
+"""A/B of the quantized decode kernel's variants at one shape, in one run (H200 method as
+bench_kv_decode.py: CUDA-graph replays, triton.testing.do_bench median, L2 flushed).
+
+Each argument is a format followed by ``:``-separated switches:
+
+- ``vt`` / ``tm``: value codes token-contiguous within a block / token-major (default: the format's
+  storage, ``cache/quant.py``);
+- ``nooff``: no code offsets kept in the fp16 products; ``voff``: the format's values keep them
+  (``decode_quant.OFFSET_KEYS / OFFSET_VALUES``);
+- ``noptx``: no inline-PTX decoding of packed codes (``decode_quant.ASM_FORMATS``);
+- ``BLOCK_N,warps,stages[,maxnreg]``: a tile config.
+
+    python benchmarks/ab_quant_decode.py int4 int4:nooff int4:noptx kivi2:tm fp8:128,4,2,168
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import bench_kv_decode
+import torch
+from bench_kv_decode import D, HKV, HQ, bench_graph, block_size, print_rows, random_storage
+
+from constant_state.cache.formats import get_format
+from constant_state.kernels.paged_attention import decode_quant
+from constant_state.kernels.paged_attention.decode import paged_attention
+from constant_state.kernels.paged_attention.ref import token_contiguous
+
+
+def run_variant(spec: str, batch: int, ctx: int, q: torch.Tensor, seq: torch.Tensor) -> dict:
+    fmt, *switches = spec.split(":")
+    bs = block_size(fmt)
+    m = ctx // bs
+    st, extra = random_storage(fmt, batch * m, batch)
+    bt = torch.randperm(batch * m, device=q.device).int().view(batch, m)
+    kind, v = st.cache.kind, st.cache.v
+    if "vt" in switches or "tm" in switches:
+        nv = (token_contiguous(*v.shape, v.dtype, v.device) if "vt" in switches
+              else torch.empty(v.shape, dtype=v.dtype, device=v.device))
+        st.cache.v = nv.copy_(v)
+    saved = (decode_quant.OFFSET_KEYS, decode_quant.OFFSET_VALUES, decode_quant.ASM_FORMATS)
+    if "nooff" in switches:
+        decode_quant.OFFSET_KEYS, decode_quant.OFFSET_VALUES = set(), set()
+    if "voff" in switches:
+        decode_quant.OFFSET_VALUES = decode_quant.OFFSET_VALUES | {kind}
+    if "noptx" in switches:
+        decode_quant.ASM_FORMATS = {}
+    cfgs = [s for s in switches if "," in s]
+    cfg = tuple(int(x) for x in cfgs[0].split(",")) if cfgs else None
+    try:
+        us = bench_graph(lambda: paged_attention(q, st.cache, bt, seq, D ** -0.5, config=cfg, **extra))
+    finally:
+        decode_quant.OFFSET_KEYS, decode_quant.OFFSET_VALUES, decode_quant.ASM_FORMATS = saved
+    nbytes = batch * m * get_format(fmt).page_bytes(bs, HKV, D)
+    return dict(variant=spec, batch=batch, context=ctx, us=us, tb_s=nbytes / us / 1e6)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("variants", nargs="+")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--context", type=int, default=32768)
+    p.add_argument("--smoke", action="store_true", help="CPU check (set TRITON_INTERPRET=1): batch 1, context 64")
+    a = p.parse_args()
+    dev = "cuda"
+    if a.smoke:
+        dev = bench_kv_decode.DEVICE = "cpu"
+        a.batch, a.context = 1, 64
+    q = torch.randn(a.batch, 1, HQ, D, device=dev, dtype=torch.bfloat16)
+    seq = torch.full((a.batch,), a.context, dtype=torch.int32, device=dev)
+    rows = []
+    for spec in a.variants:
+        rows.append(run_variant(spec, a.batch, a.context, q, seq))
+        if dev == "cuda":
+            torch.cuda.empty_cache()
+    print_rows(rows, ["variant", "batch", "context", "us", "tb_s"])
+
+
+if __name__ == "__main__":
+    main()
