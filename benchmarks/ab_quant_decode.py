@@ -8,6 +8,7 @@ Each argument is a format followed by ``:``-separated switches:
 - ``nooff``: no code offsets kept in the fp16 products; ``voff``: the format's values keep them
   (``decode_quant.OFFSET_KEYS / OFFSET_VALUES``);
 - ``noptx``: no inline-PTX decoding of packed codes (``decode_quant.ASM_FORMATS``);
+- ``bsN``: blocks of N tokens (default: bench_kv_decode.block_size);
 - ``BLOCK_N,warps,stages[,maxnreg]``: a tile config.
 
     python benchmarks/ab_quant_decode.py int4 int4:nooff int4:noptx kivi2:tm fp8:128,4,2,168
@@ -29,9 +30,14 @@ from constant_state.kernels.paged_attention.ref import token_contiguous
 
 def run_variant(spec: str, batch: int, ctx: int, q: torch.Tensor, seq: torch.Tensor) -> dict:
     fmt, *switches = spec.split(":")
-    bs = block_size(fmt)
+    sizes = [int(s[2:]) for s in switches if s.startswith("bs")]
+    bs = sizes[0] if sizes else block_size(fmt)
     m = ctx // bs
-    st, extra = random_storage(fmt, batch * m, batch)
+    bench_kv_decode.block_size = lambda _: bs  # random_storage's block size
+    try:
+        st, extra = random_storage(fmt, batch * m, batch)
+    finally:
+        bench_kv_decode.block_size = block_size
     bt = torch.randperm(batch * m, device=q.device).int().view(batch, m)
     kind, v = st.cache.kind, st.cache.v
     if "vt" in switches or "tm" in switches:
