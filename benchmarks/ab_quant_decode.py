@@ -33,11 +33,7 @@ def run_variant(spec: str, batch: int, ctx: int, q: torch.Tensor, seq: torch.Ten
     sizes = [int(s[2:]) for s in switches if s.startswith("bs")]
     bs = sizes[0] if sizes else block_size(fmt)
     m = ctx // bs
-    bench_kv_decode.block_size = lambda _: bs  # random_storage's block size
-    try:
-        st, extra = random_storage(fmt, batch * m, batch)
-    finally:
-        bench_kv_decode.block_size = block_size
+    st, extra = random_storage(fmt, batch * m, batch, bs)
     bt = torch.randperm(batch * m, device=q.device).int().view(batch, m)
     kind, v = st.cache.kind, st.cache.v
     if "vt" in switches or "tm" in switches:

@@ -61,11 +61,11 @@ def block_size(fmt: str) -> int:
     return 32 if fmt.startswith("kivi2") else BS
 
 
-def random_storage(fmt: str, num_blocks: int, batch: int):
+def random_storage(fmt: str, num_blocks: int, batch: int, bs: int | None = None):
     """A storage of ``num_blocks`` blocks filled with random codes and plausible scales, and the
     per-row tensors of formats that have them (kivi2's residual windows)."""
     f = get_format(fmt)
-    st = f.make_storage(num_blocks, block_size(fmt), HKV, D, DEVICE)
+    st = f.make_storage(num_blocks, bs or block_size(fmt), HKV, D, DEVICE)
     rows = f.row_tensors(batch, HKV, D, DEVICE)
     for t in st.tensors() + list(rows.values()):
         if t.dtype == torch.float16:

@@ -51,15 +51,14 @@ def compile_decode(fmt: str, block_n: int, num_warps: int, num_stages: int, maxn
     for name in ("HQ", "HKV", "M", "R"):
         sig[name] = "i32"
     sig["scale_log2"] = "fp32"
-    for name in ("stride_cb stride_ct stride_ch stride_wb stride_wt stride_wh stride_wc stride_kb stride_kt stride_kh "
+    for name in ("stride_cb stride_ct stride_ch stride_wb stride_wh stride_kb stride_kt stride_kh "
                  "stride_vb stride_vt stride_vh WINDOW SINKS G CHUNK SPLITS").split():
         sig[name] = "i32"
     const = dict(KIND=kind, P=p, D=d, GROUP=group, BS=bs, GQ=gq, NGP=ngp, BLOCK_N=block_n,
                  KB=max(1, block_n // bs) if kind == 4 else 1, SPLIT=True, HAS_WINDOW=False, DOT_F32=False)
-    # value codes: token-contiguous (int4) or token-major; the unit stride is specialized at run time
-    const["VT"] = p == 2
-    const["stride_wt" if p == 2 else "stride_wc"] = 1
-    name = {1: "fp8", 2: "int8", 3: "int4", 4: "kivi2"}[kind]
+    # value codes: token-contiguous (int4, kivi2) or token-major (fp8, int8), as cache/quant.py stores them
+    const["VT"] = kind >= 3
+    name = fmt.split("-")[0]
     const.update(KOFF=decode_quant._offset(name, group, False, decode_quant.OFFSET_KEYS),
                  VOFF=decode_quant._offset(name, group, False, decode_quant.OFFSET_VALUES))
     sig.update({k: "constexpr" for k in const})

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .ref import QuantKV
+from .ref import QuantKV, is_token_contiguous
 
 # Triton's interpreter computes bf16 tl.dot wrongly; there the dots run in fp32.
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -389,7 +389,7 @@ def paged_attention(q: torch.Tensor, cache, block_tables: torch.Tensor, seq_lens
     for x in (k, ks, vs):
         if not x.is_contiguous():
             raise ValueError("cache tensors must be contiguous")
-    if v.shape != k.shape or not (v.is_contiguous() or (kind != "dense" and v.stride(1) == 1)):
+    if v.shape != k.shape or not (v.stride() == k.stride() or (kind != "dense" and is_token_contiguous(v))):
         raise ValueError("value codes must match the keys' shape: contiguous, or (quantized) tokens contiguous "
                          "within a block (see ref.token_contiguous)")
     q = q.contiguous()

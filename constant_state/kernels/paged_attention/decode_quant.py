@@ -39,6 +39,7 @@ import triton
 import triton.language as tl
 
 from .decode import _slot_dims
+from .ref import is_token_contiguous
 
 
 @triton.jit
@@ -144,7 +145,7 @@ def _quant_decode_kernel(
     bt_ptr, seq_ptr,
     HQ, HKV, M, R, scale_log2,
     stride_cb, stride_ct, stride_ch,  # key codes: block, token, head (elements; unit stride along the head dim)
-    stride_wb, stride_wt, stride_wh, stride_wc,  # value codes: block, token, head, byte
+    stride_wb, stride_wh,  # value codes: block, head (token-contiguous, VT; else the keys' strides)
     stride_kb, stride_kt, stride_kh,  # key scales / zeros: block, token, head
     stride_vb, stride_vt, stride_vh,  # value scales / zeros: block, token, head
     WINDOW, SINKS, G, CHUNK, SPLITS,
@@ -452,10 +453,7 @@ def quant_decode(q, kind, per_byte, group, tensors, block_tables, seq_lens, scal
     from .decode import SPLIT_WAVES, _combine_splits
 
     k, v, ks, vs, kz, vz = tensors
-    vt = v.stride(1) == 1 and v.stride(3) == v.shape[1]  # token-contiguous value codes
-    if not vt and v.stride() != k.stride():
-        raise ValueError(f"value codes: token-major (contiguous) or token-contiguous within a block "
-                         f"(ref.token_contiguous), got strides {tuple(v.stride())}")
+    vt = is_token_contiguous(v)  # else the keys' layout (decode.paged_attention validated it)
     b, t, hq, d = q.shape
     n, bs, hkv = k.shape[:3]
     m = block_tables.shape[1]
@@ -503,7 +501,7 @@ def quant_decode(q, kind, per_byte, group, tensors, block_tables, seq_lens, scal
     _quant_decode_kernel[(b * hkv, num_splits)](
         q, out, part, ml, k, v, ks, vs, kz, vz, res_k, res_v, block_tables, seq_lens,
         hq, hkv, m, r, scale * 1.4426950408889634,
-        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), v.stride(3), *kstr, *vstr,
+        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(2), *kstr, *vstr,
         sliding_window or 0, sinks, g, chunk, num_splits,
         KIND=kind_id, P=per_byte, D=d, GROUP=group, BS=bs, GQ=gq, NGP=ngp, BLOCK_N=block_n, KB=kb,
         SPLIT=num_splits > 1, HAS_WINDOW=sliding_window is not None, DOT_F32=dot_f32,

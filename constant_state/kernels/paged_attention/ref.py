@@ -107,6 +107,12 @@ def token_contiguous(n: int, bs: int, h: int, width: int, dtype: torch.dtype, de
     return torch.zeros((n, h, width, bs), dtype=dtype, device=device).permute(0, 3, 1, 2)
 
 
+def is_token_contiguous(codes: torch.Tensor) -> bool:
+    """Whether ``codes [N, bs, H, width]`` has the layout of :func:`token_contiguous`."""
+    n, bs, h, w = codes.shape
+    return codes.stride() == (h * w * bs, 1, w * bs, bs)
+
+
 def pack_order(d: int, g: int, p: int) -> torch.Tensor:
     """Head-dim index held by unpacked position ``i * p + j`` (byte i, value j)."""
     flat = torch.arange(d)
