@@ -9,6 +9,7 @@ Each argument is a format followed by ``:``-separated switches:
   (``decode_quant.OFFSET_KEYS / OFFSET_VALUES``);
 - ``noptx``: no inline-PTX decoding of packed codes (``decode_quant.ASM_FORMATS``);
 - ``bsN``: blocks of N tokens (default: bench_kv_decode.block_size);
+- ``sN``: N splits over the context (default: the launch heuristic);
 - ``BLOCK_N,warps,stages[,maxnreg]``: a tile config.
 
     python benchmarks/ab_quant_decode.py int4 int4:nooff int4:noptx kivi2:tm fp8:128,4,2,168
@@ -17,6 +18,7 @@ Each argument is a format followed by ``:``-separated switches:
 from __future__ import annotations
 
 import argparse
+import re
 
 import bench_kv_decode
 import torch
@@ -49,6 +51,9 @@ def run_variant(spec: str, batch: int, ctx: int, q: torch.Tensor, seq: torch.Ten
         decode_quant.ASM_FORMATS = {}
     cfgs = [s for s in switches if "," in s]
     cfg = tuple(int(x) for x in cfgs[0].split(",")) if cfgs else None
+    splits = [int(s[1:]) for s in switches if re.fullmatch(r"s\d+", s)]
+    if splits:
+        extra = dict(extra, num_splits=splits[0])
     try:
         us = bench_graph(lambda: paged_attention(q, st.cache, bt, seq, D ** -0.5, config=cfg, **extra))
     finally:

@@ -110,6 +110,20 @@ def test_offsets_overflow_32_bits(fmt):
     torch.cuda.empty_cache()
 
 
+@pytest.mark.parametrize("fmt", ["fp8", "int4"])
+def test_split_count_from_occupancy(fmt):
+    """The quantized decode's default split count comes from the compiled kernel's occupancy, a whole
+    number of programs per SM, and the result at that count matches the reference."""
+    from constant_state.kernels.paged_attention import decode
+    from constant_state.kernels.paged_attention.decode_quant import _quant_decode_kernel
+
+    decode._OCCUPANCY.clear()
+    run_case(fmt, 1, [4099, 333, 17], 4, 128, 16)
+    slots = [v for k, v in decode._OCCUPANCY.items() if k[1] == _quant_decode_kernel.fn.__name__]
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    assert slots and all(v % sms == 0 and 1 <= v // sms <= 32 for v in slots), slots
+
+
 def test_cuda_graph_capture_of_decode():
     """The decode launch reads seq_lens on the device only: capture once, replay at new lengths."""
     from constant_state.kernels.paged_attention.decode import paged_attention

@@ -16,6 +16,7 @@ byte order (see ``ref.pack_order``); queries are loaded and outputs stored throu
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -355,6 +356,60 @@ def _num_sms(device: torch.device) -> int:
     return 4
 
 
+def programs_per_sm(n_regs: int, shared: int, num_warps: int, props=None) -> int:
+    """Resident programs per SM of a compiled kernel (CUDA occupancy rules: registers allocated per
+    warp in units of 256, 1 KiB of shared memory reserved per block). ``props``: a
+    ``torch.cuda.get_device_properties`` (None: the Hopper figures, 64 Ki registers, 228 KiB)."""
+    regs = getattr(props, "regs_per_multiprocessor", 65536)
+    smem = getattr(props, "shared_memory_per_multiprocessor", 233472)
+    threads = getattr(props, "max_threads_per_multi_processor", 2048)
+    regs_per_warp = -(-max(n_regs, 1) * 32 // 256) * 256
+    by_regs = regs // regs_per_warp // num_warps
+    by_smem = smem // (shared + 1024)
+    return max(1, min(by_regs, by_smem, threads // (32 * num_warps), 32))
+
+
+_OCCUPANCY: dict = {}
+
+
+def kernel_slots(kernel, args: tuple, kwargs: dict, device: torch.device) -> int:
+    """Programs of ``kernel`` (a ``@triton.jit`` function, launched with ``args`` / ``kwargs``) that
+    run at once on the whole GPU: SMs x :func:`programs_per_sm` of its compiled code (compiled, not
+    launched, on the first call per configuration; the interpreter: one per SM)."""
+    if _INTERPRET or device.type != "cuda":
+        return _num_sms(device)
+    key = (device.index, getattr(kernel, "fn", kernel).__name__, tuple(sorted(kwargs.items())))
+    if key not in _OCCUPANCY:
+        compiled = kernel.warmup(*args, grid=(1,), **kwargs)
+        compiled._init_handles()  # loads the module: n_regs (the pattern of Triton's fused-softmax tutorial)
+        props = torch.cuda.get_device_properties(device)
+        _OCCUPANCY[key] = props.multi_processor_count * programs_per_sm(
+            compiled.n_regs, compiled.metadata.shared, compiled.metadata.num_warps, props)
+    return _OCCUPANCY[key]
+
+
+# Per-program cost of a split besides its tiles (prologue, epilogue, its share of the combine), in tiles.
+SPLIT_OVERHEAD_TILES = 1.0
+
+
+@functools.lru_cache(maxsize=4096)
+def wave_splits(work: int, n_tiles: int, slots: int) -> int:
+    """Splits over the context for ``work`` programs (batch x KV heads) of ``n_tiles`` tiles each, with
+    ``slots`` programs resident at once: the fewest splits minimising ``waves x tiles per program``
+    (``waves = ceil(work x splits / slots)``). Programs run in waves of the GPU's slots, so a split
+    count whose last wave is part-empty wastes that part (H200, int4, batch 32 / 32k, 528 slots: 2
+    splits 587 us, 3 splits 684, 5 splits 649)."""
+    best, best_cost = 1, float("inf")
+    for s in range(1, min(n_tiles, 1024) + 1):
+        chunk = -(-n_tiles // s)
+        if -(-n_tiles // chunk) != s:
+            continue  # the same chunks as a smaller count
+        cost = -(-work * s // slots) * (chunk + SPLIT_OVERHEAD_TILES)
+        if cost < best_cost:
+            best, best_cost = s, cost
+    return best
+
+
 def _cache_args(cache: QuantKV | tuple[torch.Tensor, torch.Tensor]):
     """(kind, P, GROUP, codes/scale/zero tensors) of a dense ``(k, v)`` pair or a :class:`QuantKV`."""
     if isinstance(cache, QuantKV):
@@ -404,7 +459,7 @@ def paged_attention(q: torch.Tensor, cache, block_tables: torch.Tensor, seq_lens
         from .decode_quant import quant_decode
 
         return quant_decode(q, kind, p, group, (k, v, ks, vs, kz, vz), block_tables, seq_lens, scale,
-                            sliding_window, sinks, num_splits, res_k, res_v, config, _num_sms(q.device),
+                            sliding_window, sinks, num_splits, res_k, res_v, config,
                             _INTERPRET or q.dtype == torch.float32)
     m = block_tables.shape[1]
     gq = hq // hkv

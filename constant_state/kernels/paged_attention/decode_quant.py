@@ -448,9 +448,9 @@ def _offset(kind, group, dot_f32, kinds) -> int:
 
 
 def quant_decode(q, kind, per_byte, group, tensors, block_tables, seq_lens, scale, sliding_window, sinks,
-                 num_splits, res_k, res_v, config, num_sms, dot_f32):
+                 num_splits, res_k, res_v, config, dot_f32):
     """Launch for :func:`.decode.paged_attention` with one query token (arguments validated there)."""
-    from .decode import SPLIT_WAVES, _combine_splits
+    from .decode import _combine_splits, kernel_slots, wave_splits
 
     k, v, ks, vs, kz, vz = tensors
     vt = is_token_contiguous(v)  # else the keys' layout (decode.paged_attention validated it)
@@ -479,16 +479,6 @@ def quant_decode(q, kind, per_byte, group, tensors, block_tables, seq_lens, scal
         elif bs % block_n:
             raise ValueError(f"kivi2 decode tile {block_n} and block size {bs}: one must divide the other")
     n_tiles = triton.cdiv(m * bs, block_n)
-    if num_splits is None:
-        num_splits = max(1, min(n_tiles, triton.cdiv(SPLIT_WAVES.get(kind, 8) * num_sms, b * hkv)))
-    chunk = triton.cdiv(n_tiles, num_splits) * block_n
-    num_splits = triton.cdiv(m * bs, chunk)
-    out = torch.empty_like(q)
-    if num_splits > 1:
-        part = torch.empty((b * hq * num_splits, d), dtype=torch.float32, device=q.device)
-        ml = torch.empty((b * hq * num_splits, 2), dtype=torch.float32, device=q.device)
-    else:
-        part = ml = out
     if kind == "kivi2":
         r = res_k.shape[1]
         kstr = (ks.stride(0), 0, ks.stride(1))  # per channel: [N, H, D]
@@ -498,17 +488,34 @@ def quant_decode(q, kind, per_byte, group, tensors, block_tables, seq_lens, scal
         kstr = (ks.stride(0), ks.stride(1), ks.stride(2))
     vstr = (vs.stride(0), vs.stride(1), vs.stride(2))
     kind_id = {"fp8": 1, "int8": 2, "int4": 3, "kivi2": 4}[kind]
-    _quant_decode_kernel[(b * hkv, num_splits)](
-        q, out, part, ml, k, v, ks, vs, kz, vz, res_k, res_v, block_tables, seq_lens,
-        hq, hkv, m, r, scale * 1.4426950408889634,
-        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(2), *kstr, *vstr,
-        sliding_window or 0, sinks, g, chunk, num_splits,
+    consts = dict(
         KIND=kind_id, P=per_byte, D=d, GROUP=group, BS=bs, GQ=gq, NGP=ngp, BLOCK_N=block_n, KB=kb,
-        SPLIT=num_splits > 1, HAS_WINDOW=sliding_window is not None, DOT_F32=dot_f32,
+        HAS_WINDOW=sliding_window is not None, DOT_F32=dot_f32,
         VT=vt, KOFF=_offset(kind, group, dot_f32, OFFSET_KEYS),
         VOFF=_offset(kind, group, dot_f32, OFFSET_VALUES),
         num_warps=num_warps, num_stages=num_stages, **extra,
     )
+    out = torch.empty_like(q)
+
+    def args(part, ml, chunk, splits):
+        return (q, out, part, ml, k, v, ks, vs, kz, vz, res_k, res_v, block_tables, seq_lens,
+                hq, hkv, m, r, scale * 1.4426950408889634,
+                k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(2), *kstr, *vstr,
+                sliding_window or 0, sinks, g, chunk, splits)
+
+    if num_splits is None:
+        # as many splits as fill the GPU's slots in whole waves (occupancy of the split kernel)
+        f32 = q.new_empty(2, dtype=torch.float32)
+        slots = kernel_slots(_quant_decode_kernel, args(f32, f32, block_n, 2), dict(consts, SPLIT=True), q.device)
+        num_splits = wave_splits(b * hkv, n_tiles, slots)
+    chunk = triton.cdiv(n_tiles, num_splits) * block_n
+    num_splits = triton.cdiv(m * bs, chunk)
+    if num_splits > 1:
+        part = torch.empty((b * hq * num_splits, d), dtype=torch.float32, device=q.device)
+        ml = torch.empty((b * hq * num_splits, 2), dtype=torch.float32, device=q.device)
+    else:
+        part = ml = out
+    _quant_decode_kernel[(b * hkv, num_splits)](*args(part, ml, chunk, num_splits), SPLIT=num_splits > 1, **consts)
     if num_splits > 1:
         _combine_splits[(b * hq,)](part, ml, out, SPLITS=num_splits, SPAD=triton.next_power_of_2(num_splits),
                                    D=d, num_warps=4)
