@@ -435,7 +435,10 @@ EIGHT_BIT_BLOCKS = False
 # cap of 168 fits 3 programs per SM for the 8-bit and kivi2 kernels (fp8 824 -> 735 us); int4 is as
 # fast with 2 warps and 64-token tiles as with 4 and 128 (780 vs 796 us); 1 warp and caps of 128 slower.
 # kivi2: two 32-token blocks per tile, 2 warps (937 us; one block per tile 1229-1275, 128 tokens 1034-1314).
-TILE_CONFIGS = {"fp8": (128, 4, 3, 168), "int8": (128, 4, 3, 168), "int4": (64, 2, 3), "kivi2": (64, 2, 3)}
+# Stages: with 3, Triton keeps one buffer of code tiles (block ids, codes and their use take the three
+# stages); 5 give two, 7 three. Fourth session (splits from occupancy): kivi2 694 -> 682 (5) -> 663 us
+# (7); int4 584 / 582 / 583, int4-g32 708 / 724 / 762, fp8 724 / 827 / 894: only kivi2 takes them.
+TILE_CONFIGS = {"fp8": (128, 4, 3, 168), "int8": (128, 4, 3, 168), "int4": (64, 2, 3), "kivi2": (64, 2, 7)}
 
 
 def _offset(kind, group, dot_f32, kinds) -> int:
