@@ -372,15 +372,15 @@ def programs_per_sm(n_regs: int, shared: int, num_warps: int, props=None) -> int
 _OCCUPANCY: dict = {}
 
 
-def kernel_slots(kernel, args: tuple, kwargs: dict, device: torch.device) -> int:
-    """Programs of ``kernel`` (a ``@triton.jit`` function, launched with ``args`` / ``kwargs``) that
-    run at once on the whole GPU: SMs x :func:`programs_per_sm` of its compiled code (compiled, not
-    launched, on the first call per configuration; the interpreter: one per SM)."""
+def kernel_slots(kernel, make_args, kwargs: dict, device: torch.device) -> int:
+    """Programs of ``kernel`` (a ``@triton.jit`` function, launched with ``make_args()`` / ``kwargs``)
+    that run at once on the whole GPU: SMs x :func:`programs_per_sm` of its compiled code (compiled,
+    not launched, on the first call per configuration; the interpreter: one per SM)."""
     if _INTERPRET or device.type != "cuda":
         return _num_sms(device)
     key = (device.index, getattr(kernel, "fn", kernel).__name__, tuple(sorted(kwargs.items())))
     if key not in _OCCUPANCY:
-        compiled = kernel.warmup(*args, grid=(1,), **kwargs)
+        compiled = kernel.warmup(*make_args(), grid=(1,), **kwargs)
         compiled._init_handles()  # loads the module: n_regs (the pattern of Triton's fused-softmax tutorial)
         props = torch.cuda.get_device_properties(device)
         _OCCUPANCY[key] = props.multi_processor_count * programs_per_sm(
@@ -395,10 +395,10 @@ SPLIT_OVERHEAD_TILES = 1.0
 @functools.lru_cache(maxsize=4096)
 def wave_splits(work: int, n_tiles: int, slots: int) -> int:
     """Splits over the context for ``work`` programs (batch x KV heads) of ``n_tiles`` tiles each, with
-    ``slots`` programs resident at once: the fewest splits minimising ``waves x tiles per program``
-    (``waves = ceil(work x splits / slots)``). Programs run in waves of the GPU's slots, so a split
-    count whose last wave is part-empty wastes that part (H200, int4, batch 32 / 32k, 528 slots: 2
-    splits 587 us, 3 splits 684, 5 splits 649)."""
+    ``slots`` programs resident at once: the fewest splits minimising ``waves x (tiles per program +
+    SPLIT_OVERHEAD_TILES)``, ``waves = ceil(work x splits / slots)``. Programs run in waves of the
+    GPU's slots, so a split count whose last wave is part-empty wastes that part (H200, int4, batch
+    32 / 32k, 528 slots: 2 splits 587 us, 3 splits 684, 5 splits 649)."""
     best, best_cost = 1, float("inf")
     for s in range(1, min(n_tiles, 1024) + 1):
         chunk = -(-n_tiles // s)

@@ -508,8 +508,9 @@ def quant_decode(q, kind, per_byte, group, tensors, block_tables, seq_lens, scal
 
     if num_splits is None:
         # as many splits as fill the GPU's slots in whole waves (occupancy of the split kernel)
-        f32 = q.new_empty(2, dtype=torch.float32)
-        slots = kernel_slots(_quant_decode_kernel, args(f32, f32, block_n, 2), dict(consts, SPLIT=True), q.device)
+        f32 = lambda: q.new_empty(2, dtype=torch.float32)  # noqa: E731 (partials: only their dtype counts)
+        slots = kernel_slots(_quant_decode_kernel, lambda: args(f32(), f32(), block_n, 2), dict(consts, SPLIT=True),
+                             q.device)
         num_splits = wave_splits(b * hkv, n_tiles, slots)
     chunk = triton.cdiv(n_tiles, num_splits) * block_n
     num_splits = triton.cdiv(m * bs, chunk)
