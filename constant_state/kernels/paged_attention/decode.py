@@ -410,6 +410,39 @@ def wave_splits(work: int, n_tiles: int, slots: int) -> int:
     return best
 
 
+def _split_chunks(n_tiles: int, block_n: int, total: int, num_splits: int) -> tuple[int, int]:
+    """(tokens per split, splits) for ``num_splits`` splits of ``n_tiles`` tiles over ``total`` tokens:
+    whole tiles per split, and the count that covers them."""
+    chunk = triton.cdiv(n_tiles, num_splits) * block_n
+    return chunk, triton.cdiv(total, chunk)
+
+
+def _split_buffers(out: torch.Tensor, rows: int, num_splits: int):
+    """fp32 partial outputs ``[rows x splits, D]`` and (max, sum) pairs of a split launch (one split:
+    ``out`` itself, unused by the kernel)."""
+    if num_splits == 1:
+        return out, out
+    part = torch.empty((rows * num_splits, out.shape[-1]), dtype=torch.float32, device=out.device)
+    return part, torch.empty((rows * num_splits, 2), dtype=torch.float32, device=out.device)
+
+
+def _merge_splits(part: torch.Tensor, ml: torch.Tensor, out: torch.Tensor, rows: int, num_splits: int) -> None:
+    """Second step of a split launch: merge the partial softmaxes of ``rows`` query rows into ``out``."""
+    if num_splits > 1:
+        _combine_splits[(rows,)](part, ml, out, SPLITS=num_splits, SPAD=triton.next_power_of_2(num_splits),
+                                 D=out.shape[-1], num_warps=4)
+
+
+def _scale_args(kind: str, k, ks, vs, res_k, res_v):
+    """(res_k, res_v, residual length, key-scale strides, value-scale strides) for the kernels: kivi2's
+    key scales are per channel ``[N, H, D]``; other formats pass the key codes as unused residuals."""
+    if kind == "kivi2":
+        return res_k, res_v, res_k.shape[1], (ks.stride(0), 0, ks.stride(1)), (vs.stride(0), vs.stride(1), vs.stride(2))
+    if kind == "dense":
+        return k, k, 0, (0, 0, 0), (0, 0, 0)
+    return k, k, 0, (ks.stride(0), ks.stride(1), ks.stride(2)), (vs.stride(0), vs.stride(1), vs.stride(2))
+
+
 def _cache_args(cache: QuantKV | tuple[torch.Tensor, torch.Tensor]):
     """(kind, P, GROUP, codes/scale/zero tensors) of a dense ``(k, v)`` pair or a :class:`QuantKV`."""
     if isinstance(cache, QuantKV):
@@ -482,22 +515,10 @@ def paged_attention(q: torch.Tensor, cache, block_tables: torch.Tensor, seq_lens
         num_splits = 1 if t > 1 else max(1, min(n_tiles, triton.cdiv(waves * _num_sms(q.device), b * hkv)))
         if kind == "dense" and num_splits > 1:
             num_splits = min(n_tiles, triton.next_power_of_2(num_splits))
-    chunk = triton.cdiv(n_tiles, num_splits) * block_n
-    num_splits = triton.cdiv(m * bs, chunk)
+    chunk, num_splits = _split_chunks(n_tiles, block_n, m * bs, num_splits)
     out = torch.empty_like(q)
-    if num_splits > 1:
-        part = torch.empty((b * t * hq * num_splits, d), dtype=torch.float32, device=q.device)
-        ml = torch.empty((b * t * hq * num_splits, 2), dtype=torch.float32, device=q.device)
-    else:
-        part = ml = out
-    if kind == "kivi2":
-        r = res_k.shape[1]
-        kstr = (ks.stride(0), 0, ks.stride(1))  # per channel: [N, H, D]
-    else:
-        res_k = res_v = k
-        r = 0
-        kstr = (ks.stride(0), ks.stride(1), ks.stride(2)) if kind != "dense" else (0, 0, 0)
-    vstr = (vs.stride(0), vs.stride(1), vs.stride(2)) if kind != "dense" else (0, 0, 0)
+    part, ml = _split_buffers(out, b * t * hq, num_splits)
+    res_k, res_v, r, kstr, vstr = _scale_args(kind, k, ks, vs, res_k, res_v)
     grid = (b * hkv, triton.cdiv(t, block_t), num_splits)
     _paged_attn_kernel[grid](
         q, out, part, ml, k, v, ks, vs, kz, vz, res_k, res_v, block_tables, seq_lens,
@@ -509,7 +530,5 @@ def paged_attention(q: torch.Tensor, cache, block_tables: torch.Tensor, seq_lens
         DOT_F32=_INTERPRET or q.dtype == torch.float32,
         num_warps=num_warps, num_stages=num_stages,
     )
-    if num_splits > 1:
-        _combine_splits[(b * t * hq,)](part, ml, out, SPLITS=num_splits,
-                                       SPAD=triton.next_power_of_2(num_splits), D=d, num_warps=4)
+    _merge_splits(part, ml, out, b * t * hq, num_splits)
     return out

@@ -453,7 +453,7 @@ def _offset(kind, group, dot_f32, kinds) -> int:
 def quant_decode(q, kind, per_byte, group, tensors, block_tables, seq_lens, scale, sliding_window, sinks,
                  num_splits, res_k, res_v, config, dot_f32):
     """Launch for :func:`.decode.paged_attention` with one query token (arguments validated there)."""
-    from .decode import _combine_splits, kernel_slots, wave_splits
+    from .decode import _merge_splits, _scale_args, _split_buffers, _split_chunks, kernel_slots, wave_splits
 
     k, v, ks, vs, kz, vz = tensors
     vt = is_token_contiguous(v)  # else the keys' layout (decode.paged_attention validated it)
@@ -482,14 +482,7 @@ def quant_decode(q, kind, per_byte, group, tensors, block_tables, seq_lens, scal
         elif bs % block_n:
             raise ValueError(f"kivi2 decode tile {block_n} and block size {bs}: one must divide the other")
     n_tiles = triton.cdiv(m * bs, block_n)
-    if kind == "kivi2":
-        r = res_k.shape[1]
-        kstr = (ks.stride(0), 0, ks.stride(1))  # per channel: [N, H, D]
-    else:
-        res_k = res_v = k
-        r = 0
-        kstr = (ks.stride(0), ks.stride(1), ks.stride(2))
-    vstr = (vs.stride(0), vs.stride(1), vs.stride(2))
+    res_k, res_v, r, kstr, vstr = _scale_args(kind, k, ks, vs, res_k, res_v)
     kind_id = {"fp8": 1, "int8": 2, "int4": 3, "kivi2": 4}[kind]
     consts = dict(
         KIND=kind_id, P=per_byte, D=d, GROUP=group, BS=bs, GQ=gq, NGP=ngp, BLOCK_N=block_n, KB=kb,
@@ -512,15 +505,8 @@ def quant_decode(q, kind, per_byte, group, tensors, block_tables, seq_lens, scal
         slots = kernel_slots(_quant_decode_kernel, lambda: args(f32(), f32(), block_n, 2), dict(consts, SPLIT=True),
                              q.device)
         num_splits = wave_splits(b * hkv, n_tiles, slots)
-    chunk = triton.cdiv(n_tiles, num_splits) * block_n
-    num_splits = triton.cdiv(m * bs, chunk)
-    if num_splits > 1:
-        part = torch.empty((b * hq * num_splits, d), dtype=torch.float32, device=q.device)
-        ml = torch.empty((b * hq * num_splits, 2), dtype=torch.float32, device=q.device)
-    else:
-        part = ml = out
+    chunk, num_splits = _split_chunks(n_tiles, block_n, m * bs, num_splits)
+    part, ml = _split_buffers(out, b * hq, num_splits)
     _quant_decode_kernel[(b * hkv, num_splits)](*args(part, ml, chunk, num_splits), SPLIT=num_splits > 1, **consts)
-    if num_splits > 1:
-        _combine_splits[(b * hq,)](part, ml, out, SPLITS=num_splits, SPAD=triton.next_power_of_2(num_splits),
-                                   D=d, num_warps=4)
+    _merge_splits(part, ml, out, b * hq, num_splits)
     return out
