@@ -10,7 +10,11 @@ Each argument is a format followed by ``:``-separated switches:
 - ``noptx``: no inline-PTX decoding of packed codes (``decode_quant.ASM_FORMATS``);
 - ``bsN``: blocks of N tokens (default: bench_kv_decode.block_size);
 - ``sN``: N splits over the context (default: the launch heuristic);
+- ``cuda`` / ``triton``: the 8-bit decode backend (``decode.DECODE_BACKEND``; default ``auto``: the
+  CUDA warp-per-split kernel of ``cuda_decode`` where it serves, else Triton);
 - ``BLOCK_N,warps,stages[,maxnreg]``: a tile config.
+
+``sdpa`` alone is the baseline of the same run: ``scaled_dot_product_attention`` on a contiguous bf16 cache.
 
     python benchmarks/ab_quant_decode.py int4 int4:nooff int4:noptx kivi2:tm fp8:128,4,2,168
 """
@@ -25,12 +29,22 @@ import torch
 from bench_kv_decode import D, HKV, HQ, bench_graph, block_size, print_rows, random_storage
 
 from constant_state.cache.formats import get_format
-from constant_state.kernels.paged_attention import decode_quant
+from constant_state.kernels.paged_attention import decode, decode_quant
 from constant_state.kernels.paged_attention.decode import paged_attention
 from constant_state.kernels.paged_attention.ref import token_contiguous
 
 
+def run_sdpa(batch: int, ctx: int, q: torch.Tensor) -> dict:
+    k = torch.randn(batch, HKV, ctx, D, device=q.device, dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    qs = q.transpose(1, 2)
+    us = bench_graph(lambda: torch.nn.functional.scaled_dot_product_attention(qs, k, v, enable_gqa=True))
+    return dict(variant="sdpa", batch=batch, context=ctx, us=us, tb_s=2 * k.numel() * 2 / us / 1e6)
+
+
 def run_variant(spec: str, batch: int, ctx: int, q: torch.Tensor, seq: torch.Tensor) -> dict:
+    if spec == "sdpa":
+        return run_sdpa(batch, ctx, q)
     fmt, *switches = spec.split(":")
     sizes = [int(s[2:]) for s in switches if s.startswith("bs")]
     bs = sizes[0] if sizes else block_size(fmt)
@@ -42,7 +56,10 @@ def run_variant(spec: str, batch: int, ctx: int, q: torch.Tensor, seq: torch.Ten
         nv = (token_contiguous(*v.shape, v.dtype, v.device) if "vt" in switches
               else torch.empty(v.shape, dtype=v.dtype, device=v.device))
         st.cache.v = nv.copy_(v)
-    saved = (decode_quant.OFFSET_KEYS, decode_quant.OFFSET_VALUES, decode_quant.ASM_FORMATS)
+    saved = (decode_quant.OFFSET_KEYS, decode_quant.OFFSET_VALUES, decode_quant.ASM_FORMATS, decode.DECODE_BACKEND)
+    for backend in ("cuda", "triton"):
+        if backend in switches:
+            decode.DECODE_BACKEND = backend
     if "nooff" in switches:
         decode_quant.OFFSET_KEYS, decode_quant.OFFSET_VALUES = set(), set()
     if "voff" in switches:
@@ -57,7 +74,8 @@ def run_variant(spec: str, batch: int, ctx: int, q: torch.Tensor, seq: torch.Ten
     try:
         us = bench_graph(lambda: paged_attention(q, st.cache, bt, seq, D ** -0.5, config=cfg, **extra))
     finally:
-        decode_quant.OFFSET_KEYS, decode_quant.OFFSET_VALUES, decode_quant.ASM_FORMATS = saved
+        (decode_quant.OFFSET_KEYS, decode_quant.OFFSET_VALUES, decode_quant.ASM_FORMATS,
+         decode.DECODE_BACKEND) = saved
     nbytes = batch * m * get_format(fmt).page_bytes(bs, HKV, D)
     return dict(variant=spec, batch=batch, context=ctx, us=us, tb_s=nbytes / us / 1e6)
 

@@ -49,23 +49,30 @@ def setup(fmt, lens, hkv, d, bs, num_blocks, gen, dev="cuda"):
     return st, bt, (kd, vd, dense_bt)
 
 
-def run_case(fmt, t, lens, gqa, d, bs, window=None, num_blocks=None, hkv=2, seed=0):
+def run_case(fmt, t, lens, gqa, d, bs, window=None, num_blocks=None, hkv=2, seed=0, backend="auto", sinks=0,
+             qdtype=torch.bfloat16, num_splits=None):
+    """``backend``: decode.DECODE_BACKEND for the call (8-bit decode: the CUDA kernel or Triton)."""
+    from constant_state.kernels.paged_attention import decode
     from constant_state.kernels.paged_attention.decode import paged_attention
 
     gen = torch.Generator().manual_seed(seed)
     b = len(lens)
     num_blocks = num_blocks or (b * (-(-max(lens) // bs)) + 7)
     st, bt, (kd, vd, dbt) = setup(fmt, lens, hkv, d, bs, num_blocks, gen)
-    q = torch.randn(b, t, hkv * gqa, d, generator=gen).to("cuda", torch.bfloat16)
+    q = torch.randn(b, t, hkv * gqa, d, generator=gen).to("cuda", qdtype)
     seq = torch.tensor(lens, dtype=torch.int32, device="cuda")
     scale = d ** -0.5
     cache = st.cache if hasattr(st, "cache") else (st.k, st.v)
-    out = paged_attention(q, cache, bt, seq, scale, window)
+    saved, decode.DECODE_BACKEND = decode.DECODE_BACKEND, backend
+    try:
+        out = paged_attention(q, cache, bt, seq, scale, window, sinks=sinks, num_splits=num_splits)
+    finally:
+        decode.DECODE_BACKEND = saved
     if hasattr(st, "cache"):
-        ref = quant_paged_attention_ref(q.float(), st.cache, bt, seq, scale, window)
+        ref = quant_paged_attention_ref(q.float(), st.cache, bt, seq, scale, window, sinks=sinks)
     else:
-        ref = paged_attention_ref(q.float(), st.k, st.v, bt, seq, scale, window)
-    full = paged_attention_ref(q.float(), kd, vd, dbt, seq, scale, window)
+        ref = paged_attention_ref(q.float(), st.k, st.v, bt, seq, scale, window, sinks)
+    full = paged_attention_ref(q.float(), kd, vd, dbt, seq, scale, window, sinks)
     tight = (out.float() - ref.float()).abs().max().item()
     loose = (out.float() - full.float()).abs().max().item()
     assert tight <= TIGHT, f"{fmt}: kernel vs reference on the dequantized cache {tight:.3e}"
@@ -73,12 +80,46 @@ def run_case(fmt, t, lens, gqa, d, bs, window=None, num_blocks=None, hkv=2, seed
     return st
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", FORMATS + ["fp8:cuda", "int8:cuda"])
 @pytest.mark.parametrize("gqa", [1, 4, 8])
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("lens", [[1], [777, 1], [4099, 333, 17]], ids=["L1", "L777", "L4099"])
 def test_decode(fmt, gqa, d, lens):
-    run_case(fmt, 1, lens, gqa, d, 16)
+    """Every format with the default backend; ``:cuda`` the 8-bit CUDA kernel (cuda_decode)."""
+    fmt, _, backend = fmt.partition(":")
+    if backend == "cuda":
+        _need_cuda_decode()
+    run_case(fmt, 1, lens, gqa, d, 16, backend=backend or decode_backend())
+
+
+def decode_backend():
+    from constant_state.kernels.paged_attention import decode
+
+    return decode.DECODE_BACKEND
+
+
+def _need_cuda_decode():
+    """Skip below compute capability 8.9; on newer GPUs the kernel must build (no silent fallback)."""
+    from constant_state.kernels.paged_attention import cuda_decode
+
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("the CUDA decode kernel needs compute capability 8.9 (fp8 conversions)")
+    assert cuda_decode.available(torch.cuda.current_device()), cuda_decode._BUILD_ERRORS
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "int8"])
+@pytest.mark.parametrize("case", [
+    dict(lens=[3001, 65, 700], gqa=4, d=128, bs=16, window=1024, sinks=4),
+    dict(lens=[3001, 65], gqa=8, d=64, bs=32, window=100, sinks=0),
+    dict(lens=[5000, 1, 2049], gqa=2, d=128, bs=64, num_splits=7),
+    dict(lens=[4099, 333], gqa=4, d=128, bs=16, qdtype=torch.float16),
+    dict(lens=[16, 32, 17], gqa=5, d=64, bs=16, num_splits=1),
+], ids=["sinks-window", "window-bs32", "splits7-bs64", "fp16-queries", "one-split-gqa5"])
+def test_cuda_decode_8bit(fmt, case):
+    """The CUDA 8-bit decode kernel serves on this GPU (it must build: no silent Triton fallback) and
+    matches the reference with sinks, windows, block sizes 16-64, split counts, GQA 2/4/5/8, fp16 queries."""
+    _need_cuda_decode()
+    run_case(fmt, 1, backend="cuda", **case)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -118,16 +159,22 @@ def test_split_count_from_occupancy(fmt):
     from constant_state.kernels.paged_attention.decode_quant import _quant_decode_kernel
 
     decode._OCCUPANCY.clear()
-    run_case(fmt, 1, [4099, 333, 17], 4, 128, 16)
+    run_case(fmt, 1, [4099, 333, 17], 4, 128, 16, backend="triton")
     slots = [v for k, v in decode._OCCUPANCY.items() if k[1] == _quant_decode_kernel.fn.__name__]
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     assert slots and all(v % sms == 0 and 1 <= v // sms <= 32 for v in slots), slots
 
 
-def test_cuda_graph_capture_of_decode():
-    """The decode launch reads seq_lens on the device only: capture once, replay at new lengths."""
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_cuda_graph_capture_of_decode(backend, monkeypatch):
+    """The decode launch reads seq_lens on the device only: capture once, replay at new lengths
+    (Triton kernels and the ctypes-launched CUDA kernel alike)."""
+    from constant_state.kernels.paged_attention import decode
     from constant_state.kernels.paged_attention.decode import paged_attention
 
+    if backend == "cuda":
+        _need_cuda_decode()
+    monkeypatch.setattr(decode, "DECODE_BACKEND", backend)
     gen = torch.Generator().manual_seed(0)
     st, bt, _ = setup("int8", [2000, 2000], 2, 128, 16, 300, gen)
     q = torch.randn(2, 1, 8, 128, generator=gen).to("cuda", torch.bfloat16)

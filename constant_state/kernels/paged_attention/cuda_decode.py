@@ -1,0 +1,163 @@
+"""CUDA decode attention over 8-bit paged blocks (fp8 / int8): a warp per split of the context.
+
+The Triton decode kernels stream at most about 3 TB/s on 8-bit codes on the H200 (docs/benchmarks.md):
+their tile loop synchronises the warps of a program at every tile and stages the tiles through
+shared memory. ``csrc/decode8.cu`` gives each warp its own tokens, softmax and output partial, reads
+the codes from global memory straight into the tensor-core operand registers, and needs no shared
+memory or barrier in its loop (the layout is described at the top of the file).
+
+The source is compiled at first use by ``nvcc`` for the device's architecture (about 3 s) into
+``$CONSTANT_STATE_CACHE`` (default ``~/.cache/constant_state``), written atomically and keyed by a
+hash of the source, the architecture and nvcc's version, and called through ``ctypes`` on torch's
+current CUDA stream (CUDA-graph capturable). Without nvcc, or below compute capability 8.9 (the
+fp8 conversion instruction), :func:`available` is False and the Triton kernel serves.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("csrc") / "decode8.cu"
+KINDS = {"fp8": 1, "int8": 2}
+HEAD_DIMS = (64, 128)
+MAX_GROUP = 8  # query heads per KV head: the 8 columns of the tensor-core tile
+TILE = 16  # tokens per warp step
+WARPS = 4  # warps (splits) per block
+
+
+class _Params(ctypes.Structure):
+    _fields_ = ([(n, ctypes.c_void_p) for n in ("q", "out", "part", "ml", "k", "v", "ks", "vs", "bt", "seq")]
+                + [(n, ctypes.c_int64) for n in ("k_sb", "k_st", "k_sh", "v_sb", "v_st", "v_sh",
+                                                  "ks_sb", "ks_st", "ks_sh", "vs_sb", "vs_st", "vs_sh")]
+                + [(n, ctypes.c_int32) for n in ("hq", "hkv", "g", "m", "bs", "window", "sinks", "has_window",
+                                                  "splits", "chunk", "q_bf16")]
+                + [("scale_log2", ctypes.c_float)])
+
+
+def _nvcc() -> str | None:
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if home and (Path(home) / "bin" / "nvcc").exists():
+        return str(Path(home) / "bin" / "nvcc")
+    return shutil.which("nvcc") or (("/usr/local/cuda/bin/nvcc") if Path("/usr/local/cuda/bin/nvcc").exists() else None)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("CONSTANT_STATE_CACHE", Path.home() / ".cache" / "constant_state"))
+
+
+def build(arch: str, nvcc: str | None = None) -> Path:
+    """Compile the kernel for ``arch`` (e.g. ``"90"``) and return the shared library's path (cached)."""
+    nvcc = nvcc or _nvcc()
+    if nvcc is None:
+        raise RuntimeError("nvcc not found (set CUDA_HOME): the CUDA decode kernel cannot be built")
+    version = subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=True).stdout
+    src = SOURCE.read_bytes()
+    key = hashlib.sha256(src + arch.encode() + version.encode()).hexdigest()[:16]
+    out = cache_dir() / f"decode8_sm{arch}_{key}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        lib = Path(tmp) / out.name
+        cmd = [nvcc, "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-lineinfo",
+               f"-gencode=arch=compute_{arch},code=sm_{arch}", "-o", str(lib), str(SOURCE)]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode:
+            raise RuntimeError(f"nvcc failed on {SOURCE.name}:\n{res.stderr[-4000:]}")
+        os.replace(lib, out)  # atomic: concurrent builders leave one complete file
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _library(arch: str) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(build(arch)))
+    lib.cs_decode8.argtypes = [ctypes.POINTER(_Params), ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                               ctypes.c_int, ctypes.c_void_p]
+    lib.cs_decode8_occupancy.argtypes = [ctypes.c_int] * 4 + [ctypes.POINTER(ctypes.c_int)]
+    if lib.cs_decode8_params_size() != ctypes.sizeof(_Params):
+        raise RuntimeError("decode8.cu and cuda_decode._Params disagree on the parameter layout")
+    return lib
+
+
+def _arch(device: torch.device) -> str:
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"{major}{minor}"
+
+
+_BUILD_ERRORS: dict[str, str] = {}
+
+
+@functools.lru_cache(maxsize=None)
+def available(device_index: int) -> bool:
+    """Whether the kernel can run on this CUDA device (compute capability >= 8.9, nvcc, a clean build).
+    A failed build is recorded in ``_BUILD_ERRORS`` and warned about once; the Triton kernel serves."""
+    device = torch.device("cuda", device_index)
+    if torch.cuda.get_device_capability(device) < (8, 9) or _nvcc() is None:
+        return False
+    try:
+        _library(_arch(device))
+    except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+        from ...cache.quant import warn_once
+
+        _BUILD_ERRORS[_arch(device)] = str(e)
+        warn_once(f"CUDA decode kernel unavailable, using Triton: {str(e).splitlines()[0]}")
+        return False
+    return True
+
+
+def supports(kind: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hkv: int) -> bool:
+    """Shapes and dtypes this kernel serves (else the Triton kernel does)."""
+    b, t, hq, d = q.shape
+    return (kind in KINDS and q.is_cuda and t == 1 and q.dtype in (torch.float16, torch.bfloat16)
+            and d in HEAD_DIMS and hq // hkv <= MAX_GROUP and k.shape[1] % TILE == 0
+            and v.stride() == k.stride() and available(q.device.index or 0))
+
+
+@functools.lru_cache(maxsize=64)
+def warp_slots(kind: str, d: int, device_index: int) -> int:
+    """Warps resident on the whole GPU at once (CUDA occupancy calculator x SMs x warps per block)."""
+    lib = _library(_arch(torch.device("cuda", device_index)))
+    blocks = ctypes.c_int(0)
+    err = lib.cs_decode8_occupancy(KINDS[kind], d, WARPS, device_index, ctypes.byref(blocks))
+    if err:
+        raise RuntimeError(f"cudaOccupancyMaxActiveBlocksPerMultiprocessor failed ({err})")
+    sms = torch.cuda.get_device_properties(device_index).multi_processor_count
+    return max(1, blocks.value) * WARPS * sms
+
+
+def decode8(q, kind, tensors, block_tables, seq_lens, scale, sliding_window, sinks, num_splits):
+    """Launch for :func:`.decode.paged_attention` (arguments validated there): ``q [B, 1, Hq, D]``."""
+    from .decode import _merge_splits, _split_buffers, _split_chunks, wave_splits
+
+    k, v, ks, vs = tensors[:4]
+    b, _, hq, d = q.shape
+    n, bs, hkv = k.shape[:3]
+    m = block_tables.shape[1]
+    dev = q.device.index or 0
+    n_tiles = -(-(m * bs) // TILE)
+    if num_splits is None:
+        num_splits = wave_splits(b * hkv, n_tiles, warp_slots(kind, d, dev))
+    chunk, num_splits = _split_chunks(n_tiles, TILE, m * bs, num_splits)
+    out = torch.empty_like(q)
+    part, ml = _split_buffers(out, b * hq, num_splits)
+    p = _Params(q.data_ptr(), out.data_ptr(), part.data_ptr(), ml.data_ptr(), k.data_ptr(), v.data_ptr(),
+                ks.data_ptr(), vs.data_ptr(), block_tables.data_ptr(), seq_lens.data_ptr(),
+                k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+                ks.stride(0), ks.stride(1), ks.stride(2), vs.stride(0), vs.stride(1), vs.stride(2),
+                hq, hkv, hq // hkv, m, bs, sliding_window or 0, sinks, sliding_window is not None,
+                num_splits, chunk, q.dtype == torch.bfloat16, scale * 1.4426950408889634)
+    err = _library(_arch(q.device)).cs_decode8(ctypes.byref(p), KINDS[kind], d, b, WARPS, dev,
+                                              torch.cuda.current_stream(q.device).cuda_stream)
+    if err:
+        raise RuntimeError(f"decode8 launch failed: CUDA error {err}")
+    _merge_splits(part, ml, out, b * hq, num_splits)
+    return out
