@@ -80,12 +80,12 @@ def run_case(fmt, t, lens, gqa, d, bs, window=None, num_blocks=None, hkv=2, seed
     return st
 
 
-@pytest.mark.parametrize("fmt", FORMATS + ["fp8:cuda", "int8:cuda"])
+@pytest.mark.parametrize("fmt", FORMATS + ["fp8:cuda", "int8:cuda", "int4:cuda", "int4-g32:cuda"])
 @pytest.mark.parametrize("gqa", [1, 4, 8])
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("lens", [[1], [777, 1], [4099, 333, 17]], ids=["L1", "L777", "L4099"])
 def test_decode(fmt, gqa, d, lens):
-    """Every format with the default backend; ``:cuda`` the 8-bit CUDA kernel (cuda_decode)."""
+    """Every format with the default backend; ``:cuda`` the CUDA decode kernel (cuda_decode)."""
     fmt, _, backend = fmt.partition(":")
     if backend == "cuda":
         _need_cuda_decode()
@@ -107,7 +107,7 @@ def _need_cuda_decode():
     assert cuda_decode.available(torch.cuda.current_device()), cuda_decode._BUILD_ERRORS
 
 
-@pytest.mark.parametrize("fmt", ["fp8", "int8"])
+@pytest.mark.parametrize("fmt", ["fp8", "int8", "int4", "int4-g32"])
 @pytest.mark.parametrize("case", [
     dict(lens=[3001, 65, 700], gqa=4, d=128, bs=16, window=1024, sinks=4),
     dict(lens=[3001, 65], gqa=8, d=64, bs=32, window=100, sinks=0),
@@ -115,8 +115,8 @@ def _need_cuda_decode():
     dict(lens=[4099, 333], gqa=4, d=128, bs=16, qdtype=torch.float16),
     dict(lens=[16, 32, 17], gqa=5, d=64, bs=16, num_splits=1),
 ], ids=["sinks-window", "window-bs32", "splits7-bs64", "fp16-queries", "one-split-gqa5"])
-def test_cuda_decode_8bit(fmt, case):
-    """The CUDA 8-bit decode kernel serves on this GPU (it must build: no silent Triton fallback) and
+def test_cuda_decode(fmt, case):
+    """The CUDA decode kernel serves on this GPU (it must build: no silent Triton fallback) and
     matches the reference with sinks, windows, block sizes 16-64, split counts, GQA 2/4/5/8, fp16 queries."""
     _need_cuda_decode()
     run_case(fmt, 1, backend="cuda", **case)
@@ -134,11 +134,14 @@ def test_decode_sliding_window_and_block_sizes(fmt):
     run_case(fmt, 1, [257, 9], 4, 64, 64)
 
 
-@pytest.mark.parametrize("fmt", ["bf16", "int4"])
+@pytest.mark.parametrize("fmt", ["bf16", "int4", "fp8:cuda", "int4:cuda"])
 def test_offsets_overflow_32_bits(fmt):
     """A pool whose last block starts past 2^31 elements (bf16: 131k blocks of 16x8x128, 8.6 GB)."""
+    fmt, _, backend = fmt.partition(":")
+    if backend == "cuda":
+        _need_cuda_decode()
     hkv, d, bs = 8, 128, 16
-    per_block = bs * hkv * d  # elements of codes per block (bf16) / 2x bytes for int4
+    per_block = bs * hkv * d  # elements of codes per block (bf16) / bytes (fp8) / 2x bytes (int4)
     num_blocks = (2 ** 31) // per_block + 64
     if fmt == "int4":
         num_blocks = (2 ** 31) // (per_block // 2) + 64
@@ -146,7 +149,7 @@ def test_offsets_overflow_32_bits(fmt):
     need = get_format(fmt).page_bytes(bs, hkv, d) * num_blocks
     if need > 0.8 * free:
         pytest.skip(f"needs {need / 2**30:.1f} GiB of GPU memory")
-    st = run_case(fmt, 1, [300, 45], 4, d, bs, num_blocks=num_blocks, hkv=hkv)
+    st = run_case(fmt, 1, [300, 45], 4, d, bs, num_blocks=num_blocks, hkv=hkv, backend=backend or decode_backend())
     del st
     torch.cuda.empty_cache()
 

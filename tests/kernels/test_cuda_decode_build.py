@@ -1,4 +1,4 @@
-"""The CUDA 8-bit decode kernel on a machine without a GPU: it compiles (nvcc), its parameter block
+"""The CUDA quantized decode kernels on a machine without a GPU: it compiles (nvcc), its parameter block
 matches the ctypes mirror, and the dispatch falls back or errors clearly. Its numerics are tested on
 the GPU (tests/gpu/test_paged_attention_gpu.py: test_cuda_decode_8bit, test_decode[...:cuda])."""
 
@@ -26,8 +26,8 @@ def library(tmp_path_factory):
 
 def test_builds_and_parameter_layout_matches(library):
     lib = ctypes.CDLL(str(library))
-    assert lib.cs_decode8_params_size() == ctypes.sizeof(cuda_decode._Params)
-    for name in ("cs_decode8", "cs_decode8_occupancy"):
+    assert lib.cs_decode_params_size() == ctypes.sizeof(cuda_decode._Params)
+    for name in ("cs_decode", "cs_decode_occupancy"):
         assert hasattr(lib, name)
 
 
@@ -42,14 +42,14 @@ def test_build_error_names_the_compiler_output(tmp_path, monkeypatch):
     if cuda_decode._nvcc() is None:
         pytest.skip("nvcc not installed")
     monkeypatch.setenv("CONSTANT_STATE_CACHE", str(tmp_path))
-    with pytest.raises(RuntimeError, match="nvcc failed on decode8.cu"):
+    with pytest.raises(RuntimeError, match="nvcc failed on paged_decode.cu"):
         cuda_decode.build("nope")  # no such architecture
 
 
 def test_cpu_tensors_are_not_served():
     q = torch.zeros(1, 1, 8, 128, dtype=torch.bfloat16)
     k = torch.zeros(4, 16, 2, 128, dtype=torch.uint8)
-    assert not cuda_decode.supports("fp8", q, k, k, 2)
+    assert not cuda_decode.supports("fp8", 128, q, k, k, 2)
 
 
 def test_backend_cuda_without_the_kernel_is_a_clear_error(monkeypatch):

@@ -1,10 +1,10 @@
-"""CUDA decode attention over 8-bit paged blocks (fp8 / int8): a warp per split of the context.
+"""CUDA decode attention over quantized paged blocks (fp8, int8, int4): a warp per split of the context.
 
-The Triton decode kernels stream at most about 3 TB/s on 8-bit codes on the H200 (docs/benchmarks.md):
-their tile loop synchronises the warps of a program at every tile and stages the tiles through
-shared memory. ``csrc/decode8.cu`` gives each warp its own tokens, softmax and output partial, reads
-the codes from global memory straight into the tensor-core operand registers, and needs no shared
-memory or barrier in its loop (the layout is described at the top of the file).
+The Triton decode kernels stream at most about 3 TB/s on 8-bit codes and 2 TB/s on int4 on the H200
+(docs/benchmarks.md): their tile loop synchronises the warps of a program at every tile and stages
+the tiles through shared memory. ``csrc/paged_decode.cu`` gives each warp its own tokens, softmax
+and output partial, reads the codes from global memory straight into the tensor-core operand
+registers, and needs no shared memory or barrier in its loop (layouts at the top of the file).
 
 The source is compiled at first use by ``nvcc`` for the device's architecture (about 3 s) into
 ``$CONSTANT_STATE_CACHE`` (default ``~/.cache/constant_state``), written atomically and keyed by a
@@ -26,8 +26,11 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("csrc") / "decode8.cu"
-KINDS = {"fp8": 1, "int8": 2}
+from .ref import is_token_contiguous
+
+SOURCE = Path(__file__).with_name("csrc") / "paged_decode.cu"
+KINDS = {"fp8": 1, "int8": 2, "int4": 3}
+INT4_GROUPS = (32, 64)
 HEAD_DIMS = (64, 128)
 MAX_GROUP = 8  # query heads per KV head: the 8 columns of the tensor-core tile
 TILE = 16  # tokens per warp step
@@ -35,9 +38,10 @@ WARPS = 4  # warps (splits) per block
 
 
 class _Params(ctypes.Structure):
-    _fields_ = ([(n, ctypes.c_void_p) for n in ("q", "out", "part", "ml", "k", "v", "ks", "vs", "bt", "seq")]
+    _fields_ = ([(n, ctypes.c_void_p) for n in ("q", "out", "part", "ml", "k", "v", "ks", "vs", "kz", "vz",
+                                                 "bt", "seq")]
                 + [(n, ctypes.c_int64) for n in ("k_sb", "k_st", "k_sh", "v_sb", "v_st", "v_sh",
-                                                  "ks_sb", "ks_st", "ks_sh", "vs_sb", "vs_st", "vs_sh")]
+                                                  "ks_sb", "ks_st", "ks_sh", "vs_sb", "vs_st", "vs_sh", "v_sc")]
                 + [(n, ctypes.c_int32) for n in ("hq", "hkv", "g", "m", "bs", "window", "sinks", "has_window",
                                                   "splits", "chunk", "q_bf16")]
                 + [("scale_log2", ctypes.c_float)])
@@ -62,7 +66,7 @@ def build(arch: str, nvcc: str | None = None) -> Path:
     version = subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=True).stdout
     src = SOURCE.read_bytes()
     key = hashlib.sha256(src + arch.encode() + version.encode()).hexdigest()[:16]
-    out = cache_dir() / f"decode8_sm{arch}_{key}.so"
+    out = cache_dir() / f"paged_decode_sm{arch}_{key}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -80,11 +84,10 @@ def build(arch: str, nvcc: str | None = None) -> Path:
 @functools.lru_cache(maxsize=None)
 def _library(arch: str) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(build(arch)))
-    lib.cs_decode8.argtypes = [ctypes.POINTER(_Params), ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                               ctypes.c_int, ctypes.c_void_p]
-    lib.cs_decode8_occupancy.argtypes = [ctypes.c_int] * 4 + [ctypes.POINTER(ctypes.c_int)]
-    if lib.cs_decode8_params_size() != ctypes.sizeof(_Params):
-        raise RuntimeError("decode8.cu and cuda_decode._Params disagree on the parameter layout")
+    lib.cs_decode.argtypes = [ctypes.POINTER(_Params)] + [ctypes.c_int] * 6 + [ctypes.c_void_p]
+    lib.cs_decode_occupancy.argtypes = [ctypes.c_int] * 5 + [ctypes.POINTER(ctypes.c_int)]
+    if lib.cs_decode_params_size() != ctypes.sizeof(_Params):
+        raise RuntimeError(f"{SOURCE.name} and cuda_decode._Params disagree on the parameter layout")
     return lib
 
 
@@ -114,50 +117,54 @@ def available(device_index: int) -> bool:
     return True
 
 
-def supports(kind: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hkv: int) -> bool:
-    """Shapes and dtypes this kernel serves (else the Triton kernel does)."""
+def supports(kind: str, group: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hkv: int) -> bool:
+    """Shapes and dtypes this kernel serves (else the Triton kernel does): one query token in bf16 or
+    fp16, head dim 64 or 128, at most 8 query heads per KV head, blocks of a multiple of 16 tokens;
+    value codes in the keys' layout (fp8, int8) or token-contiguous (int4, groups of 32 or 64 dims)."""
     b, t, hq, d = q.shape
+    layout_ok = (is_token_contiguous(v) and group in INT4_GROUPS) if kind == "int4" else v.stride() == k.stride()
     return (kind in KINDS and q.is_cuda and t == 1 and q.dtype in (torch.float16, torch.bfloat16)
-            and d in HEAD_DIMS and hq // hkv <= MAX_GROUP and k.shape[1] % TILE == 0
-            and v.stride() == k.stride() and available(q.device.index or 0))
+            and d in HEAD_DIMS and hq // hkv <= MAX_GROUP and k.shape[1] % TILE == 0 and layout_ok
+            and available(q.device.index or 0))
 
 
 @functools.lru_cache(maxsize=64)
-def warp_slots(kind: str, d: int, device_index: int) -> int:
+def warp_slots(kind: str, d: int, group: int, device_index: int) -> int:
     """Warps resident on the whole GPU at once (CUDA occupancy calculator x SMs x warps per block)."""
     lib = _library(_arch(torch.device("cuda", device_index)))
     blocks = ctypes.c_int(0)
-    err = lib.cs_decode8_occupancy(KINDS[kind], d, WARPS, device_index, ctypes.byref(blocks))
+    err = lib.cs_decode_occupancy(KINDS[kind], d, group, WARPS, device_index, ctypes.byref(blocks))
     if err:
         raise RuntimeError(f"cudaOccupancyMaxActiveBlocksPerMultiprocessor failed ({err})")
     sms = torch.cuda.get_device_properties(device_index).multi_processor_count
     return max(1, blocks.value) * WARPS * sms
 
 
-def decode8(q, kind, tensors, block_tables, seq_lens, scale, sliding_window, sinks, num_splits):
-    """Launch for :func:`.decode.paged_attention` (arguments validated there): ``q [B, 1, Hq, D]``."""
+def decode(q, kind, group, tensors, block_tables, seq_lens, scale, sliding_window, sinks, num_splits):
+    """Launch for :func:`.decode.paged_attention` (arguments validated there): ``q [B, 1, Hq, D]``;
+    ``tensors`` = key / value codes, scales and zero points (8-bit formats: the scales again)."""
     from .decode import _merge_splits, _split_buffers, _split_chunks, wave_splits
 
-    k, v, ks, vs = tensors[:4]
+    k, v, ks, vs, kz, vz = tensors
     b, _, hq, d = q.shape
     n, bs, hkv = k.shape[:3]
     m = block_tables.shape[1]
     dev = q.device.index or 0
     n_tiles = -(-(m * bs) // TILE)
     if num_splits is None:
-        num_splits = wave_splits(b * hkv, n_tiles, warp_slots(kind, d, dev))
+        num_splits = wave_splits(b * hkv, n_tiles, warp_slots(kind, d, group, dev))
     chunk, num_splits = _split_chunks(n_tiles, TILE, m * bs, num_splits)
     out = torch.empty_like(q)
     part, ml = _split_buffers(out, b * hq, num_splits)
     p = _Params(q.data_ptr(), out.data_ptr(), part.data_ptr(), ml.data_ptr(), k.data_ptr(), v.data_ptr(),
-                ks.data_ptr(), vs.data_ptr(), block_tables.data_ptr(), seq_lens.data_ptr(),
-                k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-                ks.stride(0), ks.stride(1), ks.stride(2), vs.stride(0), vs.stride(1), vs.stride(2),
+                ks.data_ptr(), vs.data_ptr(), kz.data_ptr(), vz.data_ptr(), block_tables.data_ptr(),
+                seq_lens.data_ptr(), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+                ks.stride(0), ks.stride(1), ks.stride(2), vs.stride(0), vs.stride(1), vs.stride(2), v.stride(3),
                 hq, hkv, hq // hkv, m, bs, sliding_window or 0, sinks, sliding_window is not None,
                 num_splits, chunk, q.dtype == torch.bfloat16, scale * 1.4426950408889634)
-    err = _library(_arch(q.device)).cs_decode8(ctypes.byref(p), KINDS[kind], d, b, WARPS, dev,
-                                              torch.cuda.current_stream(q.device).cuda_stream)
+    err = _library(_arch(q.device)).cs_decode(ctypes.byref(p), KINDS[kind], d, group, b, WARPS, dev,
+                                             torch.cuda.current_stream(q.device).cuda_stream)
     if err:
-        raise RuntimeError(f"decode8 launch failed: CUDA error {err}")
+        raise RuntimeError(f"paged decode launch failed: CUDA error {err}")
     _merge_splits(part, ml, out, b * hq, num_splits)
     return out

@@ -1,0 +1,654 @@
+// Decode attention over quantized paged KV blocks, one warp per split of the context: the warp owns
+// its tokens, its online softmax and its output partial, so the main loop has no block barriers and
+// no shared memory. Built at run time by cuda_decode.py (nvcc, sm_89+), launched through ctypes on
+// torch's current stream.
+//
+// Per 16-token tile a warp computes, with mma.sync m16n8k16 (fp16 operands, fp32 accumulators):
+//   S^T [16 tokens, 8 heads]  = K [16 tokens, D] @ Q^T [D, 8 heads]           (A = key codes)
+//   O^T [D, 8 heads]         += V^T [D, 16 tokens] @ P' [16 tokens, 8 heads]  (A = value codes)
+// The query heads of one KV head (G <= 8) are the 8 columns. Both products read the codes as the A
+// operand straight from global memory into registers; the order of the head dims inside a product
+// is free (the queries are loaded in the same order) and so is the order of a tile's tokens (the
+// probabilities take the order of the keys' rows), so each thread loads whole vectors and decodes
+// them in place. The probabilities go from the accumulator layout of S^T to the B operand of the
+// second product by two movmatrix transposes. Scales multiply the rows of S^T or fold into P'.
+// The next tile's codes and scales, and the block id two tiles ahead, are loaded before the current
+// tile is used.
+//
+// mma.sync m16n8k16 fragments, lane = 4 g + t: A reg0 (row g, k 2t..2t+1), reg1 (row g+8, same k),
+// reg2 (row g, k 2t+8..2t+9), reg3 (row g+8, k 2t+8..); B reg0 (k 2t..2t+1, col g), reg1 (k 2t+8..);
+// C c0 c1 (row g, cols 2t, 2t+1), c2 c3 (row g+8, same cols).
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+struct DecodeParams {
+  const uint16_t* q;  // [B, Hq, D] bf16 or fp16
+  void* out;          // [B, Hq, D], q's dtype (one split)
+  float* part;        // [B * Hq * splits, D] normalised partial outputs (several splits)
+  float* ml;          // [B * Hq * splits, 2] (max in log2 units, sum)
+  const uint8_t* k;   // key codes [N, BS, Hkv, D / per byte] (strides in bytes below)
+  const uint8_t* v;   // value codes, same shape (8-bit: the keys' layout; int4: tokens contiguous)
+  const __half* ks;   // scales [N, BS, Hkv, groups] (strides in elements)
+  const __half* vs;
+  const __half* kz;   // int4 zero points (the scales' strides)
+  const __half* vz;
+  const int32_t* bt;  // [B, M]
+  const int32_t* seq; // [B]
+  int64_t k_sb, k_st, k_sh;
+  int64_t v_sb, v_st, v_sh;
+  int64_t ks_sb, ks_st, ks_sh;
+  int64_t vs_sb, vs_st, vs_sh;
+  int64_t v_sc;       // value codes: stride of a byte
+  int32_t hq, hkv, g, m, bs;
+  int32_t window, sinks, has_window;
+  int32_t splits, chunk;  // chunk: tokens per split, a multiple of 16
+  int32_t q_bf16;
+  float scale_log2;
+};
+
+namespace {
+
+constexpr unsigned FULL = 0xffffffffu;
+
+__device__ __forceinline__ void mma16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                         uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint32_t transpose8x8(uint32_t x) {
+  uint32_t y;
+  asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;" : "=r"(y) : "r"(x));
+  return y;
+}
+
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+__device__ __forceinline__ uint32_t pack_half2(float lo, float hi) {
+  __half2 h = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&h);
+}
+
+__device__ __forceinline__ float2 unpack_half2(uint32_t x) {
+  return __half22float2(*reinterpret_cast<__half2*>(&x));
+}
+
+__device__ __forceinline__ float half_bits_to_float(uint32_t x, bool bf16) {
+  return bf16 ? __uint_as_float(x << 16) : __half2float(__ushort_as_half(uint16_t(x)));
+}
+
+__device__ __forceinline__ uint16_t float_to_bits(float x, bool bf16) {
+  if (!bf16) return __half_as_ushort(__float2half_rn(x));
+  const uint32_t a = __float_as_uint(x);
+  return uint16_t((a + 0x7fffu + ((a >> 16) & 1u)) >> 16);  // round to nearest even
+}
+
+__device__ __forceinline__ float xor_max_g(float x) {  // max over the 8 lanes of one t
+#pragma unroll
+  for (int off = 4; off < 32; off <<= 1) x = fmaxf(x, __shfl_xor_sync(FULL, x, off));
+  return x;
+}
+
+__device__ __forceinline__ float xor_sum_g(float x) {
+#pragma unroll
+  for (int off = 4; off < 32; off <<= 1) x += __shfl_xor_sync(FULL, x, off);
+  return x;
+}
+
+__device__ __forceinline__ float xor_sum_t(float x) {  // sum over the 4 lanes of one g
+  x += __shfl_xor_sync(FULL, x, 1);
+  return x + __shfl_xor_sync(FULL, x, 2);
+}
+
+template <int NW> struct Words;  // NW 32-bit words of one load
+template <> struct Words<1> {
+  uint32_t w[1];
+  __device__ __forceinline__ void load(const uint8_t* p) { w[0] = __ldg(reinterpret_cast<const uint32_t*>(p)); }
+};
+template <> struct Words<2> {
+  uint32_t w[2];
+  __device__ __forceinline__ void load(const uint8_t* p) {
+    const uint2 x = __ldg(reinterpret_cast<const uint2*>(p));
+    w[0] = x.x; w[1] = x.y;
+  }
+};
+template <> struct Words<4> {
+  uint32_t w[4];
+  __device__ __forceinline__ void load(const uint8_t* p) {
+    const uint4 x = __ldg(reinterpret_cast<const uint4*>(p));
+    w[0] = x.x; w[1] = x.y; w[2] = x.z; w[3] = x.w;
+  }
+};
+template <> struct Words<8> {
+  uint32_t w[8];
+  __device__ __forceinline__ void load(const uint8_t* p) {
+    const uint4 x = __ldg(reinterpret_cast<const uint4*>(p));
+    const uint4 y = __ldg(reinterpret_cast<const uint4*>(p) + 1);
+    w[0] = x.x; w[1] = x.y; w[2] = x.z; w[3] = x.w; w[4] = y.x; w[5] = y.y; w[6] = y.z; w[7] = y.w;
+  }
+};
+
+template <int N> struct Halves {  // N consecutive fp16 of one load
+  __half h[N];
+  __device__ __forceinline__ void load(const __half* p) {
+    if constexpr (N == 1) {
+      h[0] = p[0];
+    } else if constexpr (N == 2) {
+      const __half2 x = __ldg(reinterpret_cast<const __half2*>(p));
+      h[0] = x.x; h[1] = x.y;
+    } else {
+      const uint2 x = __ldg(reinterpret_cast<const uint2*>(p));
+      const __half2 a = *reinterpret_cast<const __half2*>(&x.x), b = *reinterpret_cast<const __half2*>(&x.y);
+      h[0] = a.x; h[1] = a.y; h[2] = b.x; h[3] = b.y;
+    }
+  }
+  __device__ __forceinline__ float operator[](int i) const { return __half2float(h[i]); }
+};
+
+// The tiles of one split: [lo, a_hi) then [b_lo, hi). With a sliding window the first range holds
+// the sink tokens and the second starts at the window's first tile (tiles between are fully masked).
+struct SplitTiles {
+  int lo, b_lo, n_a, n;
+  __device__ __forceinline__ SplitTiles(const DecodeParams& p, int split, int seq_len) {
+    lo = split * p.chunk;
+    const int hi = min(seq_len, lo + p.chunk);
+    int a_hi = hi;
+    b_lo = hi;
+    if (p.has_window) {
+      const int win_lo = max(0, seq_len - p.window) & ~15;
+      a_hi = min(hi, max(lo, (p.sinks + 15) & ~15));
+      b_lo = max(a_hi, max(lo, win_lo));
+    }
+    n_a = max(0, (a_hi - lo + 15) >> 4);
+    n = n_a + max(0, (hi - b_lo + 15) >> 4);
+  }
+  __device__ __forceinline__ int start(int i) const { return i < n_a ? lo + 16 * i : b_lo + 16 * (i - n_a); }
+};
+
+__device__ __forceinline__ bool visible(const DecodeParams& p, int tok, int seq_len) {
+  return tok < seq_len && (!p.has_window || tok > seq_len - 1 - p.window || tok < p.sinks);
+}
+
+// Online softmax over one tile for heads 2t, 2t+1 (columns), rows = this lane's tokens r0, r1:
+// s[0..1] row r0, s[2..3] row r1 (masked rows already -inf). Returns p in s, alpha per head.
+struct Softmax {
+  float m[2], l[2];
+  __device__ __forceinline__ Softmax() {
+    m[0] = m[1] = -__int_as_float(0x7f800000);
+    l[0] = l[1] = 0.f;
+  }
+  __device__ __forceinline__ void step(float (&s)[4], float (&alpha)[2]) {
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const float mx = fmaxf(m[j], xor_max_g(fmaxf(s[j], s[2 + j])));
+      const float z = mx == -__int_as_float(0x7f800000) ? 0.f : mx;
+      alpha[j] = fast_exp2(m[j] - z);
+      s[j] = fast_exp2(s[j] - z);
+      s[2 + j] = fast_exp2(s[2 + j] - z);
+      l[j] = l[j] * alpha[j] + s[j] + s[2 + j];
+      m[j] = mx;
+    }
+  }
+};
+
+// Writes head 2t + j's values val[e] at dims dim(e) (normalised), or its partial and (m, l).
+template <int NV, class Dim>
+__device__ __forceinline__ void store_head(const DecodeParams& p, int b, int h, int split, int head, const float* val,
+                                           float mx, float l, int g, Dim dim) {
+  const int64_t row = int64_t(b) * p.hq + h * p.g + head;
+  if (p.splits == 1) {
+    uint16_t* dst = static_cast<uint16_t*>(p.out) + row * (NV * 8);
+#pragma unroll
+    for (int e = 0; e < NV; ++e) dst[dim(e)] = float_to_bits(val[e], p.q_bf16);
+  } else {
+    const int64_t prow = row * p.splits + split;
+    float* dst = p.part + prow * (NV * 8);
+#pragma unroll
+    for (int e = 0; e < NV; ++e) dst[dim(e)] = val[e];
+    if (g == 0) {
+      p.ml[prow * 2] = mx;
+      p.ml[prow * 2 + 1] = l;
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// fp8 / int8. Thread (g, t) owns key bytes [t D/4, (t+1) D/4) of tokens g and g+8 (k 2t+{0,1} and
+// 2t+8+{0,1} of k-step kk <-> dims t D/4 + 4 kk + {0,1} and {2,3}), and value bytes [g D/8, (g+1) D/8)
+// of tokens 2t, 2t+1, 2t+8, 2t+9 (row g / g+8 of m-tile mi <-> dim g D/8 + 2 mi + {0, 1}).
+// Key scales multiply the rows of S^T, value scales fold into P' = p s_v.
+
+template <int KIND> struct Codes8;
+
+template <> struct Codes8<1> {  // fp8 e4m3: exact in fp16, one cvt per pair of codes
+  static __device__ __forceinline__ uint32_t lo(uint32_t w) {
+    uint32_t r;
+    asm("{ .reg .b16 a, b; mov.b32 {a, b}, %1; cvt.rn.f16x2.e4m3x2 %0, a; }" : "=r"(r) : "r"(w));
+    return r;
+  }
+  static __device__ __forceinline__ uint32_t hi(uint32_t w) {
+    uint32_t r;
+    asm("{ .reg .b16 a, b; mov.b32 {a, b}, %1; cvt.rn.f16x2.e4m3x2 %0, b; }" : "=r"(r) : "r"(w));
+    return r;
+  }
+  // (byte e of wa, byte e of wb) for e = 2 half and 2 half + 1: one byte permutation, two cvt
+  static __device__ __forceinline__ void pairs(uint32_t wa, uint32_t wb, int half, uint32_t& r0, uint32_t& r1) {
+    const uint32_t x = __byte_perm(wa, wb, half ? 0x7362 : 0x5140);
+    r0 = lo(x);
+    r1 = hi(x);
+  }
+};
+
+template <> struct Codes8<2> {  // int8: fp16 bits 0x6400 | (c ^ 0x80) = 1152 + c (no conversion), less 1152
+  static __device__ __forceinline__ uint32_t unbias(uint32_t x) {
+    __half2 h = *reinterpret_cast<__half2*>(&x);
+    h = __hsub2(h, __float2half2_rn(1152.f));
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+  static __device__ __forceinline__ uint32_t lo(uint32_t w) { return unbias(__byte_perm(w, 0x64, 0x4140) ^ 0x00800080u); }
+  static __device__ __forceinline__ uint32_t hi(uint32_t w) { return unbias(__byte_perm(w, 0x64, 0x4342) ^ 0x00800080u); }
+  static __device__ __forceinline__ uint32_t pair(uint32_t wa, uint32_t wb, int e) {
+    return unbias((__byte_perm(wa, wb, ((4 + e) << 8) | e) & 0x00FF00FFu) ^ 0x64806480u);
+  }
+  static __device__ __forceinline__ void pairs(uint32_t wa, uint32_t wb, int half, uint32_t& r0, uint32_t& r1) {
+    r0 = pair(wa, wb, 2 * half);
+    r1 = pair(wa, wb, 2 * half + 1);
+  }
+};
+
+template <int D> struct Tile8 {
+  Words<D / 16> k0, k1;  // key bytes [t D/4, (t+1) D/4) of tokens g, g+8
+  Words<D / 32> v[4];    // value bytes [g D/8, (g+1) D/8) of tokens 2t, 2t+1, 2t+8, 2t+9
+  __half ks0, ks1, vs0, vs1;  // scales of tokens g, g+8
+
+  __device__ __forceinline__ void load(const DecodeParams& p, int h, int64_t blk, int tb, int g, int t) {
+    const uint8_t* kb = p.k + blk * p.k_sb + h * p.k_sh + t * (D / 4);
+    k0.load(kb + (tb + g) * p.k_st);
+    k1.load(kb + (tb + g + 8) * p.k_st);
+    const uint8_t* vb = p.v + blk * p.v_sb + h * p.v_sh + g * (D / 8);
+    v[0].load(vb + (tb + 2 * t) * p.v_st);
+    v[1].load(vb + (tb + 2 * t + 1) * p.v_st);
+    v[2].load(vb + (tb + 2 * t + 8) * p.v_st);
+    v[3].load(vb + (tb + 2 * t + 9) * p.v_st);
+    const __half* ksp = p.ks + blk * p.ks_sb + h * p.ks_sh;
+    const __half* vsp = p.vs + blk * p.vs_sb + h * p.vs_sh;
+    ks0 = ksp[(tb + g) * p.ks_st];
+    ks1 = ksp[(tb + g + 8) * p.ks_st];
+    vs0 = vsp[(tb + g) * p.vs_st];
+    vs1 = vsp[(tb + g + 8) * p.vs_st];
+  }
+};
+
+template <int D, int KIND>
+__global__ void __launch_bounds__(128) decode8_kernel(const DecodeParams p) {
+  using C = Codes8<KIND>;
+  constexpr int KW = D / 16;  // k-steps = key words per thread and token
+  constexpr int VW = D / 32;  // value words per thread and token
+  constexpr int MT = D / 16;  // m-tiles of O^T
+  const float NEG_INF = -__int_as_float(0x7f800000);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int b = blockIdx.x / p.hkv, h = blockIdx.x - b * p.hkv;
+  const int split = blockIdx.y * (blockDim.x >> 5) + warp;
+  if (split >= p.splits) return;
+  const int seq_len = p.seq[b];
+  const SplitTiles tiles(p, split, seq_len);
+  const int32_t* bt_row = p.bt + int64_t(b) * p.m;
+
+  // Queries (B operand of S^T): head g, dims t D/4 + 4 kk + {0, 1} and {2, 3}, times scale * log2(e).
+  uint32_t qf[KW][2];
+  {
+    const bool q_ok = g < p.g;
+    const uint16_t* qr = p.q + (int64_t(b) * p.hq + h * p.g + (q_ok ? g : 0)) * D + t * (D / 4);
+    const float sc = q_ok ? p.scale_log2 : 0.f;
+#pragma unroll
+    for (int kk = 0; kk < KW; ++kk) {
+      const uint2 x = *reinterpret_cast<const uint2*>(qr + 4 * kk);
+      qf[kk][0] = pack_half2(half_bits_to_float(x.x & 0xffff, p.q_bf16) * sc, half_bits_to_float(x.x >> 16, p.q_bf16) * sc);
+      qf[kk][1] = pack_half2(half_bits_to_float(x.y & 0xffff, p.q_bf16) * sc, half_bits_to_float(x.y >> 16, p.q_bf16) * sc);
+    }
+  }
+
+  float o[MT][4];
+#pragma unroll
+  for (int mi = 0; mi < MT; ++mi) o[mi][0] = o[mi][1] = o[mi][2] = o[mi][3] = 0.f;
+  Softmax sm;
+
+  Tile8<D> cur, nxt;
+  int blk_next = 0;
+  if (tiles.n > 0) {
+    const int s0 = tiles.start(0);
+    cur.load(p, h, bt_row[s0 / p.bs], s0 % p.bs, g, t);
+  }
+  if (tiles.n > 1) blk_next = bt_row[tiles.start(1) / p.bs];
+  for (int i = 0; i < tiles.n; ++i) {
+    const int start = tiles.start(i);
+    const int blk_after = i + 2 < tiles.n ? bt_row[tiles.start(i + 2) / p.bs] : 0;
+    if (i + 1 < tiles.n) nxt.load(p, h, blk_next, tiles.start(i + 1) % p.bs, g, t);
+
+    float s[4] = {0.f, 0.f, 0.f, 0.f};  // S^T rows tokens g, g+8; columns heads 2t, 2t+1
+#pragma unroll
+    for (int kk = 0; kk < KW; ++kk)
+      mma16816(s, C::lo(cur.k0.w[kk]), C::lo(cur.k1.w[kk]), C::hi(cur.k0.w[kk]), C::hi(cur.k1.w[kk]),
+               qf[kk][0], qf[kk][1]);
+    const bool ok0 = visible(p, start + g, seq_len), ok1 = visible(p, start + g + 8, seq_len);
+    const float k0s = __half2float(cur.ks0), k1s = __half2float(cur.ks1);
+    s[0] = ok0 ? s[0] * k0s : NEG_INF;
+    s[1] = ok0 ? s[1] * k0s : NEG_INF;
+    s[2] = ok1 ? s[2] * k1s : NEG_INF;
+    s[3] = ok1 ? s[3] * k1s : NEG_INF;
+    float alpha[2];
+    sm.step(s, alpha);
+    const float v0s = ok0 ? __half2float(cur.vs0) : 0.f, v1s = ok1 ? __half2float(cur.vs1) : 0.f;
+    const uint32_t pb0 = transpose8x8(pack_half2(s[0] * v0s, s[1] * v0s));  // tokens 2t, 2t+1; head g
+    const uint32_t pb1 = transpose8x8(pack_half2(s[2] * v1s, s[3] * v1s));  // tokens 2t+8, 2t+9
+    if (__any_sync(FULL, alpha[0] != 1.f || alpha[1] != 1.f)) {
+#pragma unroll
+      for (int mi = 0; mi < MT; ++mi) {
+        o[mi][0] *= alpha[0]; o[mi][1] *= alpha[1]; o[mi][2] *= alpha[0]; o[mi][3] *= alpha[1];
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < VW; ++j) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        uint32_t r0, r1, r2, r3;
+        C::pairs(cur.v[0].w[j], cur.v[1].w[j], half, r0, r1);
+        C::pairs(cur.v[2].w[j], cur.v[3].w[j], half, r2, r3);
+        mma16816(o[2 * j + half], r0, r1, r2, r3, pb0, pb1);
+      }
+    }
+    cur = nxt;
+    blk_next = blk_after;
+  }
+
+  // Head 2t + j: o[mi][2 hh + j] is dim g D/8 + 2 mi + hh.
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    const float l = xor_sum_g(sm.l[j]);
+    const int head = 2 * t + j;
+    if (head >= p.g) continue;
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    float val[D / 8];
+#pragma unroll
+    for (int mi = 0; mi < MT; ++mi) {
+      val[2 * mi] = o[mi][j] * inv;
+      val[2 * mi + 1] = o[mi][2 + j] * inv;
+    }
+    store_head<D / 8>(p, b, h, split, head, val, sm.m[j], l, g, [&](int e) { return g * (D / 8) + e; });
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// int4: codes c in [0, 15], x = c s + z with fp16 scale s and zero z per token and group of G dims;
+// byte i holds dims lo(i) = (i / GP) G + i % GP (low nibble) and lo(i) + GP (high nibble), GP = G / 2
+// (ref.pack_order). Nibbles decode without shifts as fp16 bits: (w & 0x000F000F) | 0x64006400 is
+// (1024 + c) for bytes 0 and 2 of word w, mask 0x00F000F0 gives (1024 + 16 c); w >> 8 bytes 1 and 3.
+//
+// Token order: S^T row r < 8 is token 4 (r / 2) + 2 (r % 2) of the tile, row r + 8 that token + 1, so
+// that the value operand's k pairs (2t, 2t+1) and (2t+8, 2t+9) are tokens (4t, 4t+2) and (4t+1, 4t+3):
+// bytes 0 / 2 and 1 / 3 of one 32-bit word of the token-contiguous value codes (ref.token_contiguous).
+//
+// Keys: thread (g, t) loads bytes [gi GP + t GP/4, + GP/4) of each group gi of its two tokens; a word
+// gives two k-steps (low and high nibbles), both inside group gi, which accumulate into the group's
+// own S^T fragment. Per row: S = sum_gi s_gi (S_gi - OFF_gi) + z_gi QS_gi, with QS_gi the group's sum
+// of (scaled) queries and OFF_gi = 1024 x the sum of the B operand (high-nibble queries are / 16).
+// Values: m-tile mi rows g / g+8 are the low / high nibble of byte 8 mi + g (group 8 mi / GP), one
+// word of tokens 4t..4t+3 per m-tile; the B operand of group gi is P'_gi = p s_v,gi. O rows gain
+// 1024 sum P'_gi (removed at the end, with the rounded P' summed as used) and high rows are x 16.
+
+template <int D, int GP> struct Int4Shape {
+  static constexpr int NG = D / (2 * GP);  // groups per token
+  static constexpr int CW = GP / 16;       // key words per thread and group
+  static constexpr int MT = D / 16;        // m-tiles of O^T (value words per thread)
+};
+
+__device__ __forceinline__ uint32_t nibbles(uint32_t w, uint32_t mask) { return (w & mask) | 0x64006400u; }
+
+template <int D, int GP> struct Tile4 {
+  using S = Int4Shape<D, GP>;
+  Words<S::CW> k0[S::NG], k1[S::NG];  // key words of group gi, tokens r0 = rho(g), r0 + 1
+  uint32_t v[S::MT];                  // value byte 8 mi + g, tokens 4t..4t+3
+  Halves<S::NG> ks0, ks1, kz0, kz1, vs0, vs1, vz0, vz1;
+
+  __device__ __forceinline__ void load(const DecodeParams& p, int h, int64_t blk, int tb, int r0, int g, int t) {
+    const uint8_t* kb = p.k + blk * p.k_sb + h * p.k_sh + t * (GP / 4);
+#pragma unroll
+    for (int gi = 0; gi < S::NG; ++gi) {
+      k0[gi].load(kb + (tb + r0) * p.k_st + gi * GP);
+      k1[gi].load(kb + (tb + r0 + 1) * p.k_st + gi * GP);
+    }
+    const uint8_t* vb = p.v + blk * p.v_sb + h * p.v_sh + (tb + 4 * t) * p.v_st + g * p.v_sc;
+#pragma unroll
+    for (int mi = 0; mi < S::MT; ++mi) v[mi] = __ldg(reinterpret_cast<const uint32_t*>(vb + 8 * mi * p.v_sc));
+    const int64_t k_off = blk * p.ks_sb + h * p.ks_sh, v_off = blk * p.vs_sb + h * p.vs_sh;
+    ks0.load(p.ks + k_off + (tb + r0) * p.ks_st);
+    ks1.load(p.ks + k_off + (tb + r0 + 1) * p.ks_st);
+    kz0.load(p.kz + k_off + (tb + r0) * p.ks_st);
+    kz1.load(p.kz + k_off + (tb + r0 + 1) * p.ks_st);
+    vs0.load(p.vs + v_off + (tb + r0) * p.vs_st);
+    vs1.load(p.vs + v_off + (tb + r0 + 1) * p.vs_st);
+    vz0.load(p.vz + v_off + (tb + r0) * p.vs_st);
+    vz1.load(p.vz + v_off + (tb + r0 + 1) * p.vs_st);
+  }
+};
+
+template <int D, int GP>
+__global__ void __launch_bounds__(128) decode4_kernel(const DecodeParams p) {
+  using S = Int4Shape<D, GP>;
+  constexpr int NG = S::NG, CW = S::CW, MT = S::MT;
+  const float NEG_INF = -__int_as_float(0x7f800000);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int b = blockIdx.x / p.hkv, h = blockIdx.x - b * p.hkv;
+  const int split = blockIdx.y * (blockDim.x >> 5) + warp;
+  if (split >= p.splits) return;
+  const int seq_len = p.seq[b];
+  const SplitTiles tiles(p, split, seq_len);
+  const int32_t* bt_row = p.bt + int64_t(b) * p.m;
+  const int r0 = 4 * (g >> 1) + 2 * (g & 1);  // this lane's tokens in a tile: rows g (r0) and g+8 (r0 + 1)
+
+  // Queries: k-step (gi, wi, hh) pairs bytes (i, i+2) [reg0] and (i+1, i+3) [reg1] of word wi of this
+  // thread's chunk of group gi, i = gi GP + t GP/4 + 4 wi; hh = 1: high-nibble dims, queries / 16.
+  uint32_t qf[NG][CW][2][2];
+  float off_g[NG], qs_g[NG];  // this thread's share for head g
+  {
+    const bool q_ok = g < p.g;
+    const uint16_t* qr = p.q + (int64_t(b) * p.hq + h * p.g + (q_ok ? g : 0)) * D;
+    const float sc = q_ok ? p.scale_log2 : 0.f;
+    auto qv = [&](int dim) { return half_bits_to_float(qr[dim], p.q_bf16) * sc; };
+#pragma unroll
+    for (int gi = 0; gi < NG; ++gi) {
+      off_g[gi] = qs_g[gi] = 0.f;
+#pragma unroll
+      for (int wi = 0; wi < CW; ++wi) {
+        const int i = gi * GP + t * (GP / 4) + 4 * wi;  // byte; dims lo(i + e) = gi G + (i + e) % GP
+        const int d0 = gi * 2 * GP + (i % GP);
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+          const float f = hh ? 1.f / 16 : 1.f;
+          const int d = d0 + hh * GP;
+          qf[gi][wi][hh][0] = pack_half2(qv(d) * f, qv(d + 2) * f);
+          qf[gi][wi][hh][1] = pack_half2(qv(d + 1) * f, qv(d + 3) * f);
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            const float2 x = unpack_half2(qf[gi][wi][hh][r]);
+            off_g[gi] += 1024.f * (x.x + x.y);
+            qs_g[gi] += (x.x + x.y) * (hh ? 16.f : 1.f);
+          }
+        }
+      }
+    }
+  }
+  // Per column (head 2t + j): the group sums of that head (lanes 4 (2t + j) hold head 2t + j).
+  float off[NG][2], qs[NG][2];
+#pragma unroll
+  for (int gi = 0; gi < NG; ++gi) {
+    const float a = xor_sum_t(off_g[gi]), c = xor_sum_t(qs_g[gi]);
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      off[gi][j] = __shfl_sync(FULL, a, 4 * (2 * t + j));
+      qs[gi][j] = __shfl_sync(FULL, c, 4 * (2 * t + j));
+    }
+  }
+
+  float o[MT][4];
+#pragma unroll
+  for (int mi = 0; mi < MT; ++mi) o[mi][0] = o[mi][1] = o[mi][2] = o[mi][3] = 0.f;
+  float psum[NG][2], zacc[NG][2];  // sum of rounded P'_gi and of p z_v,gi, per head 2t + j, this lane's rows
+#pragma unroll
+  for (int gi = 0; gi < NG; ++gi) psum[gi][0] = psum[gi][1] = zacc[gi][0] = zacc[gi][1] = 0.f;
+  Softmax sm;
+
+  Tile4<D, GP> cur, nxt;
+  int blk_next = 0;
+  if (tiles.n > 0) {
+    const int s0 = tiles.start(0);
+    cur.load(p, h, bt_row[s0 / p.bs], s0 % p.bs, r0, g, t);
+  }
+  if (tiles.n > 1) blk_next = bt_row[tiles.start(1) / p.bs];
+  for (int i = 0; i < tiles.n; ++i) {
+    const int start = tiles.start(i);
+    const int blk_after = i + 2 < tiles.n ? bt_row[tiles.start(i + 2) / p.bs] : 0;
+    if (i + 1 < tiles.n) nxt.load(p, h, blk_next, tiles.start(i + 1) % p.bs, r0, g, t);
+
+    float sg[NG][4];
+#pragma unroll
+    for (int gi = 0; gi < NG; ++gi) {
+      sg[gi][0] = sg[gi][1] = sg[gi][2] = sg[gi][3] = 0.f;
+#pragma unroll
+      for (int wi = 0; wi < CW; ++wi) {
+        const uint32_t a = cur.k0[gi].w[wi], c = cur.k1[gi].w[wi];
+        const uint32_t a8 = a >> 8, c8 = c >> 8;
+        mma16816(sg[gi], nibbles(a, 0x000F000Fu), nibbles(c, 0x000F000Fu), nibbles(a8, 0x000F000Fu),
+                 nibbles(c8, 0x000F000Fu), qf[gi][wi][0][0], qf[gi][wi][0][1]);
+        mma16816(sg[gi], nibbles(a, 0x00F000F0u), nibbles(c, 0x00F000F0u), nibbles(a8, 0x00F000F0u),
+                 nibbles(c8, 0x00F000F0u), qf[gi][wi][1][0], qf[gi][wi][1][1]);
+      }
+    }
+    const bool ok0 = visible(p, start + r0, seq_len), ok1 = visible(p, start + r0 + 1, seq_len);
+    float s[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int gi = 0; gi < NG; ++gi) {
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        s[j] += cur.ks0[gi] * (sg[gi][j] - off[gi][j]) + cur.kz0[gi] * qs[gi][j];
+        s[2 + j] += cur.ks1[gi] * (sg[gi][2 + j] - off[gi][j]) + cur.kz1[gi] * qs[gi][j];
+      }
+    }
+    s[0] = ok0 ? s[0] : NEG_INF;
+    s[1] = ok0 ? s[1] : NEG_INF;
+    s[2] = ok1 ? s[2] : NEG_INF;
+    s[3] = ok1 ? s[3] : NEG_INF;
+    float alpha[2];
+    sm.step(s, alpha);
+    if (__any_sync(FULL, alpha[0] != 1.f || alpha[1] != 1.f)) {
+#pragma unroll
+      for (int mi = 0; mi < MT; ++mi) {
+        o[mi][0] *= alpha[0]; o[mi][1] *= alpha[1]; o[mi][2] *= alpha[0]; o[mi][3] *= alpha[1];
+      }
+#pragma unroll
+      for (int gi = 0; gi < NG; ++gi) {
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          psum[gi][j] *= alpha[j];
+          zacc[gi][j] *= alpha[j];
+        }
+      }
+    }
+#pragma unroll
+    for (int gi = 0; gi < NG; ++gi) {
+      const float v0s = ok0 ? cur.vs0[gi] : 0.f, v1s = ok1 ? cur.vs1[gi] : 0.f;
+      const float v0z = ok0 ? cur.vz0[gi] : 0.f, v1z = ok1 ? cur.vz1[gi] : 0.f;
+      const uint32_t top = pack_half2(s[0] * v0s, s[1] * v0s), bot = pack_half2(s[2] * v1s, s[3] * v1s);
+      const float2 rt = unpack_half2(top), rb = unpack_half2(bot);
+      psum[gi][0] += rt.x + rb.x;
+      psum[gi][1] += rt.y + rb.y;
+      zacc[gi][0] += s[0] * v0z + s[2] * v1z;
+      zacc[gi][1] += s[1] * v0z + s[3] * v1z;
+      const uint32_t pb0 = transpose8x8(top), pb1 = transpose8x8(bot);
+#pragma unroll
+      for (int mi = gi * GP / 8; mi < (gi + 1) * GP / 8; ++mi) {
+        const uint32_t w = cur.v[mi], w8 = w >> 8;
+        mma16816(o[mi], nibbles(w, 0x000F000Fu), nibbles(w, 0x00F000F0u), nibbles(w8, 0x000F000Fu),
+                 nibbles(w8, 0x00F000F0u), pb0, pb1);
+      }
+    }
+    cur = nxt;
+    blk_next = blk_after;
+  }
+
+  // Head 2t + j: o[mi][j] is dim lo(8 mi + g), o[mi][2 + j] dim lo(8 mi + g) + GP (x 16).
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    const float l = xor_sum_g(sm.l[j]);
+    float ps[NG], zs[NG];
+#pragma unroll
+    for (int gi = 0; gi < NG; ++gi) {
+      ps[gi] = 1024.f * xor_sum_g(psum[gi][j]);
+      zs[gi] = xor_sum_g(zacc[gi][j]);
+    }
+    const int head = 2 * t + j;
+    if (head >= p.g) continue;
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    float val[2 * MT];
+#pragma unroll
+    for (int mi = 0; mi < MT; ++mi) {
+      const int gi = 8 * mi / GP;
+      val[2 * mi] = ((o[mi][j] - ps[gi]) + zs[gi]) * inv;
+      val[2 * mi + 1] = ((o[mi][2 + j] - ps[gi]) * (1.f / 16) + zs[gi]) * inv;
+    }
+    store_head<D / 8>(p, b, h, split, head, val, sm.m[j], l, g, [&](int e) {
+      const int byte = 8 * (e >> 1) + g;
+      return (byte / GP) * 2 * GP + byte % GP + (e & 1) * GP;
+    });
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+
+template <class Kernel>
+int launch(Kernel kernel, const DecodeParams& p, int rows, int warps, cudaStream_t stream) {
+  const dim3 grid(rows * p.hkv, (p.splits + warps - 1) / warps);
+  kernel<<<grid, 32 * warps, 0, stream>>>(p);
+  return int(cudaGetLastError());
+}
+
+using KernelFn = void (*)(DecodeParams);
+
+// kind: 1 fp8, 2 int8, 3 int4; d: 64 or 128; group: int4's group size (32 or 64).
+KernelFn select(int kind, int d, int group) {
+  if (kind == 1) return d == 128 ? decode8_kernel<128, 1> : d == 64 ? decode8_kernel<64, 1> : nullptr;
+  if (kind == 2) return d == 128 ? decode8_kernel<128, 2> : d == 64 ? decode8_kernel<64, 2> : nullptr;
+  if (kind == 3 && d == 128) return group == 64 ? decode4_kernel<128, 32> : group == 32 ? decode4_kernel<128, 16> : nullptr;
+  if (kind == 3 && d == 64) return group == 64 ? decode4_kernel<64, 32> : group == 32 ? decode4_kernel<64, 16> : nullptr;
+  return nullptr;
+}
+
+}  // namespace
+
+// Launches the kernel of (kind, d, group) on `stream`. Returns a cudaError_t (0: launched).
+extern "C" int cs_decode(const DecodeParams* p, int kind, int d, int group, int rows, int warps, int device,
+                         void* stream) {
+  if (int err = int(cudaSetDevice(device))) return err;
+  const KernelFn k = select(kind, d, group);
+  if (!k) return int(cudaErrorInvalidValue);
+  return launch(k, *p, rows, warps, static_cast<cudaStream_t>(stream));
+}
+
+// Resident blocks of `warps` warps per SM (the CUDA occupancy calculator).
+extern "C" int cs_decode_occupancy(int kind, int d, int group, int warps, int device, int* blocks) {
+  if (int err = int(cudaSetDevice(device))) return err;
+  const KernelFn k = select(kind, d, group);
+  if (!k) return int(cudaErrorInvalidValue);
+  return int(cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks, k, 32 * warps, 0));
+}
+
+extern "C" int cs_decode_params_size() { return int(sizeof(DecodeParams)); }
