@@ -16,6 +16,11 @@ Three tables (markdown), all in one run on one GPU:
 
     python benchmarks/bench_kv_decode.py                 # everything
     python benchmarks/bench_kv_decode.py --only attn --formats bf16,int4
+    python benchmarks/bench_kv_decode.py --only attn --only e2e --formats int4:triton,int4:cuda
+
+A format may carry a decode backend, ``fp8:cuda`` / ``fp8:triton`` (``decode.DECODE_BACKEND`` for
+its rows: the CUDA warp-per-split kernel of ``cuda_decode`` or the Triton one); without one the
+default backend runs.
 """
 
 from __future__ import annotations
@@ -27,8 +32,11 @@ import math
 import torch
 import torch.nn.functional as F
 
+import contextlib
+
 import constant_state as cs
 from constant_state.cache.formats import get_format
+from constant_state.kernels.paged_attention import decode as decode_mod
 from constant_state.models.config import PRESETS
 from constant_state.state import ModelState, spec_bytes_per_sequence
 
@@ -80,6 +88,18 @@ def random_storage(fmt: str, num_blocks: int, batch: int, bs: int | None = None)
     return st, rows
 
 
+@contextlib.contextmanager
+def backend_of(spec: str):
+    """``fmt[:backend]`` -> the format name, with ``decode.DECODE_BACKEND`` set inside the block."""
+    fmt, _, backend = spec.partition(":")
+    saved = decode_mod.DECODE_BACKEND
+    decode_mod.DECODE_BACKEND = backend or saved
+    try:
+        yield fmt
+    finally:
+        decode_mod.DECODE_BACKEND = saved
+
+
 def best_tuned(tune_rows) -> dict:
     """Fastest (config, num_splits) per format from ``tune_table`` rows."""
     best = {}
@@ -110,18 +130,19 @@ def attn_table(formats, batches, contexts, tuned=None) -> list[dict]:
             del k, v
             if DEVICE == "cuda":
                 torch.cuda.empty_cache()
-            for fmt in formats:
-                bs = block_size(fmt)
-                m = ctx // bs
-                st, extra = random_storage(fmt, b * m, b)
-                bt = torch.randperm(b * m, device=DEVICE).int().view(b, m)  # non-contiguous blocks
-                cache = st.cache if hasattr(st, "cache") else (st.k, st.v)
-                kw = dict((tuned or {}).get(fmt, {}), **extra)
-                t = bench_graph(lambda: paged_attention(q, cache, bt, seq, D ** -0.5, **kw))
+            for spec in formats:
+                with backend_of(spec) as fmt:
+                    bs = block_size(fmt)
+                    m = ctx // bs
+                    st, extra = random_storage(fmt, b * m, b)
+                    bt = torch.randperm(b * m, device=DEVICE).int().view(b, m)  # non-contiguous blocks
+                    cache = st.cache if hasattr(st, "cache") else (st.k, st.v)
+                    kw = dict((tuned or {}).get(spec, {}), **extra)
+                    t = bench_graph(lambda: paged_attention(q, cache, bt, seq, D ** -0.5, **kw))
                 # Bytes read: every block (codes, scales, zeros; kivi2's residual holds ctx % R tokens).
                 res = (ctx % st.cache.residual) * HKV * D * 2 * 2 * b if extra else 0
                 nbytes = b * m * get_format(fmt).page_bytes(bs, HKV, D) + res + q.numel() * 2 * 2 + bt.numel() * 4
-                rows.append(dict(impl=f"paged-{fmt}", batch=b, context=ctx, us=t, bytes=nbytes,
+                rows.append(dict(impl=f"paged-{spec}", batch=b, context=ctx, us=t, bytes=nbytes,
                                  tb_s=nbytes / t / 1e6, vs_sdpa=t / us))
                 del st, bt
                 if DEVICE == "cuda":
@@ -220,35 +241,41 @@ def e2e_table(formats, preset: str, batch: int, context: int) -> list[dict]:
     model = random_llama(preset)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     rows = []
-    for fmt in formats:
-        kv = cs.KVConfig(format=fmt, block_size=block_size(fmt))
-        per_seq = spec_bytes_per_sequence(model.state_specs(kv), context + BS)
-        free = torch.cuda.mem_get_info()[0] - 6 * 2 ** 30 if DEVICE == "cuda" else 2 ** 40  # minus activations
-        b = min(batch, max(1, free // per_seq))
-        state = model.init_state(b, max_context=context + block_size(fmt), kv=kv)
-        state.reserve(context)  # the context, not prefilled: values do not change a step's cost
-        state.advance(context)
-        state.reserve(1)
-        base = state.seq_lens.clone()
-        ids = torch.zeros((b, 1), dtype=torch.long, device=DEVICE)
-
-        def step():
-            state.seq_lens.copy_(base)
-            return model.forward_reserved(ids, state, last_only=True)
-
-        us = bench_graph(step)
-        rows.append(dict(format=fmt, block_size=block_size(fmt), batch=b, context=context, step_ms=us / 1e3, tok_s=b / (us / 1e6),
-                         kv_gib=b * per_seq / 2 ** 30, weights_gib=weights / 2 ** 30,
-                         note="" if b == batch else f"{batch} x {context} does not fit next to the weights"))
+    for spec in formats:
+        with backend_of(spec) as fmt:
+            rows.append(e2e_row(model, weights, fmt, spec, batch, context))
         print_rows(rows[-1:], list(rows[-1]))
-        state.release()
-        del state
         if DEVICE == "cuda":
             torch.cuda.empty_cache()
     del model
     if DEVICE == "cuda":
         torch.cuda.empty_cache()
     return rows
+
+
+def e2e_row(model, weights: int, fmt: str, spec: str, batch: int, context: int) -> dict:
+    """One decode step of ``model`` at ``batch x context`` in format ``fmt`` (``spec``: its table name)."""
+    kv = cs.KVConfig(format=fmt, block_size=block_size(fmt))
+    per_seq = spec_bytes_per_sequence(model.state_specs(kv), context + BS)
+    free = torch.cuda.mem_get_info()[0] - 6 * 2 ** 30 if DEVICE == "cuda" else 2 ** 40  # minus activations
+    b = min(batch, max(1, free // per_seq))
+    state = model.init_state(b, max_context=context + block_size(fmt), kv=kv)
+    state.reserve(context)  # the context, not prefilled: values do not change a step's cost
+    state.advance(context)
+    state.reserve(1)
+    base = state.seq_lens.clone()
+    ids = torch.zeros((b, 1), dtype=torch.long, device=DEVICE)
+
+    def step():
+        state.seq_lens.copy_(base)
+        return model.forward_reserved(ids, state, last_only=True)
+
+    us = bench_graph(step)
+    state.release()
+    del state
+    return dict(format=spec, block_size=block_size(fmt), batch=b, context=context, step_ms=us / 1e3,
+                tok_s=b / (us / 1e6), kv_gib=b * per_seq / 2 ** 30, weights_gib=weights / 2 ** 30,
+                note="" if b == batch else f"{batch} x {context} does not fit next to the weights")
 
 
 def capacity_table(formats, preset: str, context: int, budget_gib: float) -> list[dict]:
@@ -383,7 +410,8 @@ def main() -> None:
     if a.smoke:  # a CPU check of this script: tiny shapes through the Triton interpreter
         global DEVICE
         DEVICE = "cpu"
-        out = {"tune": tune_table(a.formats.split(","), 1, 64, configs=[(16, 4, 2), (32, 4, 2)], splits=(1, 2)),
+        plain = list(dict.fromkeys(f.partition(":")[0] for f in a.formats.split(",")))
+        out = {"tune": tune_table(plain, 1, 64, configs=[(16, 4, 2), (32, 4, 2)], splits=(1, 2)),
                "attn": attn_table(a.formats.split(","), [1, 2], [64, 128]),
                "e2e": e2e_table(a.formats.split(","), "tiny-llama", 2, 40),
                "hf": hf_quantized_table("tiny-llama", 2, 40)}
@@ -392,11 +420,12 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("bench_kv_decode.py needs a CUDA device")
     formats = a.formats.split(",")
+    plain = list(dict.fromkeys(f.partition(":")[0] for f in formats))  # without backends (tune, capacity)
     only = set(a.only or ["attn", "e2e", "capacity", "hf"])
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     if "tune" in only:
         print(f"## Tile configs, decode attention, batch {a.tune_batch}, context 32k\n")
-        out["tune"] = tune_table(formats, a.tune_batch, 32768)
+        out["tune"] = tune_table(plain, a.tune_batch, 32768)
     if "attn" in only:
         print("## Decode attention, one layer (32 q heads, 8 KV heads, head dim 128)\n")
         tuned = best_tuned(out["tune"]) if a.attn_from_tune and "tune" in out else None
@@ -412,7 +441,7 @@ def main() -> None:
         out["hf"] = hf_quantized_table(a.preset, a.e2e_batch, a.e2e_context)
     if "capacity" in only:
         print(f"## Capacity: {a.preset} sequences of {a.e2e_context} tokens in {a.budget_gib:g} GiB of KV\n")
-        out["capacity"] = capacity_table(formats, a.preset, a.e2e_context, a.budget_gib)
+        out["capacity"] = capacity_table(plain, a.preset, a.e2e_context, a.budget_gib)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(out, f, indent=2)
