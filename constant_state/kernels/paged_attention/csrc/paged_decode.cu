@@ -198,6 +198,25 @@ struct Softmax {
       m[j] = mx;
     }
   }
+  // One tile: masks rows r0 / r1 (ok0 / ok1), steps, and rescales the output accumulators o. Returns
+  // whether a max moved in the warp (alpha != 1 somewhere), i.e. whether other running sums need alpha.
+  template <int MT>
+  __device__ __forceinline__ bool tile(float (&s)[4], bool ok0, bool ok1, float (&o)[MT][4], float (&alpha)[2]) {
+    const float neg_inf = -__int_as_float(0x7f800000);
+    s[0] = ok0 ? s[0] : neg_inf;
+    s[1] = ok0 ? s[1] : neg_inf;
+    s[2] = ok1 ? s[2] : neg_inf;
+    s[3] = ok1 ? s[3] : neg_inf;
+    step(s, alpha);
+    const bool moved = __any_sync(FULL, alpha[0] != 1.f || alpha[1] != 1.f);
+    if (moved) {
+#pragma unroll
+      for (int mi = 0; mi < MT; ++mi) {
+        o[mi][0] *= alpha[0]; o[mi][1] *= alpha[1]; o[mi][2] *= alpha[0]; o[mi][3] *= alpha[1];
+      }
+    }
+    return moved;
+  }
 };
 
 // Writes head 2t + j's values val[e] at dims dim(e) (normalised), or its partial and (m, l).
@@ -294,7 +313,6 @@ __global__ void __launch_bounds__(128, 3) decode8_kernel(const DecodeParams p) {
   constexpr int KW = D / 16;  // k-steps = key words per thread and token
   constexpr int VW = D / 32;  // value words per thread and token
   constexpr int MT = D / 16;  // m-tiles of O^T
-  const float NEG_INF = -__int_as_float(0x7f800000);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int b = blockIdx.x / p.hkv, h = blockIdx.x - b * p.hkv;
@@ -342,21 +360,15 @@ __global__ void __launch_bounds__(128, 3) decode8_kernel(const DecodeParams p) {
                qf[kk][0], qf[kk][1]);
     const bool ok0 = visible(p, start + g, seq_len), ok1 = visible(p, start + g + 8, seq_len);
     const float k0s = __half2float(cur.ks0), k1s = __half2float(cur.ks1);
-    s[0] = ok0 ? s[0] * k0s : NEG_INF;
-    s[1] = ok0 ? s[1] * k0s : NEG_INF;
-    s[2] = ok1 ? s[2] * k1s : NEG_INF;
-    s[3] = ok1 ? s[3] * k1s : NEG_INF;
+    s[0] *= k0s;
+    s[1] *= k0s;
+    s[2] *= k1s;
+    s[3] *= k1s;
     float alpha[2];
-    sm.step(s, alpha);
+    sm.tile(s, ok0, ok1, o, alpha);
     const float v0s = ok0 ? __half2float(cur.vs0) : 0.f, v1s = ok1 ? __half2float(cur.vs1) : 0.f;
     const uint32_t pb0 = transpose8x8(pack_half2(s[0] * v0s, s[1] * v0s));  // tokens 2t, 2t+1; head g
     const uint32_t pb1 = transpose8x8(pack_half2(s[2] * v1s, s[3] * v1s));  // tokens 2t+8, 2t+9
-    if (__any_sync(FULL, alpha[0] != 1.f || alpha[1] != 1.f)) {
-#pragma unroll
-      for (int mi = 0; mi < MT; ++mi) {
-        o[mi][0] *= alpha[0]; o[mi][1] *= alpha[1]; o[mi][2] *= alpha[0]; o[mi][3] *= alpha[1];
-      }
-    }
 #pragma unroll
     for (int j = 0; j < VW; ++j) {
 #pragma unroll
@@ -446,7 +458,6 @@ template <int D, int GP>
 __global__ void __launch_bounds__(128, 3) decode4_kernel(const DecodeParams p) {
   using S = Int4Shape<D, GP>;
   constexpr int NG = S::NG, CW = S::CW, MT = S::MT;
-  const float NEG_INF = -__int_as_float(0x7f800000);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int b = blockIdx.x / p.hkv, h = blockIdx.x - b * p.hkv;
@@ -545,17 +556,8 @@ __global__ void __launch_bounds__(128, 3) decode4_kernel(const DecodeParams p) {
         s[2 + j] += cur.ks1[gi] * (sg[gi][2 + j] - off[gi][j]) + cur.kz1[gi] * qs[gi][j];
       }
     }
-    s[0] = ok0 ? s[0] : NEG_INF;
-    s[1] = ok0 ? s[1] : NEG_INF;
-    s[2] = ok1 ? s[2] : NEG_INF;
-    s[3] = ok1 ? s[3] : NEG_INF;
     float alpha[2];
-    sm.step(s, alpha);
-    if (__any_sync(FULL, alpha[0] != 1.f || alpha[1] != 1.f)) {
-#pragma unroll
-      for (int mi = 0; mi < MT; ++mi) {
-        o[mi][0] *= alpha[0]; o[mi][1] *= alpha[1]; o[mi][2] *= alpha[0]; o[mi][3] *= alpha[1];
-      }
+    if (sm.tile(s, ok0, ok1, o, alpha)) {
 #pragma unroll
       for (int gi = 0; gi < NG; ++gi) {
 #pragma unroll
