@@ -174,6 +174,17 @@ struct SplitTiles {
   __device__ __forceinline__ int start(int i) const { return i < n_a ? lo + 16 * i : b_lo + 16 * (i - n_a); }
 };
 
+// A warp's work: lane coordinates (g, t), row b, KV head h, split, and that split's tiles.
+struct WarpWork {
+  int g, t, b, h, split, seq_len;
+  const int32_t* bt_row;
+  SplitTiles tiles;
+  __device__ __forceinline__ explicit WarpWork(const DecodeParams& p)
+      : g((threadIdx.x & 31) >> 2), t(threadIdx.x & 3), b(blockIdx.x / p.hkv), h(blockIdx.x - b * p.hkv),
+        split(blockIdx.y * (blockDim.x >> 5) + (threadIdx.x >> 5)), seq_len(p.seq[b]),
+        bt_row(p.bt + int64_t(b) * p.m), tiles(p, split, seq_len) {}
+};
+
 __device__ __forceinline__ bool visible(const DecodeParams& p, int tok, int seq_len) {
   return tok < seq_len && (!p.has_window || tok > seq_len - 1 - p.window || tok < p.sinks);
 }
@@ -313,14 +324,11 @@ __global__ void __launch_bounds__(128, 3) decode8_kernel(const DecodeParams p) {
   constexpr int KW = D / 16;  // k-steps = key words per thread and token
   constexpr int VW = D / 32;  // value words per thread and token
   constexpr int MT = D / 16;  // m-tiles of O^T
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int g = lane >> 2, t = lane & 3;
-  const int b = blockIdx.x / p.hkv, h = blockIdx.x - b * p.hkv;
-  const int split = blockIdx.y * (blockDim.x >> 5) + warp;
-  if (split >= p.splits) return;
-  const int seq_len = p.seq[b];
-  const SplitTiles tiles(p, split, seq_len);
-  const int32_t* bt_row = p.bt + int64_t(b) * p.m;
+  const WarpWork w(p);
+  if (w.split >= p.splits) return;
+  const int g = w.g, t = w.t, b = w.b, h = w.h, split = w.split, seq_len = w.seq_len;
+  const SplitTiles& tiles = w.tiles;
+  const int32_t* bt_row = w.bt_row;
 
   // Queries (B operand of S^T): head g, dims t D/4 + 4 kk + {0, 1} and {2, 3}, times scale * log2(e).
   uint32_t qf[KW][2];
@@ -458,14 +466,11 @@ template <int D, int GP>
 __global__ void __launch_bounds__(128, 3) decode4_kernel(const DecodeParams p) {
   using S = Int4Shape<D, GP>;
   constexpr int NG = S::NG, CW = S::CW, MT = S::MT;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int g = lane >> 2, t = lane & 3;
-  const int b = blockIdx.x / p.hkv, h = blockIdx.x - b * p.hkv;
-  const int split = blockIdx.y * (blockDim.x >> 5) + warp;
-  if (split >= p.splits) return;
-  const int seq_len = p.seq[b];
-  const SplitTiles tiles(p, split, seq_len);
-  const int32_t* bt_row = p.bt + int64_t(b) * p.m;
+  const WarpWork w(p);
+  if (w.split >= p.splits) return;
+  const int g = w.g, t = w.t, b = w.b, h = w.h, split = w.split, seq_len = w.seq_len;
+  const SplitTiles& tiles = w.tiles;
+  const int32_t* bt_row = w.bt_row;
   const int r0 = 4 * (g >> 1) + 2 * (g & 1);  // this lane's tokens in a tile: rows g (r0) and g+8 (r0 + 1)
 
   // Queries: k-step (gi, wi, hh) pairs bytes (i, i+2) [reg0] and (i+1, i+3) [reg1] of word wi of this
