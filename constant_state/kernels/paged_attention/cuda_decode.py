@@ -34,7 +34,7 @@ INT4_GROUPS = (32, 64)
 HEAD_DIMS = (64, 128)
 MAX_GROUP = 8  # query heads per KV head: the 8 columns of the tensor-core tile
 TILE = 16  # tokens per warp step
-WARPS = 4  # warps (splits) per block
+WARPS = 4  # warps (splits) per block: the kernels' __launch_bounds__(128, 3) in paged_decode.cu
 
 
 class _Params(ctypes.Structure):
