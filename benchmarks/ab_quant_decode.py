@@ -10,8 +10,9 @@ Each argument is a format followed by ``:``-separated switches:
 - ``noptx``: no inline-PTX decoding of packed codes (``decode_quant.ASM_FORMATS``);
 - ``bsN``: blocks of N tokens (default: bench_kv_decode.block_size);
 - ``sN``: N splits over the context (default: the launch heuristic);
-- ``cuda`` / ``triton``: the 8-bit decode backend (``decode.DECODE_BACKEND``; default ``auto``: the
-  CUDA warp-per-split kernel of ``cuda_decode`` where it serves, else Triton);
+- ``cuda`` / ``triton``: the quantized decode backend (``decode.DECODE_BACKEND``; default: the
+  ``CONSTANT_STATE_DECODE`` setting, ``triton`` if unset): the CUDA warp-per-split kernel of
+  ``cuda_decode`` (fp8, int8, int4) or the Triton one;
 - ``BLOCK_N,warps,stages[,maxnreg]``: a tile config.
 
 ``sdpa`` alone is the baseline of the same run: ``scaled_dot_product_attention`` on a contiguous bf16 cache.
@@ -26,10 +27,10 @@ import re
 
 import bench_kv_decode
 import torch
-from bench_kv_decode import D, HKV, HQ, bench_graph, block_size, print_rows, random_storage
+from bench_kv_decode import D, HKV, HQ, backend_of, bench_graph, block_size, print_rows, random_storage
 
 from constant_state.cache.formats import get_format
-from constant_state.kernels.paged_attention import decode, decode_quant
+from constant_state.kernels.paged_attention import decode_quant
 from constant_state.kernels.paged_attention.decode import paged_attention
 from constant_state.kernels.paged_attention.ref import token_contiguous
 
@@ -56,10 +57,8 @@ def run_variant(spec: str, batch: int, ctx: int, q: torch.Tensor, seq: torch.Ten
         nv = (token_contiguous(*v.shape, v.dtype, v.device) if "vt" in switches
               else torch.empty(v.shape, dtype=v.dtype, device=v.device))
         st.cache.v = nv.copy_(v)
-    saved = (decode_quant.OFFSET_KEYS, decode_quant.OFFSET_VALUES, decode_quant.ASM_FORMATS, decode.DECODE_BACKEND)
-    for backend in ("cuda", "triton"):
-        if backend in switches:
-            decode.DECODE_BACKEND = backend
+    saved = (decode_quant.OFFSET_KEYS, decode_quant.OFFSET_VALUES, decode_quant.ASM_FORMATS)
+    backend = next((s for s in switches if s in ("cuda", "triton")), "")
     if "nooff" in switches:
         decode_quant.OFFSET_KEYS, decode_quant.OFFSET_VALUES = set(), set()
     if "voff" in switches:
@@ -72,10 +71,10 @@ def run_variant(spec: str, batch: int, ctx: int, q: torch.Tensor, seq: torch.Ten
     if splits:
         extra = dict(extra, num_splits=splits[0])
     try:
-        us = bench_graph(lambda: paged_attention(q, st.cache, bt, seq, D ** -0.5, config=cfg, **extra))
+        with backend_of(f"{fmt}:{backend}"):
+            us = bench_graph(lambda: paged_attention(q, st.cache, bt, seq, D ** -0.5, config=cfg, **extra))
     finally:
-        (decode_quant.OFFSET_KEYS, decode_quant.OFFSET_VALUES, decode_quant.ASM_FORMATS,
-         decode.DECODE_BACKEND) = saved
+        decode_quant.OFFSET_KEYS, decode_quant.OFFSET_VALUES, decode_quant.ASM_FORMATS = saved
     nbytes = batch * m * get_format(fmt).page_bytes(bs, HKV, D)
     return dict(variant=spec, batch=batch, context=ctx, us=us, tb_s=nbytes / us / 1e6)
 

@@ -26,13 +26,12 @@ default backend runs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 
 import torch
 import torch.nn.functional as F
-
-import contextlib
 
 import constant_state as cs
 from constant_state.cache.formats import get_format

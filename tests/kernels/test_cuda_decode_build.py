@@ -15,13 +15,9 @@ def library(tmp_path_factory):
     nvcc = cuda_decode._nvcc()
     if nvcc is None:
         pytest.skip("nvcc not installed")
-    import os
-
-    os.environ["CONSTANT_STATE_CACHE"] = str(tmp_path_factory.mktemp("cuda_cache"))
-    try:
+    with pytest.MonkeyPatch.context() as mp:  # the user's own cache setting comes back afterwards
+        mp.setenv("CONSTANT_STATE_CACHE", str(tmp_path_factory.mktemp("cuda_cache")))
         return cuda_decode.build("90", nvcc)
-    finally:
-        del os.environ["CONSTANT_STATE_CACHE"]
 
 
 def test_builds_and_parameter_layout_matches(library):
