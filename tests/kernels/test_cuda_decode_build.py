@@ -1,6 +1,7 @@
 """The CUDA quantized decode kernels on a machine without a GPU: it compiles (nvcc), its parameter block
-matches the ctypes mirror, and the dispatch falls back or errors clearly. Its numerics are tested on
-the GPU (tests/gpu/test_paged_attention_gpu.py: test_cuda_decode_8bit, test_decode[...:cuda])."""
+matches the ctypes mirror, and the dispatch falls back or errors clearly. Its numerics: on the CPU
+under the warp emulation (test_cuda_decode_emulated.py) and on the GPU
+(tests/gpu/test_paged_attention_gpu.py: test_cuda_decode, test_decode[...:cuda])."""
 
 import ctypes
 

@@ -29,6 +29,7 @@ import torch
 from .ref import is_token_contiguous
 
 SOURCE = Path(__file__).with_name("csrc") / "paged_decode.cu"
+EMULATION = SOURCE.with_name("warp_emulation.h")  # CPU twin of its warp primitives (CS_EMULATE)
 KINDS = {"fp8": 1, "int8": 2, "int4": 3}
 INT4_GROUPS = (32, 64)
 HEAD_DIMS = (64, 128)
@@ -62,37 +63,77 @@ def cache_dir() -> Path:
     return Path(os.environ.get("CONSTANT_STATE_CACHE", Path.home() / ".cache" / "constant_state"))
 
 
+def _cached_build(name: str, key_parts: list[bytes], cmd: list[str], what: str) -> Path:
+    """Runs ``cmd + [output]`` unless ``cache_dir()/name_<hash>.so`` exists; written atomically."""
+    sources = b"".join(f.read_bytes() for f in (SOURCE, EMULATION))
+    key = hashlib.sha256(sources + b"".join(key_parts)).hexdigest()[:16]
+    out = cache_dir() / f"{name}_{key}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        lib = Path(tmp) / out.name
+        res = subprocess.run(cmd + [str(lib)], capture_output=True, text=True)
+        if res.returncode:
+            raise RuntimeError(f"{what} failed on {SOURCE.name}:\n{res.stderr[-4000:]}")
+        os.replace(lib, out)  # atomic: concurrent builders leave one complete file
+    return out
+
+
 def build(arch: str, nvcc: str | None = None) -> Path:
     """Compile the kernel for ``arch`` (e.g. ``"90"``) and return the shared library's path (cached)."""
     nvcc = nvcc or _nvcc()
     if nvcc is None:
         raise RuntimeError("nvcc not found (set CUDA_HOME): the CUDA decode kernel cannot be built")
     version = subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=True).stdout
-    src = SOURCE.read_bytes()
-    key = hashlib.sha256(src + arch.encode() + version.encode()).hexdigest()[:16]
-    out = cache_dir() / f"paged_decode_sm{arch}_{key}.so"
-    if out.exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        lib = Path(tmp) / out.name
-        cmd = [nvcc, "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-lineinfo",
-               f"-gencode=arch=compute_{arch},code=sm_{arch}", "-o", str(lib), str(SOURCE)]
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        if res.returncode:
-            raise RuntimeError(f"nvcc failed on {SOURCE.name}:\n{res.stderr[-4000:]}")
-        os.replace(lib, out)  # atomic: concurrent builders leave one complete file
-    return out
+    cmd = [nvcc, "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-lineinfo",
+           f"-gencode=arch=compute_{arch},code=sm_{arch}", str(SOURCE), "-o"]
+    return _cached_build(f"paged_decode_sm{arch}", [arch.encode(), version.encode()], cmd, "nvcc")
 
 
-@functools.lru_cache(maxsize=None)
-def _library(arch: str) -> ctypes.CDLL:
-    lib = ctypes.CDLL(str(build(arch)))
+def cuda_include() -> Path | None:
+    """A CUDA include directory with ``cuda_fp16.h`` (for the emulated build), or None."""
+    nvcc = _nvcc()
+    homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), nvcc and str(Path(nvcc).parent.parent),
+             "/usr/local/cuda"]
+    for home in homes:
+        if home and (Path(home) / "include" / "cuda_fp16.h").exists():
+            return Path(home) / "include"
+    return None
+
+
+def build_emulated(cxx: str | None = None) -> Path:
+    """The same kernels compiled by the host C++ compiler against ``csrc/warp_emulation.h`` (each lane
+    a thread, the PTX emulated): a CPU library with the same entry points, for tests (slow)."""
+    cxx = cxx or os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++")
+    include = cuda_include()
+    if cxx is None or include is None:
+        raise RuntimeError("the emulated CUDA decode kernel needs a C++20 compiler (g++) and the CUDA headers "
+                           "(cuda_fp16.h; set CUDA_HOME)")
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True).stdout
+    cmd = [cxx, "-std=c++20", "-O2", "-shared", "-fPIC", "-pthread", "-DCS_EMULATE", "-x", "c++",
+           f"-I{include}", str(SOURCE), "-o"]
+    return _cached_build("paged_decode_emulated", [version.encode(), str(include).encode()], cmd, cxx)
+
+
+def _load(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
     lib.cs_decode.argtypes = [ctypes.POINTER(_Params)] + [ctypes.c_int] * 6 + [ctypes.c_void_p]
     lib.cs_decode_occupancy.argtypes = [ctypes.c_int] * 5 + [ctypes.POINTER(ctypes.c_int)]
     if lib.cs_decode_params_size() != ctypes.sizeof(_Params):
         raise RuntimeError(f"{SOURCE.name} and cuda_decode._Params disagree on the parameter layout")
     return lib
+
+
+@functools.lru_cache(maxsize=None)
+def _library(arch: str) -> ctypes.CDLL:
+    return _load(build(arch))
+
+
+@functools.lru_cache(maxsize=None)
+def emulated_library() -> ctypes.CDLL:
+    """The CPU build of :func:`build_emulated`, loaded."""
+    return _load(build_emulated())
 
 
 def _arch(device: torch.device) -> str:
@@ -144,19 +185,17 @@ def warp_slots(kind: str, d: int, group: int, device_index: int) -> int:
     return max(1, blocks.value) * WARPS * sms
 
 
-def decode(q, kind, group, tensors, block_tables, seq_lens, scale, sliding_window, sinks, num_splits):
-    """Launch for :func:`.decode.paged_attention` (arguments validated there): ``q [B, 1, Hq, D]``;
-    ``tensors`` = key / value codes, scales and zero points (8-bit formats: the scales again)."""
-    from .decode import _merge_splits, _split_buffers, _split_chunks, wave_splits
+def _params(q, kind, group, tensors, block_tables, seq_lens, scale, sliding_window, sinks, num_splits, slots):
+    """(parameter block, out, part, ml, splits) of one launch; ``slots`` = resident warps (for the split count)."""
+    from .decode import _split_buffers, _split_chunks, wave_splits
 
     k, v, ks, vs, kz, vz = tensors
     b, _, hq, d = q.shape
     n, bs, hkv = k.shape[:3]
     m = block_tables.shape[1]
-    dev = q.device.index or 0
     n_tiles = -(-(m * bs) // TILE)
     if num_splits is None:
-        num_splits = wave_splits(b * hkv, n_tiles, warp_slots(kind, d, group, dev))
+        num_splits = wave_splits(b * hkv, n_tiles, slots())
     chunk, num_splits = _split_chunks(n_tiles, TILE, m * bs, num_splits)
     out = torch.empty_like(q)
     part, ml = _split_buffers(out, b * hq, num_splits)
@@ -166,9 +205,39 @@ def decode(q, kind, group, tensors, block_tables, seq_lens, scale, sliding_windo
                 ks.stride(0), ks.stride(1), ks.stride(2), vs.stride(0), vs.stride(1), vs.stride(2), v.stride(3),
                 hq, hkv, hq // hkv, m, bs, sliding_window or 0, sinks, sliding_window is not None,
                 num_splits, chunk, q.dtype == torch.bfloat16, scale * 1.4426950408889634)
-    err = _library(_arch(q.device)).cs_decode(ctypes.byref(p), KINDS[kind], d, group, b, WARPS, dev,
+    return p, out, part, ml, num_splits
+
+
+def decode(q, kind, group, tensors, block_tables, seq_lens, scale, sliding_window, sinks, num_splits):
+    """Launch for :func:`.decode.paged_attention` (arguments validated there): ``q [B, 1, Hq, D]``;
+    ``tensors`` = key / value codes, scales and zero points (8-bit formats: the scales again)."""
+    from .decode import _merge_splits
+
+    d, dev = q.shape[-1], q.device.index or 0
+    p, out, part, ml, splits = _params(q, kind, group, tensors, block_tables, seq_lens, scale, sliding_window,
+                                       sinks, num_splits, lambda: warp_slots(kind, d, group, dev))
+    err = _library(_arch(q.device)).cs_decode(ctypes.byref(p), KINDS[kind], d, group, q.shape[0], WARPS, dev,
                                              torch.cuda.current_stream(q.device).cuda_stream)
     if err:
         raise RuntimeError(f"paged decode launch failed: CUDA error {err}")
-    _merge_splits(part, ml, out, b * hq, num_splits)
+    _merge_splits(part, ml, out, q.shape[0] * q.shape[2], splits)
+    return out
+
+
+def decode_emulated(q, kind, group, tensors, block_tables, seq_lens, scale, sliding_window=None, sinks=0,
+                    num_splits=None):
+    """:func:`decode` on CPU tensors through :func:`emulated_library` (the kernels' source, each lane a
+    thread), split partials merged by :func:`.ref.merge_splits_ref`. Arguments as :func:`decode` takes
+    them from ``decode.paged_attention`` (contiguous ``q``, int32 tables and lengths)."""
+    from .ref import merge_splits_ref
+
+    d = q.shape[-1]
+    p, out, part, ml, splits = _params(q, kind, group, tensors, block_tables, seq_lens, scale, sliding_window,
+                                       sinks, num_splits, lambda: 4 * WARPS * 3)  # 4 emulated SMs
+    err = emulated_library().cs_decode(ctypes.byref(p), KINDS[kind], d, group, q.shape[0], WARPS, 0, None)
+    if err:
+        raise RuntimeError("emulated decode: lanes of a warp diverged at a collective" if err == -1
+                           else f"emulated decode failed ({err})")
+    if splits > 1:
+        out.copy_(merge_splits_ref(part, ml, splits).view_as(out))
     return out

@@ -225,6 +225,16 @@ def quant_paged_attention_ref(q: torch.Tensor, cache: QuantKV, block_tables: tor
     return paged_attention_ref(q, k, v, remap, seq_lens, scale, sliding_window, sinks)
 
 
+def merge_splits_ref(part: torch.Tensor, ml: torch.Tensor, splits: int) -> torch.Tensor:
+    """Second step of a split decode: ``part [rows * splits, D]`` normalised partial outputs and
+    ``ml [rows * splits, 2]`` (running max in log2 units, sum) -> ``[rows, D]`` fp32, each split
+    weighted by ``l * 2^(m - max m)`` (what ``decode._combine_splits`` computes)."""
+    part = part.float().view(-1, splits, part.shape[-1])
+    m, l = ml.float().view(-1, splits, 2).unbind(-1)
+    w = torch.where(l > 0, l * torch.exp2(m - m.amax(1, keepdim=True)), torch.zeros_like(l))
+    return (part * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp_min(1e-30)
+
+
 # -- KIVI 2-bit: quantize-on-flush with a full-precision residual window -----------------------------
 #
 # A row with n cached tokens keeps its newest ``n - F`` tokens (F = n // R * R) in ``res_k/res_v

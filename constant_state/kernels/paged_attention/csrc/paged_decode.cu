@@ -20,8 +20,15 @@
 // mma.sync m16n8k16 fragments, lane = 4 g + t: A reg0 (row g, k 2t..2t+1), reg1 (row g+8, same k),
 // reg2 (row g, k 2t+8..2t+9), reg3 (row g+8, k 2t+8..); B reg0 (k 2t..2t+1, col g), reg1 (k 2t+8..);
 // C c0 c1 (row g, cols 2t, 2t+1), c2 c3 (row g+8, same cols).
+//
+// With -DCS_EMULATE a host C++ compiler builds the same kernels against warp_emulation.h (each lane a
+// thread; see that file), which the CPU tests run (cuda_decode.build_emulated).
+#ifdef CS_EMULATE
+#include "warp_emulation.h"
+#else
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#endif
 #include <stdint.h>
 
 struct DecodeParams {
@@ -53,25 +60,35 @@ namespace {
 
 constexpr unsigned FULL = 0xffffffffu;
 
-__device__ __forceinline__ void mma16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                         uint32_t b0, uint32_t b1) {
+// The PTX (warp_emulation.h has the CPU twins).
+#ifndef CS_EMULATE
+__device__ __forceinline__ void cs_mma16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                            uint32_t b0, uint32_t b1) {
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-__device__ __forceinline__ uint32_t transpose8x8(uint32_t x) {
+__device__ __forceinline__ uint32_t cs_transpose8x8(uint32_t x) {
   uint32_t y;
   asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;" : "=r"(y) : "r"(x));
   return y;
 }
 
-__device__ __forceinline__ float fast_exp2(float x) {
+__device__ __forceinline__ float cs_exp2(float x) {
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
 }
+
+// Two fp8 e4m3 codes (low 16 bits of x) to an fp16 pair, low byte to low half.
+__device__ __forceinline__ uint32_t cs_e4m3x2_to_f16x2(uint32_t x) {
+  uint32_t r;
+  asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(r) : "h"(uint16_t(x)));
+  return r;
+}
+#endif
 
 __device__ __forceinline__ uint32_t pack_half2(float lo, float hi) {
   __half2 h = __floats2half2_rn(lo, hi);
@@ -202,9 +219,9 @@ struct Softmax {
     for (int j = 0; j < 2; ++j) {
       const float mx = fmaxf(m[j], xor_max_g(fmaxf(s[j], s[2 + j])));
       const float z = mx == -__int_as_float(0x7f800000) ? 0.f : mx;
-      alpha[j] = fast_exp2(m[j] - z);
-      s[j] = fast_exp2(s[j] - z);
-      s[2 + j] = fast_exp2(s[2 + j] - z);
+      alpha[j] = cs_exp2(m[j] - z);
+      s[j] = cs_exp2(s[j] - z);
+      s[2 + j] = cs_exp2(s[2 + j] - z);
       l[j] = l[j] * alpha[j] + s[j] + s[2 + j];
       m[j] = mx;
     }
@@ -260,16 +277,8 @@ __device__ __forceinline__ void store_head(const DecodeParams& p, int b, int h, 
 template <int KIND> struct Codes8;
 
 template <> struct Codes8<1> {  // fp8 e4m3: exact in fp16, one cvt per pair of codes
-  static __device__ __forceinline__ uint32_t lo(uint32_t w) {
-    uint32_t r;
-    asm("{ .reg .b16 a, b; mov.b32 {a, b}, %1; cvt.rn.f16x2.e4m3x2 %0, a; }" : "=r"(r) : "r"(w));
-    return r;
-  }
-  static __device__ __forceinline__ uint32_t hi(uint32_t w) {
-    uint32_t r;
-    asm("{ .reg .b16 a, b; mov.b32 {a, b}, %1; cvt.rn.f16x2.e4m3x2 %0, b; }" : "=r"(r) : "r"(w));
-    return r;
-  }
+  static __device__ __forceinline__ uint32_t lo(uint32_t w) { return cs_e4m3x2_to_f16x2(w & 0xffffu); }
+  static __device__ __forceinline__ uint32_t hi(uint32_t w) { return cs_e4m3x2_to_f16x2(w >> 16); }
   // (byte e of wa, byte e of wb) for e = 2 half and 2 half + 1: one byte permutation, two cvt
   static __device__ __forceinline__ void pairs(uint32_t wa, uint32_t wb, int half, uint32_t& r0, uint32_t& r1) {
     const uint32_t x = __byte_perm(wa, wb, half ? 0x7362 : 0x5140);
@@ -364,7 +373,7 @@ __global__ void __launch_bounds__(128, 3) decode8_kernel(const DecodeParams p) {
     float s[4] = {0.f, 0.f, 0.f, 0.f};  // S^T rows tokens g, g+8; columns heads 2t, 2t+1
 #pragma unroll
     for (int kk = 0; kk < KW; ++kk)
-      mma16816(s, C::lo(cur.k0.w[kk]), C::lo(cur.k1.w[kk]), C::hi(cur.k0.w[kk]), C::hi(cur.k1.w[kk]),
+      cs_mma16816(s, C::lo(cur.k0.w[kk]), C::lo(cur.k1.w[kk]), C::hi(cur.k0.w[kk]), C::hi(cur.k1.w[kk]),
                qf[kk][0], qf[kk][1]);
     const bool ok0 = visible(p, start + g, seq_len), ok1 = visible(p, start + g + 8, seq_len);
     const float k0s = __half2float(cur.ks0), k1s = __half2float(cur.ks1);
@@ -375,8 +384,8 @@ __global__ void __launch_bounds__(128, 3) decode8_kernel(const DecodeParams p) {
     float alpha[2];
     sm.tile(s, ok0, ok1, o, alpha);
     const float v0s = ok0 ? __half2float(cur.vs0) : 0.f, v1s = ok1 ? __half2float(cur.vs1) : 0.f;
-    const uint32_t pb0 = transpose8x8(pack_half2(s[0] * v0s, s[1] * v0s));  // tokens 2t, 2t+1; head g
-    const uint32_t pb1 = transpose8x8(pack_half2(s[2] * v1s, s[3] * v1s));  // tokens 2t+8, 2t+9
+    const uint32_t pb0 = cs_transpose8x8(pack_half2(s[0] * v0s, s[1] * v0s));  // tokens 2t, 2t+1; head g
+    const uint32_t pb1 = cs_transpose8x8(pack_half2(s[2] * v1s, s[3] * v1s));  // tokens 2t+8, 2t+9
 #pragma unroll
     for (int j = 0; j < VW; ++j) {
 #pragma unroll
@@ -384,7 +393,7 @@ __global__ void __launch_bounds__(128, 3) decode8_kernel(const DecodeParams p) {
         uint32_t r0, r1, r2, r3;
         C::pairs(cur.v[0].w[j], cur.v[1].w[j], half, r0, r1);
         C::pairs(cur.v[2].w[j], cur.v[3].w[j], half, r2, r3);
-        mma16816(o[2 * j + half], r0, r1, r2, r3, pb0, pb1);
+        cs_mma16816(o[2 * j + half], r0, r1, r2, r3, pb0, pb1);
       }
     }
     cur = nxt;
@@ -414,7 +423,7 @@ __global__ void __launch_bounds__(128, 3) decode8_kernel(const DecodeParams p) {
 // (ref.pack_order). Nibbles decode without shifts as fp16 bits: (w & 0x000F000F) | 0x64006400 is
 // (1024 + c) for bytes 0 and 2 of word w, mask 0x00F000F0 gives (1024 + 16 c); w >> 8 bytes 1 and 3.
 //
-// Token order: S^T row r < 8 is token 4 (r / 2) + 2 (r % 2) of the tile, row r + 8 that token + 1, so
+// Token order: S^T row r < 8 is token 2 r of the tile, row r + 8 token 2 r + 1, so
 // that the value operand's k pairs (2t, 2t+1) and (2t+8, 2t+9) are tokens (4t, 4t+2) and (4t+1, 4t+3):
 // bytes 0 / 2 and 1 / 3 of one 32-bit word of the token-contiguous value codes (ref.token_contiguous).
 //
@@ -471,7 +480,7 @@ __global__ void __launch_bounds__(128, 3) decode4_kernel(const DecodeParams p) {
   const int g = w.g, t = w.t, b = w.b, h = w.h, split = w.split, seq_len = w.seq_len;
   const SplitTiles& tiles = w.tiles;
   const int32_t* bt_row = w.bt_row;
-  const int r0 = 4 * (g >> 1) + 2 * (g & 1);  // this lane's tokens in a tile: rows g (r0) and g+8 (r0 + 1)
+  const int r0 = 2 * g;  // this lane's tokens in a tile: rows g (r0) and g+8 (r0 + 1)
 
   // Queries: k-step (gi, wi, hh) pairs bytes (i, i+2) [reg0] and (i+1, i+3) [reg1] of word wi of this
   // thread's chunk of group gi, i = gi GP + t GP/4 + 4 wi; hh = 1: high-nibble dims, queries / 16.
@@ -545,9 +554,9 @@ __global__ void __launch_bounds__(128, 3) decode4_kernel(const DecodeParams p) {
       for (int wi = 0; wi < CW; ++wi) {
         const uint32_t a = cur.k0[gi].w[wi], c = cur.k1[gi].w[wi];
         const uint32_t a8 = a >> 8, c8 = c >> 8;
-        mma16816(sg[gi], nibbles(a, 0x000F000Fu), nibbles(c, 0x000F000Fu), nibbles(a8, 0x000F000Fu),
+        cs_mma16816(sg[gi], nibbles(a, 0x000F000Fu), nibbles(c, 0x000F000Fu), nibbles(a8, 0x000F000Fu),
                  nibbles(c8, 0x000F000Fu), qf[gi][wi][0][0], qf[gi][wi][0][1]);
-        mma16816(sg[gi], nibbles(a, 0x00F000F0u), nibbles(c, 0x00F000F0u), nibbles(a8, 0x00F000F0u),
+        cs_mma16816(sg[gi], nibbles(a, 0x00F000F0u), nibbles(c, 0x00F000F0u), nibbles(a8, 0x00F000F0u),
                  nibbles(c8, 0x00F000F0u), qf[gi][wi][1][0], qf[gi][wi][1][1]);
       }
     }
@@ -582,11 +591,11 @@ __global__ void __launch_bounds__(128, 3) decode4_kernel(const DecodeParams p) {
       psum[gi][1] += rt.y + rb.y;
       zacc[gi][0] += s[0] * v0z + s[2] * v1z;
       zacc[gi][1] += s[1] * v0z + s[3] * v1z;
-      const uint32_t pb0 = transpose8x8(top), pb1 = transpose8x8(bot);
+      const uint32_t pb0 = cs_transpose8x8(top), pb1 = cs_transpose8x8(bot);
 #pragma unroll
       for (int mi = gi * GP / 8; mi < (gi + 1) * GP / 8; ++mi) {
         const uint32_t w = cur.v[mi], w8 = w >> 8;
-        mma16816(o[mi], nibbles(w, 0x000F000Fu), nibbles(w, 0x00F000F0u), nibbles(w8, 0x000F000Fu),
+        cs_mma16816(o[mi], nibbles(w, 0x000F000Fu), nibbles(w, 0x00F000F0u), nibbles(w8, 0x000F000Fu),
                  nibbles(w8, 0x00F000F0u), pb0, pb1);
       }
     }
@@ -623,12 +632,21 @@ __global__ void __launch_bounds__(128, 3) decode4_kernel(const DecodeParams p) {
 
 // ------------------------------------------------------------------------------------------------
 
+#ifdef CS_EMULATE
 template <class Kernel>
-int launch(Kernel kernel, const DecodeParams& p, int rows, int warps, cudaStream_t stream) {
+int launch(Kernel kernel, const DecodeParams& p, int rows, int warps, void*) {
+  bool diverged = false;
+  cs_emu::launch(kernel, p, rows * p.hkv, (p.splits + warps - 1) / warps, warps, diverged);
+  return diverged ? -1 : 0;  // -1: lanes of a warp left a collective out
+}
+#else
+template <class Kernel>
+int launch(Kernel kernel, const DecodeParams& p, int rows, int warps, void* stream) {
   const dim3 grid(rows * p.hkv, (p.splits + warps - 1) / warps);
-  kernel<<<grid, 32 * warps, 0, stream>>>(p);
+  kernel<<<grid, 32 * warps, 0, static_cast<cudaStream_t>(stream)>>>(p);
   return int(cudaGetLastError());
 }
+#endif
 
 using KernelFn = void (*)(DecodeParams);
 
@@ -641,23 +659,32 @@ KernelFn select(int kind, int d, int group) {
   return nullptr;
 }
 
+constexpr int kInvalidValue = 1;  // cudaErrorInvalidValue
+
 }  // namespace
 
 // Launches the kernel of (kind, d, group) on `stream`. Returns a cudaError_t (0: launched).
 extern "C" int cs_decode(const DecodeParams* p, int kind, int d, int group, int rows, int warps, int device,
                          void* stream) {
+#ifndef CS_EMULATE
   if (int err = int(cudaSetDevice(device))) return err;
+#endif
   const KernelFn k = select(kind, d, group);
-  if (!k) return int(cudaErrorInvalidValue);
-  return launch(k, *p, rows, warps, static_cast<cudaStream_t>(stream));
+  if (!k) return kInvalidValue;
+  return launch(k, *p, rows, warps, stream);
 }
 
-// Resident blocks of `warps` warps per SM (the CUDA occupancy calculator).
+// Resident blocks of `warps` warps per SM (the CUDA occupancy calculator; emulated: 3).
 extern "C" int cs_decode_occupancy(int kind, int d, int group, int warps, int device, int* blocks) {
-  if (int err = int(cudaSetDevice(device))) return err;
   const KernelFn k = select(kind, d, group);
-  if (!k) return int(cudaErrorInvalidValue);
+  if (!k) return kInvalidValue;
+#ifdef CS_EMULATE
+  *blocks = 3;
+  return 0;
+#else
+  if (int err = int(cudaSetDevice(device))) return err;
   return int(cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks, k, 32 * warps, 0));
+#endif
 }
 
 extern "C" int cs_decode_params_size() { return int(sizeof(DecodeParams)); }

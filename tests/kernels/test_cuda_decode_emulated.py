@@ -1,0 +1,71 @@
+"""The CUDA decode kernels' own source (csrc/paged_decode.cu) run on the CPU: compiled by the host C++
+compiler against csrc/warp_emulation.h (each lane a thread, mma.sync / movmatrix / shuffles / the fp8
+conversion emulated per the PTX ISA), launched with the same parameter block as on the GPU, and
+compared with the reference on the dequantized cache. This checks the kernels' index mapping, masks,
+splits, scales and offsets in CI; the GPU tests (tests/gpu/test_paged_attention_gpu.py) check the
+hardware itself."""
+
+import pytest
+import torch
+
+from constant_state.cache.formats import get_format
+from constant_state.kernels.paged_attention import cuda_decode
+from constant_state.kernels.paged_attention.decode import _cache_args
+from constant_state.kernels.paged_attention.ref import merge_splits_ref, quant_paged_attention_ref, quant_write_ref
+
+TIGHT = {torch.bfloat16: 1e-2, torch.float16: 2e-3}  # output rounding and fp16 operands
+
+
+@pytest.fixture(scope="module", autouse=True)
+def emulated(tmp_path_factory):
+    if cuda_decode.cuda_include() is None:
+        pytest.skip("no CUDA headers (cuda_fp16.h) on this machine")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CONSTANT_STATE_CACHE", str(tmp_path_factory.mktemp("emulated_cache")))
+        cuda_decode.emulated_library.cache_clear()
+        yield cuda_decode.emulated_library()
+    cuda_decode.emulated_library.cache_clear()
+
+
+def run(fmt, lens, gqa, d, bs, window=None, sinks=0, qdtype=torch.bfloat16, num_splits=None, hkv=2, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    b, m = len(lens), -(-max(lens) // bs) + 1
+    n = b * m + 5
+    st = get_format(fmt).make_storage(n, bs, hkv, d, "cpu")
+    every = torch.arange(n * bs).view(1, -1)  # valid codes everywhere first: masked tokens are not zeros
+    quant_write_ref(st.cache, *(torch.randn(1, n * bs, hkv, d, generator=gen) for _ in range(2)), every)
+    bt = torch.randperm(n, generator=gen)[:b * m].view(b, m).int()
+    slots = (bt.long()[:, :, None] * bs + torch.arange(bs)).view(b, -1)
+    quant_write_ref(st.cache, *(torch.randn(b, m * bs, hkv, d, generator=gen) for _ in range(2)), slots)
+    q = torch.randn(b, 1, hkv * gqa, d, generator=gen).to(qdtype)
+    seq = torch.tensor(lens, dtype=torch.int32)
+    kind, _, group, tensors = _cache_args(st.cache)
+    assert cuda_decode.KINDS[kind]
+    out = cuda_decode.decode_emulated(q, kind, group, tensors, bt, seq, d ** -0.5, window, sinks, num_splits)
+    ref = quant_paged_attention_ref(q.float(), st.cache, bt, seq, d ** -0.5, window, sinks=sinks)
+    err = (out.float() - ref).abs().max().item()
+    assert err <= TIGHT[qdtype], f"{fmt}: emulated CUDA kernel vs reference {err:.3e}"
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "int8", "int4", "int4-g32"])
+@pytest.mark.parametrize("case", [
+    dict(lens=[300, 65, 70], gqa=4, d=128, bs=16, window=100, sinks=4),
+    dict(lens=[301, 65], gqa=8, d=64, bs=32, window=40),
+    dict(lens=[500, 1, 209], gqa=2, d=128, bs=64, num_splits=7),
+    dict(lens=[199, 33], gqa=4, d=128, bs=16, qdtype=torch.float16),
+    dict(lens=[16, 32, 17], gqa=5, d=64, bs=16, num_splits=1),
+    dict(lens=[77], gqa=1, d=64, bs=16, num_splits=3, hkv=1),
+], ids=["sinks-window", "window-bs32", "splits7-bs64", "fp16-queries", "one-split-gqa5", "mha-d64"])
+def test_emulated_cuda_decode(fmt, case):
+    run(fmt, **case)
+
+
+def test_unknown_kernel_is_an_error(emulated):
+    assert emulated.cs_decode(None, 9, 128, 0, 1, 4, 0, None) == 1  # cudaErrorInvalidValue
+
+
+def test_merge_splits_ref_weights_by_max_and_sum():
+    part = torch.tensor([[1.0, 0.0], [0.0, 1.0], [5.0, 5.0]])
+    ml = torch.tensor([[0.0, 1.0], [1.0, 1.0], [float("-inf"), 0.0]])  # third split saw no token
+    out = merge_splits_ref(part, ml, 3)
+    torch.testing.assert_close(out, torch.tensor([[1 / 3, 2 / 3]]))
