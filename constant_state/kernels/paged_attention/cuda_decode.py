@@ -30,21 +30,23 @@ from .ref import is_token_contiguous
 
 SOURCE = Path(__file__).with_name("csrc") / "paged_decode.cu"
 EMULATION = SOURCE.with_name("warp_emulation.h")  # CPU twin of its warp primitives (CS_EMULATE)
-KINDS = {"fp8": 1, "int8": 2, "int4": 3}
+KINDS = {"fp8": 1, "int8": 2, "int4": 3, "kivi2": 4}
 INT4_GROUPS = (32, 64)
+KIVI2_GROUPS = (32, 64, 128)  # 8+ bytes per group: a thread's key bytes and a value byte block stay in one
 HEAD_DIMS = (64, 128)
 MAX_GROUP = 8  # query heads per KV head: the 8 columns of the tensor-core tile
-TILE = 16  # tokens per warp step
+TILE = 16  # tokens per warp step (kivi2: STEPS)
+STEPS = {"kivi2": 32}
 WARPS = 4  # warps (splits) per block: the kernels' __launch_bounds__(128, 3) in paged_decode.cu
 
 
 class _Params(ctypes.Structure):
     _fields_ = ([(n, ctypes.c_void_p) for n in ("q", "out", "part", "ml", "k", "v", "ks", "vs", "kz", "vz",
-                                                 "bt", "seq")]
+                                                 "bt", "seq", "rk", "rv")]
                 + [(n, ctypes.c_int64) for n in ("k_sb", "k_st", "k_sh", "v_sb", "v_st", "v_sh",
                                                   "ks_sb", "ks_st", "ks_sh", "vs_sb", "vs_st", "vs_sh", "v_sc")]
                 + [(n, ctypes.c_int32) for n in ("hq", "hkv", "g", "m", "bs", "window", "sinks", "has_window",
-                                                  "splits", "chunk", "q_bf16")]
+                                                  "splits", "chunk", "q_bf16", "r")]
                 + [("scale_log2", ctypes.c_float)])
 
 
@@ -162,12 +164,21 @@ def available(device_index: int) -> bool:
     return True
 
 
-def supports(kind: str, group: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hkv: int) -> bool:
+def supports(kind: str, group: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hkv: int,
+             res_k: torch.Tensor | None = None, res_v: torch.Tensor | None = None) -> bool:
     """Shapes and dtypes this kernel serves (else the Triton kernel does): one query token in bf16 or
-    fp16, head dim 64 or 128, at most 8 query heads per KV head, blocks of a multiple of 16 tokens;
-    value codes in the keys' layout (fp8, int8) or token-contiguous (int4, groups of 32 or 64 dims)."""
+    fp16, head dim 64 or 128, at most 8 query heads per KV head, blocks of a multiple of 16 tokens
+    (kivi2: 32); value codes in the keys' layout (fp8, int8) or token-contiguous (int4, groups of 32
+    or 64 dims; kivi2, groups of 32 to 128, with contiguous fp16 residual windows ``[B, R, Hkv, D]``)."""
     b, t, hq, d = q.shape
-    layout_ok = (is_token_contiguous(v) and group in INT4_GROUPS) if kind == "int4" else v.stride() == k.stride()
+    if kind == "int4":
+        layout_ok = is_token_contiguous(v) and group in INT4_GROUPS
+    elif kind == "kivi2":
+        layout_ok = (is_token_contiguous(v) and group in KIVI2_GROUPS and k.shape[1] % STEPS[kind] == 0
+                     and all(x is not None and x.dtype == torch.float16 and x.is_contiguous()
+                             and x.shape[0] == b and x.shape[2:] == (hkv, d) for x in (res_k, res_v)))
+    else:
+        layout_ok = v.stride() == k.stride()
     return (kind in KINDS and q.is_cuda and t == 1 and q.dtype in (torch.float16, torch.bfloat16)
             and d in HEAD_DIMS and hq // hkv <= MAX_GROUP and k.shape[1] % TILE == 0 and layout_ok
             and available(q.device.index or 0))
@@ -185,7 +196,8 @@ def warp_slots(kind: str, d: int, group: int, device_index: int) -> int:
     return max(1, blocks.value) * WARPS * sms
 
 
-def _params(q, kind, group, tensors, block_tables, seq_lens, scale, sliding_window, sinks, num_splits, slots):
+def _params(q, kind, group, tensors, block_tables, seq_lens, scale, sliding_window, sinks, num_splits, slots,
+            res_k=None, res_v=None):
     """(parameter block, out, part, ml, splits) of one launch; ``slots`` = resident warps (for the split count)."""
     from .decode import _split_buffers, _split_chunks, wave_splits
 
@@ -193,29 +205,34 @@ def _params(q, kind, group, tensors, block_tables, seq_lens, scale, sliding_wind
     b, _, hq, d = q.shape
     n, bs, hkv = k.shape[:3]
     m = block_tables.shape[1]
-    n_tiles = -(-(m * bs) // TILE)
+    step = STEPS.get(kind, TILE)
+    n_tiles = -(-(m * bs) // step)
     if num_splits is None:
         num_splits = wave_splits(b * hkv, n_tiles, slots())
-    chunk, num_splits = _split_chunks(n_tiles, TILE, m * bs, num_splits)
+    chunk, num_splits = _split_chunks(n_tiles, step, m * bs, num_splits)
     out = torch.empty_like(q)
     part, ml = _split_buffers(out, b * hq, num_splits)
+    kstr = (ks.stride(0), 0, ks.stride(1)) if kind == "kivi2" else ks.stride()[:3]  # kivi2: per channel [N, H, D]
+    res = (res_k.data_ptr(), res_v.data_ptr(), res_k.shape[1]) if kind == "kivi2" else (None, None, 1)
     p = _Params(q.data_ptr(), out.data_ptr(), part.data_ptr(), ml.data_ptr(), k.data_ptr(), v.data_ptr(),
                 ks.data_ptr(), vs.data_ptr(), kz.data_ptr(), vz.data_ptr(), block_tables.data_ptr(),
-                seq_lens.data_ptr(), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-                ks.stride(0), ks.stride(1), ks.stride(2), vs.stride(0), vs.stride(1), vs.stride(2), v.stride(3),
+                seq_lens.data_ptr(), res[0], res[1], k.stride(0), k.stride(1), k.stride(2), v.stride(0),
+                v.stride(1), v.stride(2), *kstr, vs.stride(0), vs.stride(1), vs.stride(2), v.stride(3),
                 hq, hkv, hq // hkv, m, bs, sliding_window or 0, sinks, sliding_window is not None,
-                num_splits, chunk, q.dtype == torch.bfloat16, scale * 1.4426950408889634)
+                num_splits, chunk, q.dtype == torch.bfloat16, res[2], scale * 1.4426950408889634)
     return p, out, part, ml, num_splits
 
 
-def decode(q, kind, group, tensors, block_tables, seq_lens, scale, sliding_window, sinks, num_splits):
+def decode(q, kind, group, tensors, block_tables, seq_lens, scale, sliding_window, sinks, num_splits,
+           res_k=None, res_v=None):
     """Launch for :func:`.decode.paged_attention` (arguments validated there): ``q [B, 1, Hq, D]``;
-    ``tensors`` = key / value codes, scales and zero points (8-bit formats: the scales again)."""
+    ``tensors`` = key / value codes, scales and zero points (8-bit formats: the scales again); kivi2
+    also its residual windows ``res_k, res_v``."""
     from .decode import _merge_splits
 
     d, dev = q.shape[-1], q.device.index or 0
     p, out, part, ml, splits = _params(q, kind, group, tensors, block_tables, seq_lens, scale, sliding_window,
-                                       sinks, num_splits, lambda: warp_slots(kind, d, group, dev))
+                                       sinks, num_splits, lambda: warp_slots(kind, d, group, dev), res_k, res_v)
     err = _library(_arch(q.device)).cs_decode(ctypes.byref(p), KINDS[kind], d, group, q.shape[0], WARPS, dev,
                                              torch.cuda.current_stream(q.device).cuda_stream)
     if err:
@@ -225,7 +242,7 @@ def decode(q, kind, group, tensors, block_tables, seq_lens, scale, sliding_windo
 
 
 def decode_emulated(q, kind, group, tensors, block_tables, seq_lens, scale, sliding_window=None, sinks=0,
-                    num_splits=None):
+                    num_splits=None, res_k=None, res_v=None):
     """:func:`decode` on CPU tensors through :func:`emulated_library` (the kernels' source, each lane a
     thread), split partials merged by :func:`.ref.merge_splits_ref`. Arguments as :func:`decode` takes
     them from ``decode.paged_attention`` (contiguous ``q``, int32 tables and lengths)."""
@@ -233,7 +250,7 @@ def decode_emulated(q, kind, group, tensors, block_tables, seq_lens, scale, slid
 
     d = q.shape[-1]
     p, out, part, ml, splits = _params(q, kind, group, tensors, block_tables, seq_lens, scale, sliding_window,
-                                       sinks, num_splits, lambda: 4 * WARPS * 3)  # 4 emulated SMs
+                                       sinks, num_splits, lambda: 4 * WARPS * 3, res_k, res_v)  # 4 emulated SMs
     err = emulated_library().cs_decode(ctypes.byref(p), KINDS[kind], d, group, q.shape[0], WARPS, 0, None)
     if err:
         raise RuntimeError("emulated decode: lanes of a warp diverged at a collective" if err == -1

@@ -343,7 +343,7 @@ TILE_CONFIGS = {
 # Quantized decode (one query token): "transposed" = :mod:`.decode_quant` (codes as the tensor-core A
 # operand, kept in registers), "general" = the kernel above (benchmarks/bench_kv_decode.py compares them).
 QUANT_DECODE = "transposed"
-# Quantized decode (fp8 / int8 / int4, one query token): "cuda" = the warp-per-split CUDA kernel of
+# Quantized decode (fp8 / int8 / int4 / kivi2, one query token): "cuda" = the warp-per-split CUDA kernel of
 # :mod:`.cuda_decode` (an error where it cannot serve the shape); "auto" = that kernel where it builds
 # and serves, else Triton; "triton" = Triton only. Environment: CONSTANT_STATE_DECODE. The default
 # stays "triton" until the CUDA kernel has passed the GPU tests on the H200 (docs/kv_cache.md).
@@ -494,12 +494,12 @@ def paged_attention(q: torch.Tensor, cache, block_tables: torch.Tensor, seq_lens
         raise ValueError(f"{kind}: head_dim {d} / {p} values per byte must be >= 16 for the GPU kernel's dots")
     if kind == "kivi2" and (res_k is None or res_v is None or res_k.shape[0] != b):
         raise ValueError(f"kivi2 needs res_k, res_v [B={b}, R, Hkv, D]")
-    if t == 1 and kind in ("fp8", "int8", "int4") and config is None and DECODE_BACKEND != "triton":
+    if t == 1 and kind != "dense" and config is None and DECODE_BACKEND != "triton":
         from . import cuda_decode
 
-        if not _INTERPRET and cuda_decode.supports(kind, group, q, k, v, hkv):
+        if not _INTERPRET and cuda_decode.supports(kind, group, q, k, v, hkv, res_k, res_v):
             return cuda_decode.decode(q, kind, group, (k, v, ks, vs, kz, vz), block_tables, seq_lens, scale,
-                                      sliding_window, sinks, num_splits)
+                                      sliding_window, sinks, num_splits, res_k, res_v)
         if DECODE_BACKEND == "cuda":
             raise ValueError(f"CONSTANT_STATE_DECODE=cuda: the CUDA decode kernel does not serve {kind} with "
                              f"q {tuple(q.shape)} {q.dtype}, block size {bs} (see cuda_decode.supports)")

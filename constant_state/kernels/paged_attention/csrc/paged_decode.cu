@@ -38,12 +38,14 @@ struct DecodeParams {
   float* ml;          // [B * Hq * splits, 2] (max in log2 units, sum)
   const uint8_t* k;   // key codes [N, BS, Hkv, D / per byte] (strides in bytes below)
   const uint8_t* v;   // value codes, same shape (8-bit: the keys' layout; int4: tokens contiguous)
-  const __half* ks;   // scales [N, BS, Hkv, groups] (strides in elements)
+  const __half* ks;   // scales [N, BS, Hkv, groups] (strides in elements; kivi2 keys [N, Hkv, D], ks_st 0)
   const __half* vs;
   const __half* kz;   // int4 zero points (the scales' strides)
   const __half* vz;
   const int32_t* bt;  // [B, M]
   const int32_t* seq; // [B]
+  const __half* rk;   // kivi2: fp16 residual keys / values [B, R, Hkv, D] (rows' newest tokens)
+  const __half* rv;
   int64_t k_sb, k_st, k_sh;
   int64_t v_sb, v_st, v_sh;
   int64_t ks_sb, ks_st, ks_sh;
@@ -53,6 +55,7 @@ struct DecodeParams {
   int32_t window, sinks, has_window;
   int32_t splits, chunk;  // chunk: tokens per split, a multiple of 16
   int32_t q_bf16;
+  int32_t r;          // kivi2: residual window R
   float scale_log2;
 };
 
@@ -80,6 +83,10 @@ __device__ __forceinline__ float cs_exp2(float x) {
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
+}
+
+__device__ __forceinline__ void cs_prefetch_l1(const void* ptr) {
+  asm volatile("prefetch.global.L1 [%0];" : : "l"(ptr));
 }
 
 // Two fp8 e4m3 codes (low 16 bits of x) to an fp16 pair, low byte to low half.
@@ -171,9 +178,10 @@ template <int N> struct Halves {  // N consecutive fp16 of one load
   __device__ __forceinline__ float operator[](int i) const { return __half2float(h[i]); }
 };
 
-// The tiles of one split: [lo, a_hi) then [b_lo, hi). With a sliding window the first range holds
-// the sink tokens and the second starts at the window's first tile (tiles between are fully masked).
-struct SplitTiles {
+// The steps of STEP tokens of one split: [lo, a_hi) then [b_lo, hi). With a sliding window the first
+// range holds the sink tokens and the second starts at the window's first step (steps between are
+// fully masked).
+template <int STEP> struct SplitTiles {
   int lo, b_lo, n_a, n;
   __device__ __forceinline__ SplitTiles(const DecodeParams& p, int split, int seq_len) {
     lo = split * p.chunk;
@@ -181,21 +189,26 @@ struct SplitTiles {
     int a_hi = hi;
     b_lo = hi;
     if (p.has_window) {
-      const int win_lo = max(0, seq_len - p.window) & ~15;
-      a_hi = min(hi, max(lo, (p.sinks + 15) & ~15));
+      const int win_lo = max(0, seq_len - p.window) & ~(STEP - 1);
+      a_hi = min(hi, max(lo, (p.sinks + STEP - 1) & ~(STEP - 1)));
       b_lo = max(a_hi, max(lo, win_lo));
     }
-    n_a = max(0, (a_hi - lo + 15) >> 4);
-    n = n_a + max(0, (hi - b_lo + 15) >> 4);
+    n_a = max(0, (a_hi - lo + STEP - 1) / STEP);
+    n = n_a + max(0, (hi - b_lo + STEP - 1) / STEP);
   }
-  __device__ __forceinline__ int start(int i) const { return i < n_a ? lo + 16 * i : b_lo + 16 * (i - n_a); }
+  __device__ __forceinline__ int start(int i) const { return i < n_a ? lo + STEP * i : b_lo + STEP * (i - n_a); }
+  // How many steps start below f (a prefix of the steps).
+  __device__ __forceinline__ int below(int f) const {
+    const int in_a = min(n_a, max(0, (f - lo + STEP - 1) / STEP));
+    return in_a < n_a ? in_a : n_a + min(n - n_a, max(0, (f - b_lo + STEP - 1) / STEP));
+  }
 };
 
-// A warp's work: lane coordinates (g, t), row b, KV head h, split, and that split's tiles.
-struct WarpWork {
+// A warp's work: lane coordinates (g, t), row b, KV head h, split, and that split's steps.
+template <int STEP = 16> struct WarpWork {
   int g, t, b, h, split, seq_len;
   const int32_t* bt_row;
-  SplitTiles tiles;
+  SplitTiles<STEP> tiles;
   __device__ __forceinline__ explicit WarpWork(const DecodeParams& p)
       : g((threadIdx.x & 31) >> 2), t(threadIdx.x & 3), b(blockIdx.x / p.hkv), h(blockIdx.x - b * p.hkv),
         split(blockIdx.y * (blockDim.x >> 5) + (threadIdx.x >> 5)), seq_len(p.seq[b]),
@@ -206,35 +219,49 @@ __device__ __forceinline__ bool visible(const DecodeParams& p, int tok, int seq_
   return tok < seq_len && (!p.has_window || tok > seq_len - 1 - p.window || tok < p.sinks);
 }
 
-// Online softmax over one tile for heads 2t, 2t+1 (columns), rows = this lane's tokens r0, r1:
-// s[0..1] row r0, s[2..3] row r1 (masked rows already -inf). Returns p in s, alpha per head.
+// Online softmax over NT tiles for heads 2t, 2t+1 (columns), rows = this lane's tokens r0, r1 of each
+// tile: s[u][0..1] row r0, s[u][2..3] row r1. Returns p in s, alpha per head.
 struct Softmax {
   float m[2], l[2];
   __device__ __forceinline__ Softmax() {
     m[0] = m[1] = -__int_as_float(0x7f800000);
     l[0] = l[1] = 0.f;
   }
-  __device__ __forceinline__ void step(float (&s)[4], float (&alpha)[2]) {
+  template <int NT>
+  __device__ __forceinline__ void step(float (&s)[NT][4], float (&alpha)[2]) {
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
-      const float mx = fmaxf(m[j], xor_max_g(fmaxf(s[j], s[2 + j])));
+      float x = fmaxf(s[0][j], s[0][2 + j]);
+#pragma unroll
+      for (int u = 1; u < NT; ++u) x = fmaxf(x, fmaxf(s[u][j], s[u][2 + j]));
+      const float mx = fmaxf(m[j], xor_max_g(x));
       const float z = mx == -__int_as_float(0x7f800000) ? 0.f : mx;
       alpha[j] = cs_exp2(m[j] - z);
-      s[j] = cs_exp2(s[j] - z);
-      s[2 + j] = cs_exp2(s[2 + j] - z);
-      l[j] = l[j] * alpha[j] + s[j] + s[2 + j];
+      float sum = 0.f;
+#pragma unroll
+      for (int u = 0; u < NT; ++u) {
+        s[u][j] = cs_exp2(s[u][j] - z);
+        s[u][2 + j] = cs_exp2(s[u][2 + j] - z);
+        sum += s[u][j] + s[u][2 + j];
+      }
+      l[j] = l[j] * alpha[j] + sum;
       m[j] = mx;
     }
   }
-  // One tile: masks rows r0 / r1 (ok0 / ok1), steps, and rescales the output accumulators o. Returns
-  // whether a max moved in the warp (alpha != 1 somewhere), i.e. whether other running sums need alpha.
-  template <int MT>
-  __device__ __forceinline__ bool tile(float (&s)[4], bool ok0, bool ok1, float (&o)[MT][4], float (&alpha)[2]) {
+  // NT tiles: masks rows r0 / r1 of tile u (ok[u][0] / ok[u][1]), steps, and rescales the output
+  // accumulators o. Returns whether a max moved in the warp (alpha != 1 somewhere), i.e. whether other
+  // running sums need alpha.
+  template <int MT, int NT>
+  __device__ __forceinline__ bool tiles(float (&s)[NT][4], const bool (&ok)[NT][2], float (&o)[MT][4],
+                                        float (&alpha)[2]) {
     const float neg_inf = -__int_as_float(0x7f800000);
-    s[0] = ok0 ? s[0] : neg_inf;
-    s[1] = ok0 ? s[1] : neg_inf;
-    s[2] = ok1 ? s[2] : neg_inf;
-    s[3] = ok1 ? s[3] : neg_inf;
+#pragma unroll
+    for (int u = 0; u < NT; ++u) {
+      s[u][0] = ok[u][0] ? s[u][0] : neg_inf;
+      s[u][1] = ok[u][0] ? s[u][1] : neg_inf;
+      s[u][2] = ok[u][1] ? s[u][2] : neg_inf;
+      s[u][3] = ok[u][1] ? s[u][3] : neg_inf;
+    }
     step(s, alpha);
     const bool moved = __any_sync(FULL, alpha[0] != 1.f || alpha[1] != 1.f);
     if (moved) {
@@ -244,6 +271,12 @@ struct Softmax {
       }
     }
     return moved;
+  }
+  // One tile.
+  template <int MT>
+  __device__ __forceinline__ bool tile(float (&s)[4], bool ok0, bool ok1, float (&o)[MT][4], float (&alpha)[2]) {
+    const bool ok[1][2] = {{ok0, ok1}};
+    return tiles(*reinterpret_cast<float(*)[1][4]>(&s), ok, o, alpha);
   }
 };
 
@@ -333,10 +366,10 @@ __global__ void __launch_bounds__(128, 3) decode8_kernel(const DecodeParams p) {
   constexpr int KW = D / 16;  // k-steps = key words per thread and token
   constexpr int VW = D / 32;  // value words per thread and token
   constexpr int MT = D / 16;  // m-tiles of O^T
-  const WarpWork w(p);
+  const WarpWork<> w(p);
   if (w.split >= p.splits) return;
   const int g = w.g, t = w.t, b = w.b, h = w.h, split = w.split, seq_len = w.seq_len;
-  const SplitTiles& tiles = w.tiles;
+  const auto& tiles = w.tiles;
   const int32_t* bt_row = w.bt_row;
 
   // Queries (B operand of S^T): head g, dims t D/4 + 4 kk + {0, 1} and {2, 3}, times scale * log2(e).
@@ -441,7 +474,8 @@ template <int D, int GP> struct Int4Shape {
   static constexpr int MT = D / 16;        // m-tiles of O^T (value words per thread)
 };
 
-__device__ __forceinline__ uint32_t nibbles(uint32_t w, uint32_t mask) { return (w & mask) | 0x64006400u; }
+// fp16 pairs 1024 + (bits of w under mask, bytes 0 and 2), exact for masks of at most 10 low bits per half.
+__device__ __forceinline__ uint32_t fp16_codes(uint32_t w, uint32_t mask) { return (w & mask) | 0x64006400u; }
 
 template <int D, int GP> struct Tile4 {
   using S = Int4Shape<D, GP>;
@@ -475,10 +509,10 @@ template <int D, int GP>
 __global__ void __launch_bounds__(128, 3) decode4_kernel(const DecodeParams p) {
   using S = Int4Shape<D, GP>;
   constexpr int NG = S::NG, CW = S::CW, MT = S::MT;
-  const WarpWork w(p);
+  const WarpWork<> w(p);
   if (w.split >= p.splits) return;
   const int g = w.g, t = w.t, b = w.b, h = w.h, split = w.split, seq_len = w.seq_len;
-  const SplitTiles& tiles = w.tiles;
+  const auto& tiles = w.tiles;
   const int32_t* bt_row = w.bt_row;
   const int r0 = 2 * g;  // this lane's tokens in a tile: rows g (r0) and g+8 (r0 + 1)
 
@@ -554,10 +588,10 @@ __global__ void __launch_bounds__(128, 3) decode4_kernel(const DecodeParams p) {
       for (int wi = 0; wi < CW; ++wi) {
         const uint32_t a = cur.k0[gi].w[wi], c = cur.k1[gi].w[wi];
         const uint32_t a8 = a >> 8, c8 = c >> 8;
-        cs_mma16816(sg[gi], nibbles(a, 0x000F000Fu), nibbles(c, 0x000F000Fu), nibbles(a8, 0x000F000Fu),
-                 nibbles(c8, 0x000F000Fu), qf[gi][wi][0][0], qf[gi][wi][0][1]);
-        cs_mma16816(sg[gi], nibbles(a, 0x00F000F0u), nibbles(c, 0x00F000F0u), nibbles(a8, 0x00F000F0u),
-                 nibbles(c8, 0x00F000F0u), qf[gi][wi][1][0], qf[gi][wi][1][1]);
+        cs_mma16816(sg[gi], fp16_codes(a, 0x000F000Fu), fp16_codes(c, 0x000F000Fu), fp16_codes(a8, 0x000F000Fu),
+                 fp16_codes(c8, 0x000F000Fu), qf[gi][wi][0][0], qf[gi][wi][0][1]);
+        cs_mma16816(sg[gi], fp16_codes(a, 0x00F000F0u), fp16_codes(c, 0x00F000F0u), fp16_codes(a8, 0x00F000F0u),
+                 fp16_codes(c8, 0x00F000F0u), qf[gi][wi][1][0], qf[gi][wi][1][1]);
       }
     }
     const bool ok0 = visible(p, start + r0, seq_len), ok1 = visible(p, start + r0 + 1, seq_len);
@@ -595,8 +629,8 @@ __global__ void __launch_bounds__(128, 3) decode4_kernel(const DecodeParams p) {
 #pragma unroll
       for (int mi = gi * GP / 8; mi < (gi + 1) * GP / 8; ++mi) {
         const uint32_t w = cur.v[mi], w8 = w >> 8;
-        cs_mma16816(o[mi], nibbles(w, 0x000F000Fu), nibbles(w, 0x00F000F0u), nibbles(w8, 0x000F000Fu),
-                 nibbles(w8, 0x00F000F0u), pb0, pb1);
+        cs_mma16816(o[mi], fp16_codes(w, 0x000F000Fu), fp16_codes(w, 0x00F000F0u), fp16_codes(w8, 0x000F000Fu),
+                 fp16_codes(w8, 0x00F000F0u), pb0, pb1);
       }
     }
     cur = nxt;
@@ -631,6 +665,337 @@ __global__ void __launch_bounds__(128, 3) decode4_kernel(const DecodeParams p) {
 }
 
 // ------------------------------------------------------------------------------------------------
+// kivi2: 2-bit codes c in [0, 3]; byte i of a token's head vector holds dims dim(i, s) = (i / GP) G +
+// s GP + i % GP in slots s = 0..3 (bits 2s, 2s + 1), GP = G / 4 (ref.pack_order). Keys per channel over
+// each block: K = c ks + kz, ks / kz [N, Hkv, D]; values per token and group of G dims: V = c vs + vz.
+// A row's newest tokens [F, n), F = n - n % R, are fp16 in its residual window res_k / res_v [B, R, Hkv, D].
+// Slots decode as fp16 bits like int4's nibbles: with x = w (slots 0, 1) or w >> 4 (slots 2, 3),
+// (x & 0x00030003) | 0x64006400 is 1024 + c of the even slot of bytes 0 and 2, mask 0x000C000C gives
+// 1024 + 4 c of the odd slot; x >> 8 bytes 1 and 3.
+//
+// A warp step is 32 tokens: two 16-token tiles u, inside one block (blocks of a multiple of 32 tokens),
+// rows as for int4 (row r < 8 is token 2 r of the tile, row r + 8 token 2 r + 1).
+// Keys: thread (g, t) loads bytes [t D/16, (t+1) D/16) of its tokens; k-step (wi, s) is slot s of word
+// wi, whose dims are d .. d + 3, d = dim(t D/16 + 4 wi, s): A pairs (d, d + 2) and (d + 1, d + 3). The
+// block's channel scales fold into the queries, B = q ks (odd slots / 4), recomputed per block; the
+// block's constant C = sum_d q_d kz_d - 1024 sum_k B_k per head comes from products whose A operand is
+// the zero points (rows alike) and -1024, and starts the tiles' score accumulators.
+// Values: thread (g, t) loads byte 8 mb + g of tokens 4t..4t+3 (one word) per byte block mb; m-tile
+// (mb, hh) has slots 2 hh / 2 hh + 1 as rows g / g + 8 (odd rows x 4), in group 8 mb / GP; P'_gi =
+// p vs_gi as for int4. Residual steps load fp16 keys and values into the same fragments (their odd
+// value rows added x 4 to match).
+
+template <int D, int GP> struct Kivi2Shape {
+  static constexpr int NG = D / (4 * GP);  // value groups per token
+  static constexpr int CH = D / 16;        // key bytes per thread and token (dims per slot)
+  static constexpr int KW = D / 64;        // key words per thread and token
+  static constexpr int MB = D / 32;        // value byte blocks (words per thread and tile)
+  static constexpr int MT = D / 16;        // m-tiles of O^T
+  // Blocks per SM: head dim 128 with groups of 32 (4 value scale pairs per token) spills 316 bytes at
+  // 168 registers (3 blocks), so it takes 2 blocks and up to 255 registers.
+  static constexpr int MIN_BLOCKS = D == 128 && GP == 8 ? 2 : 3;
+  static __device__ __forceinline__ int dim(int i, int s) { return (i / GP) * 4 * GP + s * GP + i % GP; }
+};
+
+// (low halves of x, y) and (high halves): the pairs (d, d + 2) and (d + 1, d + 3) of halves d .. d + 3.
+__device__ __forceinline__ uint32_t even_halves(uint32_t x, uint32_t y) { return __byte_perm(x, y, 0x5410); }
+__device__ __forceinline__ uint32_t odd_halves(uint32_t x, uint32_t y) { return __byte_perm(x, y, 0x7632); }
+
+template <int D, int GP> struct Step2 {  // one 32-token step of quantized codes and value scales
+  using S = Kivi2Shape<D, GP>;
+  Words<S::KW> k[2][2];              // [tile][row g / g + 8]: key words of tokens 2g, 2g + 1
+  uint32_t v[2][S::MB];              // [tile][byte block]: byte 8 mb + g of tokens 4t..4t+3
+  Halves<S::NG> vs[2][2], vz[2][2];  // [tile][row]
+
+  __device__ __forceinline__ void load(const DecodeParams& p, int h, int64_t blk, int tb, int g, int t) {
+    const uint8_t* kb = p.k + blk * p.k_sb + h * p.k_sh + t * S::CH;
+    const int64_t v_off = blk * p.vs_sb + h * p.vs_sh;
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int tok = tb + 16 * u + 2 * g + r;
+        k[u][r].load(kb + tok * p.k_st);
+        vs[u][r].load(p.vs + v_off + tok * p.vs_st);
+        vz[u][r].load(p.vz + v_off + tok * p.vs_st);
+      }
+      const uint8_t* vb = p.v + blk * p.v_sb + h * p.v_sh + (tb + 16 * u + 4 * t) * p.v_st + g * p.v_sc;
+#pragma unroll
+      for (int mb = 0; mb < S::MB; ++mb) v[u][mb] = __ldg(reinterpret_cast<const uint32_t*>(vb + 8 * mb * p.v_sc));
+    }
+  }
+};
+
+template <int D, int GP> struct KeyScales {  // a block's channel scales and zero points at this thread's dims
+  using S = Kivi2Shape<D, GP>;
+  Words<S::CH / 2> sc[4], zp[4];  // slot s: fp16 pairs of dims dim(t CH, s) + 0 .. CH - 1
+
+  // Into L1 only (no registers held): loaded after the step's key products, folded at once.
+  __device__ __forceinline__ void prefetch(const DecodeParams& p, int64_t blk, int h, int t) const {
+    const int64_t off = blk * p.ks_sb + h * p.ks_sh;
+#pragma unroll
+    for (int s = 0; s < 4; ++s) {
+      const int d = S::dim(t * S::CH, s);
+      cs_prefetch_l1(p.ks + off + d);
+      cs_prefetch_l1(p.kz + off + d);
+    }
+  }
+
+  __device__ __forceinline__ void load(const DecodeParams& p, int64_t blk, int h, int t) {
+    const int64_t off = blk * p.ks_sb + h * p.ks_sh;
+#pragma unroll
+    for (int s = 0; s < 4; ++s) {
+      const int d = S::dim(t * S::CH, s);
+      sc[s].load(reinterpret_cast<const uint8_t*>(p.ks + off + d));
+      zp[s].load(reinterpret_cast<const uint8_t*>(p.kz + off + d));
+    }
+  }
+
+  // The block's B operands qf = q ks (odd slots / 4) and constant per head 2t + j.
+  __device__ __forceinline__ void fold(const uint32_t (&qh)[S::KW][4][2], uint32_t (&qf)[S::KW][4][2],
+                                       float (&cblk)[2]) const {
+    const __half2 quarter = __float2half2_rn(0.25f);
+    constexpr uint32_t neg1024 = 0xE400E400u;
+    float c[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int wi = 0; wi < S::KW; ++wi) {
+#pragma unroll
+      for (int s = 0; s < 4; ++s) {
+        const uint32_t s0 = even_halves(sc[s].w[2 * wi], sc[s].w[2 * wi + 1]);
+        const uint32_t s1 = odd_halves(sc[s].w[2 * wi], sc[s].w[2 * wi + 1]);
+        const uint32_t z0 = even_halves(zp[s].w[2 * wi], zp[s].w[2 * wi + 1]);
+        const uint32_t z1 = odd_halves(zp[s].w[2 * wi], zp[s].w[2 * wi + 1]);
+        __half2 f0 = __hmul2(*reinterpret_cast<const __half2*>(&qh[wi][s][0]), *reinterpret_cast<const __half2*>(&s0));
+        __half2 f1 = __hmul2(*reinterpret_cast<const __half2*>(&qh[wi][s][1]), *reinterpret_cast<const __half2*>(&s1));
+        if (s & 1) {
+          f0 = __hmul2(f0, quarter);
+          f1 = __hmul2(f1, quarter);
+        }
+        qf[wi][s][0] = *reinterpret_cast<uint32_t*>(&f0);
+        qf[wi][s][1] = *reinterpret_cast<uint32_t*>(&f1);
+        cs_mma16816(c, z0, z0, z1, z1, qh[wi][s][0], qh[wi][s][1]);                  // sum q kz
+        cs_mma16816(c, neg1024, neg1024, neg1024, neg1024, qf[wi][s][0], qf[wi][s][1]);  // - 1024 sum B
+      }
+    }
+    cblk[0] = c[0];
+    cblk[1] = c[1];
+  }
+};
+
+__device__ __forceinline__ uint32_t pack_bits(uint16_t lo, uint16_t hi) { return uint32_t(lo) | (uint32_t(hi) << 16); }
+
+template <int D, int GP>
+__global__ void __launch_bounds__(128, Kivi2Shape<D, GP>::MIN_BLOCKS) decode2_kernel(const DecodeParams p) {
+  using S = Kivi2Shape<D, GP>;
+  constexpr int NG = S::NG, CH = S::CH, KW = S::KW, MB = S::MB, MT = S::MT;
+  const WarpWork<32> w(p);
+  if (w.split >= p.splits) return;
+  const int g = w.g, t = w.t, b = w.b, h = w.h, split = w.split, seq_len = w.seq_len;
+  const auto& tiles = w.tiles;
+  const int32_t* bt_row = w.bt_row;
+  const int f_res = seq_len - seq_len % p.r;  // tokens from here on are in the residual window
+  const int nq = tiles.below(f_res);         // quantized steps first, then residual ones
+
+  // Queries (B operand, x scale log2 e): k-step (wi, s) pairs dims (d, d + 2) [reg0] and (d + 1, d + 3).
+  uint32_t qh[KW][4][2];
+  {
+    const bool q_ok = g < p.g;
+    const uint16_t* qr = p.q + (int64_t(b) * p.hq + h * p.g + (q_ok ? g : 0)) * D;
+    const float sc = q_ok ? p.scale_log2 : 0.f;
+    auto qv = [&](int dim) { return half_bits_to_float(qr[dim], p.q_bf16) * sc; };
+#pragma unroll
+    for (int wi = 0; wi < KW; ++wi) {
+#pragma unroll
+      for (int s = 0; s < 4; ++s) {
+        const int d = S::dim(t * CH + 4 * wi, s);
+        qh[wi][s][0] = pack_half2(qv(d), qv(d + 2));
+        qh[wi][s][1] = pack_half2(qv(d + 1), qv(d + 3));
+      }
+    }
+  }
+
+  float o[MT][4];
+#pragma unroll
+  for (int mi = 0; mi < MT; ++mi) o[mi][0] = o[mi][1] = o[mi][2] = o[mi][3] = 0.f;
+  float psum[NG][2], zacc[NG][2];  // as for int4
+#pragma unroll
+  for (int gi = 0; gi < NG; ++gi) psum[gi][0] = psum[gi][1] = zacc[gi][0] = zacc[gi][1] = 0.f;
+  Softmax sm;
+  float alpha[2];
+  auto rescale_sums = [&]() {
+#pragma unroll
+    for (int gi = 0; gi < NG; ++gi) {
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        psum[gi][j] *= alpha[j];
+        zacc[gi][j] *= alpha[j];
+      }
+    }
+  };
+
+  // ---- quantized steps: codes of the next step and the next block's channel scales loaded ahead ----
+  uint32_t qf[KW][4][2];
+  float cblk[2] = {0.f, 0.f};
+  Step2<D, GP> cur, nxt;
+  KeyScales<D, GP> kscale;
+  int col = -1, blk_next = 0;
+  if (nq > 0) {
+    const int s0 = tiles.start(0);
+    const int64_t blk = bt_row[s0 / p.bs];
+    cur.load(p, h, blk, s0 % p.bs, g, t);
+    kscale.load(p, blk, h, t);
+    kscale.fold(qh, qf, cblk);
+    col = s0 / p.bs;
+  }
+  if (nq > 1) blk_next = bt_row[tiles.start(1) / p.bs];
+  for (int i = 0; i < nq; ++i) {
+    const int start = tiles.start(i);
+    const bool more = i + 1 < nq;
+    const int col_next = more ? tiles.start(i + 1) / p.bs : col;
+    const int blk_after = i + 2 < nq ? bt_row[tiles.start(i + 2) / p.bs] : 0;
+    if (more) nxt.load(p, h, blk_next, tiles.start(i + 1) % p.bs, g, t);
+    if (col_next != col) kscale.prefetch(p, blk_next, h, t);
+
+    float s[2][4];
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+      s[u][0] = s[u][2] = cblk[0];
+      s[u][1] = s[u][3] = cblk[1];
+#pragma unroll
+      for (int wi = 0; wi < KW; ++wi) {
+#pragma unroll
+        for (int sl = 0; sl < 4; ++sl) {
+          const uint32_t a = sl < 2 ? cur.k[u][0].w[wi] : cur.k[u][0].w[wi] >> 4;
+          const uint32_t c = sl < 2 ? cur.k[u][1].w[wi] : cur.k[u][1].w[wi] >> 4;
+          const uint32_t mask = sl & 1 ? 0x000C000Cu : 0x00030003u;
+          cs_mma16816(s[u], fp16_codes(a, mask), fp16_codes(c, mask), fp16_codes(a >> 8, mask),
+                      fp16_codes(c >> 8, mask), qf[wi][sl][0], qf[wi][sl][1]);
+        }
+      }
+    }
+    if (col_next != col) {  // the next step's block: its queries and constant (this step's are used)
+      kscale.load(p, blk_next, h, t);
+      kscale.fold(qh, qf, cblk);
+      col = col_next;
+    }
+    bool ok[2][2];
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+      ok[u][0] = visible(p, start + 16 * u + 2 * g, seq_len);
+      ok[u][1] = visible(p, start + 16 * u + 2 * g + 1, seq_len);
+    }
+    if (sm.tiles(s, ok, o, alpha)) rescale_sums();
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+#pragma unroll
+      for (int gi = 0; gi < NG; ++gi) {
+        const float v0s = ok[u][0] ? cur.vs[u][0][gi] : 0.f, v1s = ok[u][1] ? cur.vs[u][1][gi] : 0.f;
+        const float v0z = ok[u][0] ? cur.vz[u][0][gi] : 0.f, v1z = ok[u][1] ? cur.vz[u][1][gi] : 0.f;
+        const uint32_t top = pack_half2(s[u][0] * v0s, s[u][1] * v0s), bot = pack_half2(s[u][2] * v1s, s[u][3] * v1s);
+        const float2 rt = unpack_half2(top), rb = unpack_half2(bot);
+        psum[gi][0] += rt.x + rb.x;
+        psum[gi][1] += rt.y + rb.y;
+        zacc[gi][0] += s[u][0] * v0z + s[u][2] * v1z;
+        zacc[gi][1] += s[u][1] * v0z + s[u][3] * v1z;
+        const uint32_t pb0 = cs_transpose8x8(top), pb1 = cs_transpose8x8(bot);
+#pragma unroll
+        for (int mb = gi * GP / 8; mb < (gi + 1) * GP / 8; ++mb) {
+#pragma unroll
+          for (int hh = 0; hh < 2; ++hh) {
+            const uint32_t x = hh ? cur.v[u][mb] >> 4 : cur.v[u][mb];
+            cs_mma16816(o[2 * mb + hh], fp16_codes(x, 0x00030003u), fp16_codes(x, 0x000C000Cu),
+                        fp16_codes(x >> 8, 0x00030003u), fp16_codes(x >> 8, 0x000C000Cu), pb0, pb1);
+          }
+        }
+      }
+    }
+    cur = nxt;
+    blk_next = blk_after;
+  }
+
+  // ---- residual steps: fp16 keys and values of the row's window ----
+  const int64_t res_tok = int64_t(p.hkv) * D;  // elements between a window's tokens
+  const int64_t res_base = (int64_t(b) * p.r * p.hkv + h) * D - f_res * res_tok;  // + token * res_tok
+  const uint16_t* rk = reinterpret_cast<const uint16_t*>(p.rk) + res_base;
+  const uint16_t* rv = reinterpret_cast<const uint16_t*>(p.rv) + res_base;
+  for (int i = nq; i < tiles.n; ++i) {
+    const int start = tiles.start(i);
+    float s[2][4];
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+      s[u][0] = s[u][1] = s[u][2] = s[u][3] = 0.f;
+      const uint16_t* k0 = rk + (start + 16 * u + 2 * g) * res_tok;
+#pragma unroll
+      for (int wi = 0; wi < KW; ++wi) {
+#pragma unroll
+        for (int sl = 0; sl < 4; ++sl) {
+          const int d = S::dim(t * CH + 4 * wi, sl);
+          const uint2 a = __ldg(reinterpret_cast<const uint2*>(k0 + d));
+          const uint2 c = __ldg(reinterpret_cast<const uint2*>(k0 + res_tok + d));
+          cs_mma16816(s[u], even_halves(a.x, a.y), even_halves(c.x, c.y), odd_halves(a.x, a.y), odd_halves(c.x, c.y),
+                      qh[wi][sl][0], qh[wi][sl][1]);
+        }
+      }
+    }
+    bool ok[2][2];
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+      ok[u][0] = visible(p, start + 16 * u + 2 * g, seq_len);
+      ok[u][1] = visible(p, start + 16 * u + 2 * g + 1, seq_len);
+    }
+    if (sm.tiles(s, ok, o, alpha)) rescale_sums();
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+      const uint32_t pb0 = cs_transpose8x8(pack_half2(s[u][0], s[u][1]));
+      const uint32_t pb1 = cs_transpose8x8(pack_half2(s[u][2], s[u][3]));
+      const uint16_t* v0 = rv + (start + 16 * u + 4 * t) * res_tok;  // tokens 4t .. 4t + 3
+#pragma unroll
+      for (int mb = 0; mb < MB; ++mb) {
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+          const int da = S::dim(8 * mb + g, 2 * hh), db = da + GP;  // rows g, g + 8
+          auto at = [&](int tok, int d) { return v0[tok * res_tok + d]; };
+          float c[4] = {0.f, 0.f, 0.f, 0.f};
+          cs_mma16816(c, pack_bits(at(0, da), at(2, da)), pack_bits(at(0, db), at(2, db)),
+                      pack_bits(at(1, da), at(3, da)), pack_bits(at(1, db), at(3, db)), pb0, pb1);
+          float(&acc)[4] = o[2 * mb + hh];
+          acc[0] += c[0];
+          acc[1] += c[1];
+          acc[2] += 4.f * c[2];
+          acc[3] += 4.f * c[3];
+        }
+      }
+    }
+  }
+
+  // Head 2t + j: o[mt][j] is dim(8 mb + g, 2 hh), o[mt][2 + j] dim(8 mb + g, 2 hh + 1) (x 4), mt = 2 mb + hh.
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    const float l = xor_sum_g(sm.l[j]);
+    float ps[NG], zs[NG];
+#pragma unroll
+    for (int gi = 0; gi < NG; ++gi) {
+      ps[gi] = 1024.f * xor_sum_g(psum[gi][j]);
+      zs[gi] = xor_sum_g(zacc[gi][j]);
+    }
+    const int head = 2 * t + j;
+    if (head >= p.g) continue;
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    float val[2 * MT];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      const int gi = 8 * (mt >> 1) / GP;
+      val[2 * mt] = ((o[mt][j] - ps[gi]) + zs[gi]) * inv;
+      val[2 * mt + 1] = ((o[mt][2 + j] - ps[gi]) * 0.25f + zs[gi]) * inv;
+    }
+    store_head<D / 8>(p, b, h, split, head, val, sm.m[j], l, g, [&](int e) {
+      const int mt = e >> 1;
+      return S::dim(8 * (mt >> 1) + g, 2 * (mt & 1) + (e & 1));
+    });
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
 
 #ifdef CS_EMULATE
 template <class Kernel>
@@ -650,12 +1015,17 @@ int launch(Kernel kernel, const DecodeParams& p, int rows, int warps, void* stre
 
 using KernelFn = void (*)(DecodeParams);
 
-// kind: 1 fp8, 2 int8, 3 int4; d: 64 or 128; group: int4's group size (32 or 64).
+// kind: 1 fp8, 2 int8, 3 int4, 4 kivi2; d: 64 or 128; group: int4's (32, 64) or kivi2's (32 to 128).
 KernelFn select(int kind, int d, int group) {
   if (kind == 1) return d == 128 ? decode8_kernel<128, 1> : d == 64 ? decode8_kernel<64, 1> : nullptr;
   if (kind == 2) return d == 128 ? decode8_kernel<128, 2> : d == 64 ? decode8_kernel<64, 2> : nullptr;
   if (kind == 3 && d == 128) return group == 64 ? decode4_kernel<128, 32> : group == 32 ? decode4_kernel<128, 16> : nullptr;
   if (kind == 3 && d == 64) return group == 64 ? decode4_kernel<64, 32> : group == 32 ? decode4_kernel<64, 16> : nullptr;
+  if (kind == 4 && d == 128) {
+    return group == 32 ? decode2_kernel<128, 8> : group == 64 ? decode2_kernel<128, 16>
+         : group == 128 ? decode2_kernel<128, 32> : nullptr;
+  }
+  if (kind == 4 && d == 64) return group == 32 ? decode2_kernel<64, 8> : group == 64 ? decode2_kernel<64, 16> : nullptr;
   return nullptr;
 }
 

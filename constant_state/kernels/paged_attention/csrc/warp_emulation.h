@@ -201,6 +201,8 @@ inline uint32_t cs_transpose8x8(uint32_t x) {
 
 inline float cs_exp2(float x) { return std::exp2(x); }
 
+inline void cs_prefetch_l1(const void*) {}
+
 // cvt.rn.f16x2.e4m3x2 of the 16-bit x: low byte -> low half.
 inline uint32_t cs_e4m3x2_to_f16x2(uint32_t x) {
   const __half2 h = __floats2half2_rn(cs_emu::e4m3(x & 0xff), cs_emu::e4m3((x >> 8) & 0xff));
