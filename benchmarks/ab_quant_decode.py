@@ -12,7 +12,7 @@ Each argument is a format followed by ``:``-separated switches:
 - ``sN``: N splits over the context (default: the launch heuristic);
 - ``cuda`` / ``triton``: the quantized decode backend (``decode.DECODE_BACKEND``; default: the
   ``CONSTANT_STATE_DECODE`` setting, ``triton`` if unset): the CUDA warp-per-split kernel of
-  ``cuda_decode`` (fp8, int8, int4) or the Triton one;
+  ``cuda_decode`` (fp8, int8, int4, kivi2) or the Triton one;
 - ``BLOCK_N,warps,stages[,maxnreg]``: a tile config.
 
 ``sdpa`` alone is the baseline of the same run: ``scaled_dot_product_attention`` on a contiguous bf16 cache.

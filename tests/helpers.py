@@ -83,3 +83,56 @@ def save_tiny_hf(tmp_path: Path, model_type: str, seed: int = 0, **overrides):
     d = tmp_path / model_type
     model.save_pretrained(d)
     return d, model
+
+
+def kivi2_decode_case(lens, gqa, d, bs, group=64, residual=128, window=None, sinks=0, qdtype=torch.bfloat16,
+                      hkv=2, seed=0, device="cpu"):
+    """A kivi2 decode problem: random codes and scales in every block first (masked tokens are not
+    zeros), then each row written through the storage (groups of R tokens flushed into its blocks, the
+    newest tokens in its fp16 residual window). Returns the ``decode.paged_attention`` arguments as a
+    dict (``q, cache, block_tables, seq_lens, scale, sliding_window, sinks, res_k, res_v``) and the
+    reference output on the dequantized cache."""
+    from constant_state.cache.formats import get_format
+    from constant_state.cache.quant import kivi_name
+    from constant_state.kernels.paged_attention.ref import quant_paged_attention_ref
+
+    gen = torch.Generator().manual_seed(seed)
+    fmt = get_format(kivi_name(group, residual))
+    b, m = len(lens), -(-max(lens) // bs) + 1
+    n = b * m + 5
+    st = fmt.make_storage(n, bs, hkv, d, device)
+    c = st.cache
+    for x in (c.k, c.v):
+        x.copy_(torch.randint(0, 256, x.shape, generator=gen))
+    for x in (c.k_scale, c.v_scale):
+        x.copy_(torch.rand(x.shape, generator=gen) * 0.5 + 0.05)
+    for x in (c.k_zero, c.v_zero):
+        x.copy_(torch.randn(x.shape, generator=gen))
+    rows = fmt.row_tensors(b, hkv, d, device)
+    res_k, res_v = rows["res_k"], rows["res_v"]
+    bt = torch.randperm(n, generator=gen)[:b * m].view(b, m).int().to(device)
+    for i, length in enumerate(lens):
+        k, v = (torch.randn(1, length, hkv, d, generator=gen).to(device) for _ in range(2))
+        slots = (bt[i:i + 1].long()[:, :, None] * bs + torch.arange(bs, device=device)).view(1, -1)[:, :length]
+        st.write(k, v, slots, seq_lens=torch.tensor([length], device=device), block_tables=bt[i:i + 1],
+                 res_k=res_k[i:i + 1], res_v=res_v[i:i + 1])
+    q = torch.randn(b, 1, hkv * gqa, d, generator=gen).to(device, qdtype)
+    seq = torch.tensor(lens, dtype=torch.int32, device=device)
+    args = dict(q=q, cache=c, block_tables=bt, seq_lens=seq, scale=d ** -0.5, sliding_window=window, sinks=sinks,
+                res_k=res_k, res_v=res_v)
+    ref = quant_paged_attention_ref(q.float(), c, bt, seq, d ** -0.5, window, res_k, res_v, sinks=sinks)
+    return args, ref
+
+
+# kivi2 decode cases of the CUDA kernel (emulated on the CPU, and on the GPU): blocks of 32 or 64 tokens.
+KIVI2_DECODE_CASES = [
+    dict(lens=[300, 65, 128], gqa=4, d=128, bs=32),  # 44 residual tokens; only residual ones; none
+    dict(lens=[300, 65, 128], gqa=4, d=128, bs=32, qdtype=torch.float16),
+    dict(lens=[500, 200], gqa=8, d=64, bs=64, group=32, num_splits=5),
+    dict(lens=[600, 97], gqa=2, d=128, bs=32, group=128, residual=64, window=100, sinks=4),
+    dict(lens=[600, 270], gqa=5, d=128, bs=32, group=32, window=200),
+    dict(lens=[40], gqa=1, d=64, bs=32, num_splits=1, hkv=1),
+    dict(lens=[1000], gqa=4, d=128, bs=64, num_splits=3),
+]
+KIVI2_DECODE_IDS = ["residual-mixes", "fp16-queries", "d64-g32-splits5", "g128-r64-sinks-window",
+                    "g32-gqa5-window", "residual-only-mha", "bs64-splits3"]

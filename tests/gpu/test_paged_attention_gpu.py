@@ -8,6 +8,7 @@ and a pool large enough that element offsets overflow 32 bits.
 
 import pytest
 import torch
+from helpers import KIVI2_DECODE_CASES, KIVI2_DECODE_IDS, kivi2_decode_case
 
 from constant_state.cache.formats import get_format
 from constant_state.kernels.paged_attention.ref import QuantKV, paged_attention_ref, quant_paged_attention_ref
@@ -122,6 +123,21 @@ def test_cuda_decode(fmt, case):
     run_case(fmt, 1, backend="cuda", **case)
 
 
+@pytest.mark.parametrize("case", KIVI2_DECODE_CASES, ids=KIVI2_DECODE_IDS)
+def test_cuda_decode_kivi2(case, monkeypatch):
+    """kivi2 on the CUDA decode kernel (residual windows, group sizes 32-128, windows and sinks, splits)."""
+    from constant_state.kernels.paged_attention import decode
+
+    _need_cuda_decode()
+    monkeypatch.setattr(decode, "DECODE_BACKEND", "cuda")
+    case = dict(case)
+    num_splits = case.pop("num_splits", None)
+    args, ref = kivi2_decode_case(**case, device="cuda")
+    out = decode.paged_attention(**args, num_splits=num_splits)
+    err = (out.float() - ref).abs().max().item()
+    assert err <= TIGHT, f"kivi2 CUDA decode vs reference on the dequantized cache {err:.3e}"
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("t, lens, window", [(37, [37, 100], None), (129, [1000, 129], None), (63, [500, 70], 48)])
 def test_prefill(fmt, t, lens, window):
@@ -216,16 +232,22 @@ def test_generate_on_gpu(fmt):
     assert (a.float() - b.float()).abs().max().item() <= 0.1
 
 
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("gqa", [1, 4, 8])
 @pytest.mark.parametrize("d", [64, 128])
-def test_kivi2(gqa, d):
+def test_kivi2(gqa, d, backend, monkeypatch):
     """KIVI 2-bit: a 1500-token prefill then decode steps across a flush, kernels vs the reference
-    path (bit-equal blocks and residual windows; attention tight) and vs full precision (loose)."""
+    path (bit-equal blocks and residual windows; attention tight) and vs full precision (loose).
+    ``cuda``: decode steps on the CUDA decode kernel (blocks of 32 tokens)."""
     from constant_state.cache.quant import kivi_name
+    from constant_state.kernels.paged_attention import decode
     from constant_state.kernels.paged_attention.ref import paged_attention_ref
 
+    if backend == "cuda":
+        _need_cuda_decode()
+    monkeypatch.setattr(decode, "DECODE_BACKEND", backend)
     fmt = get_format(kivi_name(64, 128))
-    hkv, bs, b = 2, 16, 3
+    hkv, bs, b = 2, 32 if backend == "cuda" else 16, 3
     m = 2048 // bs
     n_blocks = b * m + 11
     gen = torch.Generator().manual_seed(0)

@@ -2,14 +2,14 @@
 compiler against csrc/warp_emulation.h (each lane a thread, mma.sync / movmatrix / shuffles / the fp8
 conversion emulated per the PTX ISA), launched with the same parameter block as on the GPU, and
 compared with the reference on the dequantized cache. This checks the kernels' index mapping, masks,
-splits, scales, offsets and kivi2's residual windows in CI; the GPU tests (tests/gpu/test_paged_attention_gpu.py) check the
-hardware itself."""
+splits, scales, offsets and kivi2's residual windows in CI; the GPU tests
+(tests/gpu/test_paged_attention_gpu.py) check the hardware itself."""
 
 import pytest
 import torch
+from helpers import KIVI2_DECODE_CASES, KIVI2_DECODE_IDS, kivi2_decode_case
 
 from constant_state.cache.formats import get_format
-from constant_state.cache.quant import kivi_name
 from constant_state.kernels.paged_attention import cuda_decode
 from constant_state.kernels.paged_attention.decode import _cache_args
 from constant_state.kernels.paged_attention.ref import merge_splits_ref, quant_paged_attention_ref, quant_write_ref
@@ -72,49 +72,13 @@ def test_merge_splits_ref_weights_by_max_and_sum():
     torch.testing.assert_close(out, torch.tensor([[1 / 3, 2 / 3]]))
 
 
-def run_kivi2(lens, gqa, d, bs, group=64, residual=128, window=None, sinks=0, qdtype=torch.bfloat16,
-              num_splits=None, hkv=2, seed=0):
-    """kivi2: random codes and scales in every block first, then each row written through the storage
-    (quantized groups flushed into its blocks, the newest tokens in its fp16 residual window)."""
-    gen = torch.Generator().manual_seed(seed)
-    fmt = get_format(kivi_name(group, residual))
-    b, m = len(lens), -(-max(lens) // bs) + 1
-    n = b * m + 5
-    st = fmt.make_storage(n, bs, hkv, d, "cpu")
-    c = st.cache
-    for x in (c.k, c.v):
-        x.copy_(torch.randint(0, 256, x.shape, generator=gen))
-    for x in (c.k_scale, c.v_scale):
-        x.copy_(torch.rand(x.shape, generator=gen) * 0.5 + 0.05)
-    for x in (c.k_zero, c.v_zero):
-        x.copy_(torch.randn(x.shape, generator=gen))
-    rows = fmt.row_tensors(b, hkv, d, "cpu")
-    res_k, res_v = rows["res_k"], rows["res_v"]
-    bt = torch.randperm(n, generator=gen)[:b * m].view(b, m).int()
-    for i, length in enumerate(lens):
-        k, v = (torch.randn(1, length, hkv, d, generator=gen) for _ in range(2))
-        slots = (bt[i:i + 1].long()[:, :, None] * bs + torch.arange(bs)).view(1, -1)[:, :length]
-        st.write(k, v, slots, seq_lens=torch.tensor([length]), block_tables=bt[i:i + 1],
-                 res_k=res_k[i:i + 1], res_v=res_v[i:i + 1])
-    q = torch.randn(b, 1, hkv * gqa, d, generator=gen).to(qdtype)
-    seq = torch.tensor(lens, dtype=torch.int32)
-    kind, _, grp, tensors = _cache_args(c)
-    out = cuda_decode.decode_emulated(q, kind, grp, tensors, bt, seq, d ** -0.5, window, sinks, num_splits,
-                                      res_k, res_v)
-    ref = quant_paged_attention_ref(q.float(), c, bt, seq, d ** -0.5, window, res_k, res_v, sinks=sinks)
-    err = (out.float() - ref).abs().max().item()
-    assert err <= TIGHT[qdtype], f"kivi2: emulated CUDA kernel vs reference {err:.3e}"
-
-
-@pytest.mark.parametrize("case", [
-    dict(lens=[300, 65, 128], gqa=4, d=128, bs=32),  # 44 residual tokens; only residual; none
-    dict(lens=[300, 65, 128], gqa=4, d=128, bs=32, qdtype=torch.float16),
-    dict(lens=[500, 200], gqa=8, d=64, bs=64, group=32, num_splits=5),
-    dict(lens=[600, 97], gqa=2, d=128, bs=32, group=128, residual=64, window=100, sinks=4),
-    dict(lens=[600, 270], gqa=5, d=128, bs=32, group=32, window=200),
-    dict(lens=[40], gqa=1, d=64, bs=32, num_splits=1, hkv=1),
-    dict(lens=[1000], gqa=4, d=128, bs=64, num_splits=3),
-], ids=["residual-mixes", "fp16-queries", "d64-g32-splits5", "g128-r64-sinks-window", "g32-gqa5-window",
-        "residual-only-mha", "bs64-splits3"])
+@pytest.mark.parametrize("case", KIVI2_DECODE_CASES, ids=KIVI2_DECODE_IDS)
 def test_emulated_cuda_decode_kivi2(case):
-    run_kivi2(**case)
+    case = dict(case)
+    num_splits = case.pop("num_splits", None)
+    a, ref = kivi2_decode_case(**case)
+    kind, _, group, tensors = _cache_args(a["cache"])
+    out = cuda_decode.decode_emulated(a["q"], kind, group, tensors, a["block_tables"], a["seq_lens"], a["scale"],
+                                      a["sliding_window"], a["sinks"], num_splits, a["res_k"], a["res_v"])
+    err = (out.float() - ref).abs().max().item()
+    assert err <= TIGHT[a["q"].dtype], f"kivi2: emulated CUDA kernel vs reference {err:.3e}"

@@ -1,4 +1,4 @@
-"""CUDA decode attention over quantized paged blocks (fp8, int8, int4): a warp per split of the context.
+"""CUDA decode attention over quantized paged blocks (fp8, int8, int4, kivi2): a warp per split of the context.
 
 The Triton decode kernels stream at most about 3 TB/s on 8-bit codes and 2 TB/s on int4 on the H200
 (docs/benchmarks.md): their tile loop synchronises the warps of a program at every tile and stages
