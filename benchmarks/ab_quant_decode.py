@@ -13,6 +13,7 @@ Each argument is a format followed by ``:``-separated switches:
 - ``cuda`` / ``triton``: the quantized decode backend (``decode.DECODE_BACKEND``; default: the
   ``CONSTANT_STATE_DECODE`` setting, ``triton`` if unset): the CUDA warp-per-split kernel of
   ``cuda_decode`` (fp8, int8, int4, kivi2) or the Triton one;
+- ``pf``: the CUDA kernel's variant that prefetches the tile two ahead into L2 (``cuda_decode.PREFETCH``);
 - ``BLOCK_N,warps,stages[,maxnreg]``: a tile config.
 
 ``sdpa`` alone is the baseline of the same run: ``scaled_dot_product_attention`` on a contiguous bf16 cache.
@@ -30,7 +31,7 @@ import torch
 from bench_kv_decode import D, HKV, HQ, backend_of, bench_graph, block_size, print_rows, random_storage
 
 from constant_state.cache.formats import get_format
-from constant_state.kernels.paged_attention import decode_quant
+from constant_state.kernels.paged_attention import cuda_decode, decode_quant
 from constant_state.kernels.paged_attention.decode import paged_attention
 from constant_state.kernels.paged_attention.ref import token_contiguous
 
@@ -57,7 +58,7 @@ def run_variant(spec: str, batch: int, ctx: int, q: torch.Tensor, seq: torch.Ten
         nv = (token_contiguous(*v.shape, v.dtype, v.device) if "vt" in switches
               else torch.empty(v.shape, dtype=v.dtype, device=v.device))
         st.cache.v = nv.copy_(v)
-    saved = (decode_quant.OFFSET_KEYS, decode_quant.OFFSET_VALUES, decode_quant.ASM_FORMATS)
+    saved = (decode_quant.OFFSET_KEYS, decode_quant.OFFSET_VALUES, decode_quant.ASM_FORMATS, cuda_decode.PREFETCH)
     backend = next((s for s in switches if s in ("cuda", "triton")), "")
     if "nooff" in switches:
         decode_quant.OFFSET_KEYS, decode_quant.OFFSET_VALUES = set(), set()
@@ -65,6 +66,7 @@ def run_variant(spec: str, batch: int, ctx: int, q: torch.Tensor, seq: torch.Ten
         decode_quant.OFFSET_VALUES = decode_quant.OFFSET_VALUES | {kind}
     if "noptx" in switches:
         decode_quant.ASM_FORMATS = {}
+    cuda_decode.PREFETCH = int("pf" in switches)
     cfgs = [s for s in switches if "," in s]
     cfg = tuple(int(x) for x in cfgs[0].split(",")) if cfgs else None
     splits = [int(s[1:]) for s in switches if re.fullmatch(r"s\d+", s)]
@@ -74,7 +76,7 @@ def run_variant(spec: str, batch: int, ctx: int, q: torch.Tensor, seq: torch.Ten
         with backend_of(f"{fmt}:{backend}"):
             us = bench_graph(lambda: paged_attention(q, st.cache, bt, seq, D ** -0.5, config=cfg, **extra))
     finally:
-        decode_quant.OFFSET_KEYS, decode_quant.OFFSET_VALUES, decode_quant.ASM_FORMATS = saved
+        decode_quant.OFFSET_KEYS, decode_quant.OFFSET_VALUES, decode_quant.ASM_FORMATS, cuda_decode.PREFETCH = saved
     nbytes = batch * m * get_format(fmt).page_bytes(bs, HKV, D)
     return dict(variant=spec, batch=batch, context=ctx, us=us, tb_s=nbytes / us / 1e6)
 

@@ -61,8 +61,23 @@ def test_emulated_cuda_decode(fmt, case):
     run(fmt, **case)
 
 
+@pytest.mark.parametrize("fmt", ["fp8", "int4"])
+def test_emulated_prefetch_variant(fmt, monkeypatch):
+    """The variant that prefetches two tiles ahead (cuda_decode.PREFETCH) computes the same."""
+    monkeypatch.setattr(cuda_decode, "PREFETCH", 1)
+    run(fmt, [300, 65, 70], 4, 128, 16, window=100, sinks=4)
+
+
+def test_emulated_prefetch_variant_kivi2(monkeypatch):
+    monkeypatch.setattr(cuda_decode, "PREFETCH", 1)
+    case = dict(KIVI2_DECODE_CASES[0])
+    test_emulated_cuda_decode_kivi2(case)
+
+
 def test_unknown_kernel_is_an_error(emulated):
-    assert emulated.cs_decode(None, 9, 128, 0, 1, 4, 0, None) == 1  # cudaErrorInvalidValue
+    params = cuda_decode._Params()
+    assert emulated.cs_decode(params, 9, 128, 0, 1, 4, 0, None) == 1  # cudaErrorInvalidValue
+    assert emulated.cs_decode(None, 1, 128, 0, 1, 4, 0, None) == 1
 
 
 def test_merge_splits_ref_weights_by_max_and_sum():

@@ -6,7 +6,7 @@ the tiles through shared memory. ``csrc/paged_decode.cu`` gives each warp its ow
 and output partial, reads the codes from global memory straight into the tensor-core operand
 registers, and needs no shared memory or barrier in its loop (layouts at the top of the file).
 
-The source is compiled at first use by ``nvcc`` for the device's architecture (about 3 s) into
+The source is compiled at first use by ``nvcc`` for the device's architecture (about 10 s) into
 ``$CONSTANT_STATE_CACHE`` (default ``~/.cache/constant_state``), written atomically and keyed by a
 hash of the source, the architecture and nvcc's version, and called through ``ctypes`` on torch's
 current CUDA stream (CUDA-graph capturable). Without nvcc, or below compute capability 8.9 (the
@@ -37,6 +37,9 @@ HEAD_DIMS = (64, 128)
 MAX_GROUP = 8  # query heads per KV head: the 8 columns of the tensor-core tile
 TILE = 16  # tokens per warp step (kivi2: STEPS)
 STEPS = {"kivi2": 32}
+# 1: each warp also prefetches the codes and scales of the tile two ahead into L2 (one prefetch per load;
+# no registers). Off until measured on the H200 (benchmarks/ab_quant_decode.py switch ``pf``).
+PREFETCH = int(os.environ.get("CONSTANT_STATE_DECODE_PREFETCH", "0"))
 WARPS = 4  # warps (splits) per block: the kernels' __launch_bounds__(128, 3) in paged_decode.cu
 
 
@@ -46,7 +49,7 @@ class _Params(ctypes.Structure):
                 + [(n, ctypes.c_int64) for n in ("k_sb", "k_st", "k_sh", "v_sb", "v_st", "v_sh",
                                                   "ks_sb", "ks_st", "ks_sh", "vs_sb", "vs_st", "vs_sh", "v_sc")]
                 + [(n, ctypes.c_int32) for n in ("hq", "hkv", "g", "m", "bs", "window", "sinks", "has_window",
-                                                  "splits", "chunk", "q_bf16", "r")]
+                                                  "splits", "chunk", "q_bf16", "r", "prefetch")]
                 + [("scale_log2", ctypes.c_float)])
 
 
@@ -121,7 +124,7 @@ def build_emulated(cxx: str | None = None) -> Path:
 def _load(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     lib.cs_decode.argtypes = [ctypes.POINTER(_Params)] + [ctypes.c_int] * 6 + [ctypes.c_void_p]
-    lib.cs_decode_occupancy.argtypes = [ctypes.c_int] * 5 + [ctypes.POINTER(ctypes.c_int)]
+    lib.cs_decode_occupancy.argtypes = [ctypes.c_int] * 6 + [ctypes.POINTER(ctypes.c_int)]
     if lib.cs_decode_params_size() != ctypes.sizeof(_Params):
         raise RuntimeError(f"{SOURCE.name} and cuda_decode._Params disagree on the parameter layout")
     return lib
@@ -185,11 +188,11 @@ def supports(kind: str, group: int, q: torch.Tensor, k: torch.Tensor, v: torch.T
 
 
 @functools.lru_cache(maxsize=64)
-def warp_slots(kind: str, d: int, group: int, device_index: int) -> int:
+def warp_slots(kind: str, d: int, group: int, device_index: int, prefetch: int = 0) -> int:
     """Warps resident on the whole GPU at once (CUDA occupancy calculator x SMs x warps per block)."""
     lib = _library(_arch(torch.device("cuda", device_index)))
     blocks = ctypes.c_int(0)
-    err = lib.cs_decode_occupancy(KINDS[kind], d, group, WARPS, device_index, ctypes.byref(blocks))
+    err = lib.cs_decode_occupancy(KINDS[kind], d, group, prefetch, WARPS, device_index, ctypes.byref(blocks))
     if err:
         raise RuntimeError(f"cudaOccupancyMaxActiveBlocksPerMultiprocessor failed ({err})")
     sms = torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -219,7 +222,7 @@ def _params(q, kind, group, tensors, block_tables, seq_lens, scale, sliding_wind
                 seq_lens.data_ptr(), res[0], res[1], k.stride(0), k.stride(1), k.stride(2), v.stride(0),
                 v.stride(1), v.stride(2), *kstr, vs.stride(0), vs.stride(1), vs.stride(2), v.stride(3),
                 hq, hkv, hq // hkv, m, bs, sliding_window or 0, sinks, sliding_window is not None,
-                num_splits, chunk, q.dtype == torch.bfloat16, res[2], scale * 1.4426950408889634)
+                num_splits, chunk, q.dtype == torch.bfloat16, res[2], PREFETCH, scale * 1.4426950408889634)
     return p, out, part, ml, num_splits
 
 
@@ -232,7 +235,7 @@ def decode(q, kind, group, tensors, block_tables, seq_lens, scale, sliding_windo
 
     d, dev = q.shape[-1], q.device.index or 0
     p, out, part, ml, splits = _params(q, kind, group, tensors, block_tables, seq_lens, scale, sliding_window,
-                                       sinks, num_splits, lambda: warp_slots(kind, d, group, dev), res_k, res_v)
+                                       sinks, num_splits, lambda: warp_slots(kind, d, group, dev, PREFETCH), res_k, res_v)
     err = _library(_arch(q.device)).cs_decode(ctypes.byref(p), KINDS[kind], d, group, q.shape[0], WARPS, dev,
                                              torch.cuda.current_stream(q.device).cuda_stream)
     if err:

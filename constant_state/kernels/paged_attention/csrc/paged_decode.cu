@@ -56,6 +56,7 @@ struct DecodeParams {
   int32_t splits, chunk;  // chunk: tokens per split, a multiple of 16
   int32_t q_bf16;
   int32_t r;          // kivi2: residual window R
+  int32_t prefetch;   // 1: codes and scales of the tile two ahead prefetched into L2 (cuda_decode.PREFETCH)
   float scale_log2;
 };
 
@@ -87,6 +88,10 @@ __device__ __forceinline__ float cs_exp2(float x) {
 
 __device__ __forceinline__ void cs_prefetch_l1(const void* ptr) {
   asm volatile("prefetch.global.L1 [%0];" : : "l"(ptr));
+}
+
+__device__ __forceinline__ void cs_prefetch_l2(const void* ptr) {
+  asm volatile("prefetch.global.L2 [%0];" : : "l"(ptr));
 }
 
 // Two fp8 e4m3 codes (low 16 bits of x) to an fp16 pair, low byte to low half.
@@ -177,6 +182,23 @@ template <int N> struct Halves {  // N consecutive fp16 of one load
   }
   __device__ __forceinline__ float operator[](int i) const { return __half2float(h[i]); }
 };
+
+// fetch<PF>(dst, src): dst loaded from src, or (PF) src only prefetched into L2 (dst untouched), so that
+// one load() serves the tile's loads and its prefetch two tiles ahead.
+template <int NW> __device__ __forceinline__ void load_into(Words<NW>& dst, const uint8_t* src) { dst.load(src); }
+template <int N> __device__ __forceinline__ void load_into(Halves<N>& dst, const __half* src) { dst.load(src); }
+__device__ __forceinline__ void load_into(uint32_t& dst, const uint8_t* src) {
+  dst = __ldg(reinterpret_cast<const uint32_t*>(src));
+}
+__device__ __forceinline__ void load_into(__half& dst, const __half* src) { dst = src[0]; }
+
+template <bool PF, class T, class P> __device__ __forceinline__ void fetch(T& dst, const P* src) {
+  if constexpr (PF) {
+    cs_prefetch_l2(src);
+  } else {
+    load_into(dst, src);
+  }
+}
 
 // The steps of STEP tokens of one split: [lo, a_hi) then [b_lo, hi). With a sliding window the first
 // range holds the sink tokens and the second starts at the window's first step (steps between are
@@ -342,25 +364,26 @@ template <int D> struct Tile8 {
   Words<D / 32> v[4];    // value bytes [g D/8, (g+1) D/8) of tokens 2t, 2t+1, 2t+8, 2t+9
   __half ks0, ks1, vs0, vs1;  // scales of tokens g, g+8
 
+  template <bool PF = false>
   __device__ __forceinline__ void load(const DecodeParams& p, int h, int64_t blk, int tb, int g, int t) {
     const uint8_t* kb = p.k + blk * p.k_sb + h * p.k_sh + t * (D / 4);
-    k0.load(kb + (tb + g) * p.k_st);
-    k1.load(kb + (tb + g + 8) * p.k_st);
+    fetch<PF>(k0, kb + (tb + g) * p.k_st);
+    fetch<PF>(k1, kb + (tb + g + 8) * p.k_st);
     const uint8_t* vb = p.v + blk * p.v_sb + h * p.v_sh + g * (D / 8);
-    v[0].load(vb + (tb + 2 * t) * p.v_st);
-    v[1].load(vb + (tb + 2 * t + 1) * p.v_st);
-    v[2].load(vb + (tb + 2 * t + 8) * p.v_st);
-    v[3].load(vb + (tb + 2 * t + 9) * p.v_st);
+    fetch<PF>(v[0], vb + (tb + 2 * t) * p.v_st);
+    fetch<PF>(v[1], vb + (tb + 2 * t + 1) * p.v_st);
+    fetch<PF>(v[2], vb + (tb + 2 * t + 8) * p.v_st);
+    fetch<PF>(v[3], vb + (tb + 2 * t + 9) * p.v_st);
     const __half* ksp = p.ks + blk * p.ks_sb + h * p.ks_sh;
     const __half* vsp = p.vs + blk * p.vs_sb + h * p.vs_sh;
-    ks0 = ksp[(tb + g) * p.ks_st];
-    ks1 = ksp[(tb + g + 8) * p.ks_st];
-    vs0 = vsp[(tb + g) * p.vs_st];
-    vs1 = vsp[(tb + g + 8) * p.vs_st];
+    fetch<PF>(ks0, ksp + (tb + g) * p.ks_st);
+    fetch<PF>(ks1, ksp + (tb + g + 8) * p.ks_st);
+    fetch<PF>(vs0, vsp + (tb + g) * p.vs_st);
+    fetch<PF>(vs1, vsp + (tb + g + 8) * p.vs_st);
   }
 };
 
-template <int D, int KIND>
+template <int D, int KIND, bool PF>
 __global__ void __launch_bounds__(128, 3) decode8_kernel(const DecodeParams p) {
   using C = Codes8<KIND>;
   constexpr int KW = D / 16;  // k-steps = key words per thread and token
@@ -402,6 +425,7 @@ __global__ void __launch_bounds__(128, 3) decode8_kernel(const DecodeParams p) {
     const int start = tiles.start(i);
     const int blk_after = i + 2 < tiles.n ? bt_row[tiles.start(i + 2) / p.bs] : 0;
     if (i + 1 < tiles.n) nxt.load(p, h, blk_next, tiles.start(i + 1) % p.bs, g, t);
+    if (PF && i + 2 < tiles.n) nxt.template load<true>(p, h, blk_after, tiles.start(i + 2) % p.bs, g, t);
 
     float s[4] = {0.f, 0.f, 0.f, 0.f};  // S^T rows tokens g, g+8; columns heads 2t, 2t+1
 #pragma unroll
@@ -483,29 +507,30 @@ template <int D, int GP> struct Tile4 {
   uint32_t v[S::MT];                  // value byte 8 mi + g, tokens 4t..4t+3
   Halves<S::NG> ks0, ks1, kz0, kz1, vs0, vs1, vz0, vz1;
 
+  template <bool PF = false>
   __device__ __forceinline__ void load(const DecodeParams& p, int h, int64_t blk, int tb, int r0, int g, int t) {
     const uint8_t* kb = p.k + blk * p.k_sb + h * p.k_sh + t * (GP / 4);
 #pragma unroll
     for (int gi = 0; gi < S::NG; ++gi) {
-      k0[gi].load(kb + (tb + r0) * p.k_st + gi * GP);
-      k1[gi].load(kb + (tb + r0 + 1) * p.k_st + gi * GP);
+      fetch<PF>(k0[gi], kb + (tb + r0) * p.k_st + gi * GP);
+      fetch<PF>(k1[gi], kb + (tb + r0 + 1) * p.k_st + gi * GP);
     }
     const uint8_t* vb = p.v + blk * p.v_sb + h * p.v_sh + (tb + 4 * t) * p.v_st + g * p.v_sc;
 #pragma unroll
-    for (int mi = 0; mi < S::MT; ++mi) v[mi] = __ldg(reinterpret_cast<const uint32_t*>(vb + 8 * mi * p.v_sc));
+    for (int mi = 0; mi < S::MT; ++mi) fetch<PF>(v[mi], vb + 8 * mi * p.v_sc);
     const int64_t k_off = blk * p.ks_sb + h * p.ks_sh, v_off = blk * p.vs_sb + h * p.vs_sh;
-    ks0.load(p.ks + k_off + (tb + r0) * p.ks_st);
-    ks1.load(p.ks + k_off + (tb + r0 + 1) * p.ks_st);
-    kz0.load(p.kz + k_off + (tb + r0) * p.ks_st);
-    kz1.load(p.kz + k_off + (tb + r0 + 1) * p.ks_st);
-    vs0.load(p.vs + v_off + (tb + r0) * p.vs_st);
-    vs1.load(p.vs + v_off + (tb + r0 + 1) * p.vs_st);
-    vz0.load(p.vz + v_off + (tb + r0) * p.vs_st);
-    vz1.load(p.vz + v_off + (tb + r0 + 1) * p.vs_st);
+    fetch<PF>(ks0, p.ks + k_off + (tb + r0) * p.ks_st);
+    fetch<PF>(ks1, p.ks + k_off + (tb + r0 + 1) * p.ks_st);
+    fetch<PF>(kz0, p.kz + k_off + (tb + r0) * p.ks_st);
+    fetch<PF>(kz1, p.kz + k_off + (tb + r0 + 1) * p.ks_st);
+    fetch<PF>(vs0, p.vs + v_off + (tb + r0) * p.vs_st);
+    fetch<PF>(vs1, p.vs + v_off + (tb + r0 + 1) * p.vs_st);
+    fetch<PF>(vz0, p.vz + v_off + (tb + r0) * p.vs_st);
+    fetch<PF>(vz1, p.vz + v_off + (tb + r0 + 1) * p.vs_st);
   }
 };
 
-template <int D, int GP>
+template <int D, int GP, bool PF>
 __global__ void __launch_bounds__(128, 3) decode4_kernel(const DecodeParams p) {
   using S = Int4Shape<D, GP>;
   constexpr int NG = S::NG, CW = S::CW, MT = S::MT;
@@ -579,6 +604,7 @@ __global__ void __launch_bounds__(128, 3) decode4_kernel(const DecodeParams p) {
     const int start = tiles.start(i);
     const int blk_after = i + 2 < tiles.n ? bt_row[tiles.start(i + 2) / p.bs] : 0;
     if (i + 1 < tiles.n) nxt.load(p, h, blk_next, tiles.start(i + 1) % p.bs, r0, g, t);
+    if (PF && i + 2 < tiles.n) nxt.template load<true>(p, h, blk_after, tiles.start(i + 2) % p.bs, r0, g, t);
 
     float sg[NG][4];
 #pragma unroll
@@ -707,6 +733,7 @@ template <int D, int GP> struct Step2 {  // one 32-token step of quantized codes
   uint32_t v[2][S::MB];              // [tile][byte block]: byte 8 mb + g of tokens 4t..4t+3
   Halves<S::NG> vs[2][2], vz[2][2];  // [tile][row]
 
+  template <bool PF = false>
   __device__ __forceinline__ void load(const DecodeParams& p, int h, int64_t blk, int tb, int g, int t) {
     const uint8_t* kb = p.k + blk * p.k_sb + h * p.k_sh + t * S::CH;
     const int64_t v_off = blk * p.vs_sb + h * p.vs_sh;
@@ -715,13 +742,13 @@ template <int D, int GP> struct Step2 {  // one 32-token step of quantized codes
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const int tok = tb + 16 * u + 2 * g + r;
-        k[u][r].load(kb + tok * p.k_st);
-        vs[u][r].load(p.vs + v_off + tok * p.vs_st);
-        vz[u][r].load(p.vz + v_off + tok * p.vs_st);
+        fetch<PF>(k[u][r], kb + tok * p.k_st);
+        fetch<PF>(vs[u][r], p.vs + v_off + tok * p.vs_st);
+        fetch<PF>(vz[u][r], p.vz + v_off + tok * p.vs_st);
       }
       const uint8_t* vb = p.v + blk * p.v_sb + h * p.v_sh + (tb + 16 * u + 4 * t) * p.v_st + g * p.v_sc;
 #pragma unroll
-      for (int mb = 0; mb < S::MB; ++mb) v[u][mb] = __ldg(reinterpret_cast<const uint32_t*>(vb + 8 * mb * p.v_sc));
+      for (int mb = 0; mb < S::MB; ++mb) fetch<PF>(v[u][mb], vb + 8 * mb * p.v_sc);
     }
   }
 };
@@ -784,7 +811,7 @@ template <int D, int GP> struct KeyScales {  // a block's channel scales and zer
 
 __device__ __forceinline__ uint32_t pack_bits(uint16_t lo, uint16_t hi) { return uint32_t(lo) | (uint32_t(hi) << 16); }
 
-template <int D, int GP>
+template <int D, int GP, bool PF>
 __global__ void __launch_bounds__(128, Kivi2Shape<D, GP>::MIN_BLOCKS) decode2_kernel(const DecodeParams p) {
   using S = Kivi2Shape<D, GP>;
   constexpr int NG = S::NG, CH = S::CH, KW = S::KW, MB = S::MB, MT = S::MT;
@@ -854,6 +881,7 @@ __global__ void __launch_bounds__(128, Kivi2Shape<D, GP>::MIN_BLOCKS) decode2_ke
     const int col_next = more ? tiles.start(i + 1) / p.bs : col;
     const int blk_after = i + 2 < nq ? bt_row[tiles.start(i + 2) / p.bs] : 0;
     if (more) nxt.load(p, h, blk_next, tiles.start(i + 1) % p.bs, g, t);
+    if (PF && i + 2 < nq) nxt.template load<true>(p, h, blk_after, tiles.start(i + 2) % p.bs, g, t);
     if (col_next != col) kscale.prefetch(p, blk_next, h, t);
 
     float s[2][4];
@@ -1015,18 +1043,29 @@ int launch(Kernel kernel, const DecodeParams& p, int rows, int warps, void* stre
 
 using KernelFn = void (*)(DecodeParams);
 
-// kind: 1 fp8, 2 int8, 3 int4, 4 kivi2; d: 64 or 128; group: int4's (32, 64) or kivi2's (32 to 128).
-KernelFn select(int kind, int d, int group) {
-  if (kind == 1) return d == 128 ? decode8_kernel<128, 1> : d == 64 ? decode8_kernel<64, 1> : nullptr;
-  if (kind == 2) return d == 128 ? decode8_kernel<128, 2> : d == 64 ? decode8_kernel<64, 2> : nullptr;
-  if (kind == 3 && d == 128) return group == 64 ? decode4_kernel<128, 32> : group == 32 ? decode4_kernel<128, 16> : nullptr;
-  if (kind == 3 && d == 64) return group == 64 ? decode4_kernel<64, 32> : group == 32 ? decode4_kernel<64, 16> : nullptr;
-  if (kind == 4 && d == 128) {
-    return group == 32 ? decode2_kernel<128, 8> : group == 64 ? decode2_kernel<128, 16>
-         : group == 128 ? decode2_kernel<128, 32> : nullptr;
+// kind: 1 fp8, 2 int8, 3 int4, 4 kivi2; d: 64 or 128; group: int4's (32, 64) or kivi2's (32 to 128);
+// PF: the variant that prefetches two tiles ahead (DecodeParams::prefetch).
+template <bool PF> KernelFn select_variant(int kind, int d, int group) {
+  if (kind == 1) return d == 128 ? decode8_kernel<128, 1, PF> : d == 64 ? decode8_kernel<64, 1, PF> : nullptr;
+  if (kind == 2) return d == 128 ? decode8_kernel<128, 2, PF> : d == 64 ? decode8_kernel<64, 2, PF> : nullptr;
+  if (kind == 3 && d == 128) {
+    return group == 64 ? decode4_kernel<128, 32, PF> : group == 32 ? decode4_kernel<128, 16, PF> : nullptr;
   }
-  if (kind == 4 && d == 64) return group == 32 ? decode2_kernel<64, 8> : group == 64 ? decode2_kernel<64, 16> : nullptr;
+  if (kind == 3 && d == 64) {
+    return group == 64 ? decode4_kernel<64, 32, PF> : group == 32 ? decode4_kernel<64, 16, PF> : nullptr;
+  }
+  if (kind == 4 && d == 128) {
+    return group == 32 ? decode2_kernel<128, 8, PF> : group == 64 ? decode2_kernel<128, 16, PF>
+         : group == 128 ? decode2_kernel<128, 32, PF> : nullptr;
+  }
+  if (kind == 4 && d == 64) {
+    return group == 32 ? decode2_kernel<64, 8, PF> : group == 64 ? decode2_kernel<64, 16, PF> : nullptr;
+  }
   return nullptr;
+}
+
+KernelFn select(int kind, int d, int group, int prefetch) {
+  return prefetch ? select_variant<true>(kind, d, group) : select_variant<false>(kind, d, group);
 }
 
 constexpr int kInvalidValue = 1;  // cudaErrorInvalidValue
@@ -1039,14 +1078,14 @@ extern "C" int cs_decode(const DecodeParams* p, int kind, int d, int group, int 
 #ifndef CS_EMULATE
   if (int err = int(cudaSetDevice(device))) return err;
 #endif
-  const KernelFn k = select(kind, d, group);
+  const KernelFn k = p ? select(kind, d, group, p->prefetch) : nullptr;
   if (!k) return kInvalidValue;
   return launch(k, *p, rows, warps, stream);
 }
 
 // Resident blocks of `warps` warps per SM (the CUDA occupancy calculator; emulated: 3).
-extern "C" int cs_decode_occupancy(int kind, int d, int group, int warps, int device, int* blocks) {
-  const KernelFn k = select(kind, d, group);
+extern "C" int cs_decode_occupancy(int kind, int d, int group, int prefetch, int warps, int device, int* blocks) {
+  const KernelFn k = select(kind, d, group, prefetch);
   if (!k) return kInvalidValue;
 #ifdef CS_EMULATE
   *blocks = 3;

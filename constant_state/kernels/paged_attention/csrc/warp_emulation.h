@@ -202,6 +202,7 @@ inline uint32_t cs_transpose8x8(uint32_t x) {
 inline float cs_exp2(float x) { return std::exp2(x); }
 
 inline void cs_prefetch_l1(const void*) {}
+inline void cs_prefetch_l2(const void*) {}
 
 // cvt.rn.f16x2.e4m3x2 of the 16-bit x: low byte -> low half.
 inline uint32_t cs_e4m3x2_to_f16x2(uint32_t x) {
