@@ -4,6 +4,8 @@
 # the .gpu folder of ../shared/gpu/README.md beside it (sdists in .gpu/sdist, wheels in .gpu/whl).
 #
 #   bash benchmarks/gpu_session.sh [tests|bench|all] [pytest -k expression]
+#   bash benchmarks/gpu_session.sh decode   # the CUDA decode kernel alone: its GPU tests, then the A/B
+#                                           # beside Triton and SDPA (no extension build)
 set -u
 MODE=${1:-all}
 KEXPR=${2:-}
@@ -13,7 +15,7 @@ export PYTHONUNBUFFERED=1
 GPU=$(cd "$(dirname "$0")/.." && pwd)/.gpu
 
 # 1. mamba-ssm + causal-conv1d, detached (about 5.5 minutes on 16 cores); reuse a warm machine's build.
-if [ -d "$GPU/sdist" ] && [ ! -f /tmp/build/DONE ] && [ ! -f /tmp/build/times.txt ]; then
+if [ "$MODE" != decode ] && [ -d "$GPU/sdist" ] && [ ! -f /tmp/build/DONE ] && [ ! -f /tmp/build/times.txt ]; then
   setsid nice -n 10 bash "$GPU/build_ext.sh" "$GPU/sdist" /tmp/build /tmp/cuda_site > /tmp/build.log 2>&1 < /dev/null &
 fi
 # 2. pure-Python comparison targets (fla, rwkv).
@@ -44,4 +46,12 @@ if [ "$MODE" = bench ] || [ "$MODE" = all ]; then
     echo "== $b"
     python3 "benchmarks/$b.py" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/$b.log" | grep -v Warning | tail -40
   done
+fi
+if [ "$MODE" = decode ]; then
+  export CONSTANT_STATE_CACHE=/tmp/cs_cache  # the kernel's nvcc build (about 10 s), kept on a warm machine
+  python3 -m pytest -q -p no:cacheprovider tests/gpu/test_paged_attention_gpu.py -k "${KEXPR:-cuda or kivi2}" \
+    2>&1 | tee "$OUT/decode_tests.log" | tail -30
+  python3 benchmarks/ab_quant_decode.py sdpa fp8:triton fp8:cuda int8:triton int8:cuda int4:triton int4:cuda \
+    int4-g32:triton int4-g32:cuda kivi2:triton kivi2:cuda fp8:cuda:pf int4:cuda:pf kivi2:cuda:pf \
+    2>&1 | tee "$OUT/ab_decode.log" | grep -v Warning | tail -20
 fi
