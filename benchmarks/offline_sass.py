@@ -10,6 +10,12 @@ instructions with 3.6, 866 with 3.9): compile with the GPU's version, e.g. ``pip
 
     python benchmarks/offline_sass.py --kind fp8 --config 128,4,3,168
     python benchmarks/offline_sass.py --kind int4 --config 64,2,3 --show LDS
+
+``--cuda`` does the same for the CUDA decode kernel (csrc/paged_decode.cu, compiled by nvcc): its
+loops with their instruction counts (the main loop walks 16-token tiles, kivi2's 32-token steps; one
+warp per split, so per-token figures are loop body / tokens per iteration).
+
+    python benchmarks/offline_sass.py --cuda --kind kivi2 [--prefetch]
 """
 
 from __future__ import annotations
@@ -73,6 +79,18 @@ def compile_decode(fmt: str, block_n: int, num_warps: int, num_stages: int, maxn
 
 
 def loop_body(sass: str) -> list[str]:
+    found = loops(sass)
+    return found[0] if found else []
+
+
+# CUDA kernel per format at head dim 128: (mangled name prefix, tokens per loop iteration)
+CUDA_KERNELS = {"fp8": ("decode8_kernelILi128ELi1E", 16), "int8": ("decode8_kernelILi128ELi2E", 16),
+                "int4": ("decode4_kernelILi128ELi32E", 16), "int4-g32": ("decode4_kernelILi128ELi16E", 16),
+                "kivi2": ("decode2_kernelILi128ELi16E", 32)}
+
+
+def loops(sass: str) -> list[list[str]]:
+    """Bodies of the backward branches of one function's SASS, largest first."""
     labels, instrs = {}, []
     for line in sass.splitlines():
         m = re.match(r"^(\.L_x_\d+):", line.strip())
@@ -82,14 +100,39 @@ def loop_body(sass: str) -> list[str]:
         m = re.match(r"^\s+/\*[0-9a-f]+\*/\s+(.*?);", line)
         if m:
             instrs.append(m.group(1))
-    best: list[str] = []
+    out = []
     for i, text in enumerate(instrs):
         op = re.sub(r"^@!?U?P\w+\s+", "", text).split()[0]
         target = re.search(r"(\.L_x_\d+)", text)
         if op == "BRA" and target and labels.get(target.group(1), 1 << 60) < i:
-            body = instrs[labels[target.group(1)]:i + 1]
-            best = body if len(body) > len(best) else best
-    return best
+            out.append(instrs[labels[target.group(1)]:i + 1])
+    return sorted(out, key=len, reverse=True)
+
+
+def cuda_main(kind: str, prefetch: bool, top: int) -> None:
+    from constant_state.kernels.paged_attention import cuda_decode
+
+    nvcc = cuda_decode._nvcc()
+    if nvcc is None:
+        raise SystemExit("nvcc not found (set CUDA_HOME)")
+    cubin = "/tmp/offline_sass_cuda.cubin"
+    res = subprocess.run([nvcc, "-O3", "-std=c++17", "-cubin", "-gencode=arch=compute_90,code=sm_90", "-Xptxas", "-v",
+                          "-o", cubin, str(cuda_decode.SOURCE)], capture_output=True, text=True, check=True)
+    name, tokens = CUDA_KERNELS[kind]
+    name += "Lb1E" if prefetch else "Lb0E"
+    info = res.stderr.split(name, 1)[1].split("Compiling entry", 1)[0]
+    regs = " ".join(l.split("info    :")[-1].strip() for l in info.splitlines() if "registers" in l or "spill" in l)
+    sass = subprocess.run([_bin("nvdisasm"), "-c", cubin], capture_output=True, text=True, check=True).stdout
+    func = sass.split(f"{name}EEv12DecodeParams:", 1)[1].split("//---------------------", 1)[0]
+    print(f"{kind} (CUDA, {name}): {regs}")
+    for body in loops(func):
+        if len(body) < 40:
+            continue
+        ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0] for t in body)
+        mma = sum(v for k, v in ops.items() if k.startswith("HMMA"))
+        print(f"loop: {len(body)} instructions ({mma} HMMA) per warp per iteration = {len(body) / tokens:.1f} warp "
+              f"instructions per token and KV head if it is the {tokens}-token main loop")
+        print("  " + ", ".join(f"{k} {v}" for k, v in ops.most_common(top)))
 
 
 def main() -> None:
@@ -98,7 +141,12 @@ def main() -> None:
     ap.add_argument("--config", default=None, help="BLOCK_N,warps,stages[,maxnreg] (default: decode_quant.TILE_CONFIGS)")
     ap.add_argument("--top", type=int, default=24, help="opcodes listed in the histogram")
     ap.add_argument("--show", default=None, help="print the loop's instructions whose opcode starts with this")
+    ap.add_argument("--cuda", action="store_true", help="the CUDA decode kernel (nvcc) instead of the Triton one")
+    ap.add_argument("--prefetch", action="store_true", help="--cuda: the variant that prefetches two tiles ahead")
     a = ap.parse_args()
+    if a.cuda:
+        cuda_main(a.kind, a.prefetch, a.top)
+        return
     cfg = [int(x) for x in a.config.split(",")] if a.config else list(decode_quant.TILE_CONFIGS[a.kind.split("-")[0]])
     block_n, warps, stages, *cap = cfg
     c = compile_decode(a.kind, block_n, warps, stages, cap[0] if cap else None)

@@ -46,9 +46,9 @@ WARPS = 4  # warps (splits) per block: the kernels' __launch_bounds__(128, 3) in
 class _Params(ctypes.Structure):
     _fields_ = ([(n, ctypes.c_void_p) for n in ("q", "out", "part", "ml", "k", "v", "ks", "vs", "kz", "vz",
                                                  "bt", "seq", "rk", "rv")]
-                + [(n, ctypes.c_int64) for n in ("k_sb", "k_st", "k_sh", "v_sb", "v_st", "v_sh",
+                + [(n, ctypes.c_int32) for n in ("k_sb", "k_st", "k_sh", "v_sb", "v_st", "v_sh",
                                                   "ks_sb", "ks_st", "ks_sh", "vs_sb", "vs_st", "vs_sh", "v_sc")]
-                + [(n, ctypes.c_int32) for n in ("hq", "hkv", "g", "m", "bs", "window", "sinks", "has_window",
+                + [(n, ctypes.c_int32) for n in ("hq", "hkv", "g", "m", "bs", "bs_shift", "window", "sinks", "has_window",
                                                   "splits", "chunk", "q_bf16", "r", "prefetch")]
                 + [("scale_log2", ctypes.c_float)])
 
@@ -170,8 +170,8 @@ def available(device_index: int) -> bool:
 def supports(kind: str, group: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hkv: int,
              res_k: torch.Tensor | None = None, res_v: torch.Tensor | None = None) -> bool:
     """Shapes and dtypes this kernel serves (else the Triton kernel does): one query token in bf16 or
-    fp16, head dim 64 or 128, at most 8 query heads per KV head, blocks of a multiple of 16 tokens
-    (kivi2: 32); value codes in the keys' layout (fp8, int8) or token-contiguous (int4, groups of 32
+    fp16, head dim 64 or 128, at most 8 query heads per KV head, blocks of a power of two >= 16 tokens
+    (kivi2: >= 32) of < 2^31 bytes; value codes in the keys' layout (fp8, int8) or token-contiguous (int4, groups of 32
     or 64 dims; kivi2, groups of 32 to 128, with contiguous fp16 residual windows ``[B, R, Hkv, D]``)."""
     b, t, hq, d = q.shape
     if kind == "int4":
@@ -182,9 +182,10 @@ def supports(kind: str, group: int, q: torch.Tensor, k: torch.Tensor, v: torch.T
                              and x.shape[0] == b and x.shape[2:] == (hkv, d) for x in (res_k, res_v)))
     else:
         layout_ok = v.stride() == k.stride()
+    bs = k.shape[1]
     return (kind in KINDS and q.is_cuda and t == 1 and q.dtype in (torch.float16, torch.bfloat16)
-            and d in HEAD_DIMS and hq // hkv <= MAX_GROUP and k.shape[1] % TILE == 0 and layout_ok
-            and available(q.device.index or 0))
+            and d in HEAD_DIMS and hq // hkv <= MAX_GROUP and bs % TILE == 0 and bs & (bs - 1) == 0
+            and max(k.stride(0), v.stride(0)) < 2 ** 31 and layout_ok and available(q.device.index or 0))
 
 
 @functools.lru_cache(maxsize=64)
@@ -221,7 +222,7 @@ def _params(q, kind, group, tensors, block_tables, seq_lens, scale, sliding_wind
                 ks.data_ptr(), vs.data_ptr(), kz.data_ptr(), vz.data_ptr(), block_tables.data_ptr(),
                 seq_lens.data_ptr(), res[0], res[1], k.stride(0), k.stride(1), k.stride(2), v.stride(0),
                 v.stride(1), v.stride(2), *kstr, vs.stride(0), vs.stride(1), vs.stride(2), v.stride(3),
-                hq, hkv, hq // hkv, m, bs, sliding_window or 0, sinks, sliding_window is not None,
+                hq, hkv, hq // hkv, m, bs, bs.bit_length() - 1, sliding_window or 0, sinks, sliding_window is not None,
                 num_splits, chunk, q.dtype == torch.bfloat16, res[2], PREFETCH, scale * 1.4426950408889634)
     return p, out, part, ml, num_splits
 

@@ -46,12 +46,13 @@ struct DecodeParams {
   const int32_t* seq; // [B]
   const __half* rk;   // kivi2: fp16 residual keys / values [B, R, Hkv, D] (rows' newest tokens)
   const __half* rv;
-  int64_t k_sb, k_st, k_sh;
-  int64_t v_sb, v_st, v_sh;
-  int64_t ks_sb, ks_st, ks_sh;
-  int64_t vs_sb, vs_st, vs_sh;
-  int64_t v_sc;       // value codes: stride of a byte
-  int32_t hq, hkv, g, m, bs;
+  // Strides (32-bit: offsets inside one block fit; block ids times block strides are taken in 64 bits).
+  int32_t k_sb, k_st, k_sh;
+  int32_t v_sb, v_st, v_sh;
+  int32_t ks_sb, ks_st, ks_sh;
+  int32_t vs_sb, vs_st, vs_sh;
+  int32_t v_sc;       // value codes: stride of a byte
+  int32_t hq, hkv, g, m, bs, bs_shift;  // bs = 2^bs_shift tokens per block
   int32_t window, sinks, has_window;
   int32_t splits, chunk;  // chunk: tokens per split, a multiple of 16
   int32_t q_bf16;
@@ -84,6 +85,20 @@ __device__ __forceinline__ float cs_exp2(float x) {
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
+}
+
+// (a & b) | c and (a & b) ^ c as one lop3 each (written in C, the compiler splits them in two when b and c
+// are both constants: a LOP3 takes one immediate).
+__device__ __forceinline__ uint32_t cs_and_or(uint32_t a, uint32_t b, uint32_t c) {
+  uint32_t d;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
+}
+
+__device__ __forceinline__ uint32_t cs_and_xor(uint32_t a, uint32_t b, uint32_t c) {
+  uint32_t d;
+  asm("lop3.b32 %0, %1, %2, %3, 0x6A;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
 }
 
 __device__ __forceinline__ void cs_prefetch_l1(const void* ptr) {
@@ -332,6 +347,7 @@ __device__ __forceinline__ void store_head(const DecodeParams& p, int b, int h, 
 template <int KIND> struct Codes8;
 
 template <> struct Codes8<1> {  // fp8 e4m3: exact in fp16, one cvt per pair of codes
+  static constexpr float OFFSET = 0.f;
   static __device__ __forceinline__ uint32_t lo(uint32_t w) { return cs_e4m3x2_to_f16x2(w & 0xffffu); }
   static __device__ __forceinline__ uint32_t hi(uint32_t w) { return cs_e4m3x2_to_f16x2(w >> 16); }
   // (byte e of wa, byte e of wb) for e = 2 half and 2 half + 1: one byte permutation, two cvt
@@ -342,16 +358,14 @@ template <> struct Codes8<1> {  // fp8 e4m3: exact in fp16, one cvt per pair of 
   }
 };
 
-template <> struct Codes8<2> {  // int8: fp16 bits 0x6400 | (c ^ 0x80) = 1152 + c (no conversion), less 1152
-  static __device__ __forceinline__ uint32_t unbias(uint32_t x) {
-    __half2 h = *reinterpret_cast<__half2*>(&x);
-    h = __hsub2(h, __float2half2_rn(1152.f));
-    return *reinterpret_cast<uint32_t*>(&h);
-  }
-  static __device__ __forceinline__ uint32_t lo(uint32_t w) { return unbias(__byte_perm(w, 0x64, 0x4140) ^ 0x00800080u); }
-  static __device__ __forceinline__ uint32_t hi(uint32_t w) { return unbias(__byte_perm(w, 0x64, 0x4342) ^ 0x00800080u); }
+// int8: fp16 bits 0x6400 | (c ^ 0x80) = 1152 + c, no conversion. The products keep the 1152 (OFFSET) and
+// take it off per column: 1152 sum q from the scores, 1152 sum P' (as rounded) from the outputs.
+template <> struct Codes8<2> {
+  static constexpr float OFFSET = 1152.f;
+  static __device__ __forceinline__ uint32_t lo(uint32_t w) { return __byte_perm(w, 0x64, 0x4140) ^ 0x00800080u; }
+  static __device__ __forceinline__ uint32_t hi(uint32_t w) { return __byte_perm(w, 0x64, 0x4342) ^ 0x00800080u; }
   static __device__ __forceinline__ uint32_t pair(uint32_t wa, uint32_t wb, int e) {
-    return unbias((__byte_perm(wa, wb, ((4 + e) << 8) | e) & 0x00FF00FFu) ^ 0x64806480u);
+    return cs_and_xor(__byte_perm(wa, wb, ((4 + e) << 8) | e), 0x00FF00FFu, 0x64806480u);
   }
   static __device__ __forceinline__ void pairs(uint32_t wa, uint32_t wb, int half, uint32_t& r0, uint32_t& r1) {
     r0 = pair(wa, wb, 2 * half);
@@ -365,21 +379,24 @@ template <int D> struct Tile8 {
   __half ks0, ks1, vs0, vs1;  // scales of tokens g, g+8
 
   template <bool PF = false>
-  __device__ __forceinline__ void load(const DecodeParams& p, int h, int64_t blk, int tb, int g, int t) {
-    const uint8_t* kb = p.k + blk * p.k_sb + h * p.k_sh + t * (D / 4);
-    fetch<PF>(k0, kb + (tb + g) * p.k_st);
-    fetch<PF>(k1, kb + (tb + g + 8) * p.k_st);
-    const uint8_t* vb = p.v + blk * p.v_sb + h * p.v_sh + g * (D / 8);
-    fetch<PF>(v[0], vb + (tb + 2 * t) * p.v_st);
-    fetch<PF>(v[1], vb + (tb + 2 * t + 1) * p.v_st);
-    fetch<PF>(v[2], vb + (tb + 2 * t + 8) * p.v_st);
-    fetch<PF>(v[3], vb + (tb + 2 * t + 9) * p.v_st);
-    const __half* ksp = p.ks + blk * p.ks_sb + h * p.ks_sh;
-    const __half* vsp = p.vs + blk * p.vs_sb + h * p.vs_sh;
-    fetch<PF>(ks0, ksp + (tb + g) * p.ks_st);
-    fetch<PF>(ks1, ksp + (tb + g + 8) * p.ks_st);
-    fetch<PF>(vs0, vsp + (tb + g) * p.vs_st);
-    fetch<PF>(vs1, vsp + (tb + g + 8) * p.vs_st);
+  __device__ __forceinline__ void load(const DecodeParams& p, int h, int blk, int tb, int g, int t) {
+    const uint8_t* kb = p.k + int64_t(blk) * p.k_sb;
+    const unsigned ko = h * p.k_sh + t * (D / 4) + (tb + g) * p.k_st;
+    fetch<PF>(k0, kb + ko);
+    fetch<PF>(k1, kb + (ko + 8 * p.k_st));
+    const uint8_t* vb = p.v + int64_t(blk) * p.v_sb;
+    const unsigned vo = h * p.v_sh + g * (D / 8) + (tb + 2 * t) * p.v_st;
+    fetch<PF>(v[0], vb + vo);
+    fetch<PF>(v[1], vb + (vo + p.v_st));
+    fetch<PF>(v[2], vb + (vo + 8 * p.v_st));
+    fetch<PF>(v[3], vb + (vo + 9 * p.v_st));
+    const __half* ksp = p.ks + int64_t(blk) * p.ks_sb;
+    const __half* vsp = p.vs + int64_t(blk) * p.vs_sb;
+    const unsigned kso = h * p.ks_sh + (tb + g) * p.ks_st, vso = h * p.vs_sh + (tb + g) * p.vs_st;
+    fetch<PF>(ks0, ksp + kso);
+    fetch<PF>(ks1, ksp + (kso + 8 * p.ks_st));
+    fetch<PF>(vs0, vsp + vso);
+    fetch<PF>(vs1, vsp + (vso + 8 * p.vs_st));
   }
 };
 
@@ -408,24 +425,41 @@ __global__ void __launch_bounds__(128, 3) decode8_kernel(const DecodeParams p) {
       qf[kk][1] = pack_half2(half_bits_to_float(x.y & 0xffff, p.q_bf16) * sc, half_bits_to_float(x.y >> 16, p.q_bf16) * sc);
     }
   }
+  // Code offset (int8) per column (head 2t + j): OFFSET x the sum of that head's B operand.
+  float koff[2] = {0.f, 0.f};
+  if constexpr (C::OFFSET != 0.f) {
+    float part = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < KW; ++kk) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const float2 x = unpack_half2(qf[kk][r]);
+        part += x.x + x.y;
+      }
+    }
+    const float a = C::OFFSET * xor_sum_t(part);  // head g
+#pragma unroll
+    for (int j = 0; j < 2; ++j) koff[j] = __shfl_sync(FULL, a, 4 * (2 * t + j));
+  }
 
   float o[MT][4];
 #pragma unroll
   for (int mi = 0; mi < MT; ++mi) o[mi][0] = o[mi][1] = o[mi][2] = o[mi][3] = 0.f;
+  float psum[2] = {0.f, 0.f};  // int8: sum of the rounded P' per head 2t + j, this lane's rows
   Softmax sm;
 
   Tile8<D> cur, nxt;
   int blk_next = 0;
   if (tiles.n > 0) {
     const int s0 = tiles.start(0);
-    cur.load(p, h, bt_row[s0 / p.bs], s0 % p.bs, g, t);
+    cur.load(p, h, bt_row[s0 >> p.bs_shift], s0 & (p.bs - 1), g, t);
   }
-  if (tiles.n > 1) blk_next = bt_row[tiles.start(1) / p.bs];
+  if (tiles.n > 1) blk_next = bt_row[tiles.start(1) >> p.bs_shift];
   for (int i = 0; i < tiles.n; ++i) {
     const int start = tiles.start(i);
-    const int blk_after = i + 2 < tiles.n ? bt_row[tiles.start(i + 2) / p.bs] : 0;
-    if (i + 1 < tiles.n) nxt.load(p, h, blk_next, tiles.start(i + 1) % p.bs, g, t);
-    if (PF && i + 2 < tiles.n) nxt.template load<true>(p, h, blk_after, tiles.start(i + 2) % p.bs, g, t);
+    const int blk_after = i + 2 < tiles.n ? bt_row[tiles.start(i + 2) >> p.bs_shift] : 0;
+    if (i + 1 < tiles.n) nxt.load(p, h, blk_next, tiles.start(i + 1) & (p.bs - 1), g, t);
+    if (PF && i + 2 < tiles.n) nxt.template load<true>(p, h, blk_after, tiles.start(i + 2) & (p.bs - 1), g, t);
 
     float s[4] = {0.f, 0.f, 0.f, 0.f};  // S^T rows tokens g, g+8; columns heads 2t, 2t+1
 #pragma unroll
@@ -434,15 +468,24 @@ __global__ void __launch_bounds__(128, 3) decode8_kernel(const DecodeParams p) {
                qf[kk][0], qf[kk][1]);
     const bool ok0 = visible(p, start + g, seq_len), ok1 = visible(p, start + g + 8, seq_len);
     const float k0s = __half2float(cur.ks0), k1s = __half2float(cur.ks1);
-    s[0] *= k0s;
-    s[1] *= k0s;
-    s[2] *= k1s;
-    s[3] *= k1s;
+    s[0] = (s[0] - koff[0]) * k0s;
+    s[1] = (s[1] - koff[1]) * k0s;
+    s[2] = (s[2] - koff[0]) * k1s;
+    s[3] = (s[3] - koff[1]) * k1s;
     float alpha[2];
-    sm.tile(s, ok0, ok1, o, alpha);
+    if (sm.tile(s, ok0, ok1, o, alpha) && C::OFFSET != 0.f) {
+      psum[0] *= alpha[0];
+      psum[1] *= alpha[1];
+    }
     const float v0s = ok0 ? __half2float(cur.vs0) : 0.f, v1s = ok1 ? __half2float(cur.vs1) : 0.f;
-    const uint32_t pb0 = cs_transpose8x8(pack_half2(s[0] * v0s, s[1] * v0s));  // tokens 2t, 2t+1; head g
-    const uint32_t pb1 = cs_transpose8x8(pack_half2(s[2] * v1s, s[3] * v1s));  // tokens 2t+8, 2t+9
+    const uint32_t top = pack_half2(s[0] * v0s, s[1] * v0s), bot = pack_half2(s[2] * v1s, s[3] * v1s);
+    if constexpr (C::OFFSET != 0.f) {
+      const float2 rt = unpack_half2(top), rb = unpack_half2(bot);
+      psum[0] += rt.x + rb.x;
+      psum[1] += rt.y + rb.y;
+    }
+    const uint32_t pb0 = cs_transpose8x8(top);  // tokens 2t, 2t+1; head g
+    const uint32_t pb1 = cs_transpose8x8(bot);  // tokens 2t+8, 2t+9
 #pragma unroll
     for (int j = 0; j < VW; ++j) {
 #pragma unroll
@@ -461,14 +504,15 @@ __global__ void __launch_bounds__(128, 3) decode8_kernel(const DecodeParams p) {
 #pragma unroll
   for (int j = 0; j < 2; ++j) {
     const float l = xor_sum_g(sm.l[j]);
+    const float ps = C::OFFSET != 0.f ? C::OFFSET * xor_sum_g(psum[j]) : 0.f;
     const int head = 2 * t + j;
     if (head >= p.g) continue;
     const float inv = l > 0.f ? 1.f / l : 0.f;
     float val[D / 8];
 #pragma unroll
     for (int mi = 0; mi < MT; ++mi) {
-      val[2 * mi] = o[mi][j] * inv;
-      val[2 * mi + 1] = o[mi][2 + j] * inv;
+      val[2 * mi] = (o[mi][j] - ps) * inv;
+      val[2 * mi + 1] = (o[mi][2 + j] - ps) * inv;
     }
     store_head<D / 8>(p, b, h, split, head, val, sm.m[j], l, g, [&](int e) { return g * (D / 8) + e; });
   }
@@ -499,7 +543,7 @@ template <int D, int GP> struct Int4Shape {
 };
 
 // fp16 pairs 1024 + (bits of w under mask, bytes 0 and 2), exact for masks of at most 10 low bits per half.
-__device__ __forceinline__ uint32_t fp16_codes(uint32_t w, uint32_t mask) { return (w & mask) | 0x64006400u; }
+__device__ __forceinline__ uint32_t fp16_codes(uint32_t w, uint32_t mask) { return cs_and_or(w, mask, 0x64006400u); }
 
 template <int D, int GP> struct Tile4 {
   using S = Int4Shape<D, GP>;
@@ -508,25 +552,28 @@ template <int D, int GP> struct Tile4 {
   Halves<S::NG> ks0, ks1, kz0, kz1, vs0, vs1, vz0, vz1;
 
   template <bool PF = false>
-  __device__ __forceinline__ void load(const DecodeParams& p, int h, int64_t blk, int tb, int r0, int g, int t) {
-    const uint8_t* kb = p.k + blk * p.k_sb + h * p.k_sh + t * (GP / 4);
+  __device__ __forceinline__ void load(const DecodeParams& p, int h, int blk, int tb, int r0, int g, int t) {
+    const uint8_t* kb = p.k + int64_t(blk) * p.k_sb;
+    const unsigned ko = h * p.k_sh + t * (GP / 4) + (tb + r0) * p.k_st;
 #pragma unroll
     for (int gi = 0; gi < S::NG; ++gi) {
-      fetch<PF>(k0[gi], kb + (tb + r0) * p.k_st + gi * GP);
-      fetch<PF>(k1[gi], kb + (tb + r0 + 1) * p.k_st + gi * GP);
+      fetch<PF>(k0[gi], kb + (ko + gi * GP));
+      fetch<PF>(k1[gi], kb + (ko + p.k_st + gi * GP));
     }
-    const uint8_t* vb = p.v + blk * p.v_sb + h * p.v_sh + (tb + 4 * t) * p.v_st + g * p.v_sc;
+    const uint8_t* vb = p.v + int64_t(blk) * p.v_sb;
+    const unsigned vo = h * p.v_sh + (tb + 4 * t) * p.v_st + g * p.v_sc;
 #pragma unroll
-    for (int mi = 0; mi < S::MT; ++mi) fetch<PF>(v[mi], vb + 8 * mi * p.v_sc);
-    const int64_t k_off = blk * p.ks_sb + h * p.ks_sh, v_off = blk * p.vs_sb + h * p.vs_sh;
-    fetch<PF>(ks0, p.ks + k_off + (tb + r0) * p.ks_st);
-    fetch<PF>(ks1, p.ks + k_off + (tb + r0 + 1) * p.ks_st);
-    fetch<PF>(kz0, p.kz + k_off + (tb + r0) * p.ks_st);
-    fetch<PF>(kz1, p.kz + k_off + (tb + r0 + 1) * p.ks_st);
-    fetch<PF>(vs0, p.vs + v_off + (tb + r0) * p.vs_st);
-    fetch<PF>(vs1, p.vs + v_off + (tb + r0 + 1) * p.vs_st);
-    fetch<PF>(vz0, p.vz + v_off + (tb + r0) * p.vs_st);
-    fetch<PF>(vz1, p.vz + v_off + (tb + r0 + 1) * p.vs_st);
+    for (int mi = 0; mi < S::MT; ++mi) fetch<PF>(v[mi], vb + (vo + 8 * mi * p.v_sc));
+    const int64_t kbs = int64_t(blk) * p.ks_sb, vbs = int64_t(blk) * p.vs_sb;
+    const unsigned kso = h * p.ks_sh + (tb + r0) * p.ks_st, vso = h * p.vs_sh + (tb + r0) * p.vs_st;
+    fetch<PF>(ks0, p.ks + kbs + kso);
+    fetch<PF>(ks1, p.ks + kbs + (kso + p.ks_st));
+    fetch<PF>(kz0, p.kz + kbs + kso);
+    fetch<PF>(kz1, p.kz + kbs + (kso + p.ks_st));
+    fetch<PF>(vs0, p.vs + vbs + vso);
+    fetch<PF>(vs1, p.vs + vbs + (vso + p.vs_st));
+    fetch<PF>(vz0, p.vz + vbs + vso);
+    fetch<PF>(vz1, p.vz + vbs + (vso + p.vs_st));
   }
 };
 
@@ -597,14 +644,14 @@ __global__ void __launch_bounds__(128, 3) decode4_kernel(const DecodeParams p) {
   int blk_next = 0;
   if (tiles.n > 0) {
     const int s0 = tiles.start(0);
-    cur.load(p, h, bt_row[s0 / p.bs], s0 % p.bs, r0, g, t);
+    cur.load(p, h, bt_row[s0 >> p.bs_shift], s0 & (p.bs - 1), r0, g, t);
   }
-  if (tiles.n > 1) blk_next = bt_row[tiles.start(1) / p.bs];
+  if (tiles.n > 1) blk_next = bt_row[tiles.start(1) >> p.bs_shift];
   for (int i = 0; i < tiles.n; ++i) {
     const int start = tiles.start(i);
-    const int blk_after = i + 2 < tiles.n ? bt_row[tiles.start(i + 2) / p.bs] : 0;
-    if (i + 1 < tiles.n) nxt.load(p, h, blk_next, tiles.start(i + 1) % p.bs, r0, g, t);
-    if (PF && i + 2 < tiles.n) nxt.template load<true>(p, h, blk_after, tiles.start(i + 2) % p.bs, r0, g, t);
+    const int blk_after = i + 2 < tiles.n ? bt_row[tiles.start(i + 2) >> p.bs_shift] : 0;
+    if (i + 1 < tiles.n) nxt.load(p, h, blk_next, tiles.start(i + 1) & (p.bs - 1), r0, g, t);
+    if (PF && i + 2 < tiles.n) nxt.template load<true>(p, h, blk_after, tiles.start(i + 2) & (p.bs - 1), r0, g, t);
 
     float sg[NG][4];
 #pragma unroll
@@ -734,21 +781,22 @@ template <int D, int GP> struct Step2 {  // one 32-token step of quantized codes
   Halves<S::NG> vs[2][2], vz[2][2];  // [tile][row]
 
   template <bool PF = false>
-  __device__ __forceinline__ void load(const DecodeParams& p, int h, int64_t blk, int tb, int g, int t) {
-    const uint8_t* kb = p.k + blk * p.k_sb + h * p.k_sh + t * S::CH;
-    const int64_t v_off = blk * p.vs_sb + h * p.vs_sh;
+  __device__ __forceinline__ void load(const DecodeParams& p, int h, int blk, int tb, int g, int t) {
+    const uint8_t* kb = p.k + int64_t(blk) * p.k_sb;
+    const uint8_t* vb = p.v + int64_t(blk) * p.v_sb;
+    const int64_t vbs = int64_t(blk) * p.vs_sb;
+    const unsigned ko = h * p.k_sh + t * S::CH + (tb + 2 * g) * p.k_st, vso = h * p.vs_sh + (tb + 2 * g) * p.vs_st;
+    const unsigned vo = h * p.v_sh + (tb + 4 * t) * p.v_st + g * p.v_sc;
 #pragma unroll
     for (int u = 0; u < 2; ++u) {
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
-        const int tok = tb + 16 * u + 2 * g + r;
-        fetch<PF>(k[u][r], kb + tok * p.k_st);
-        fetch<PF>(vs[u][r], p.vs + v_off + tok * p.vs_st);
-        fetch<PF>(vz[u][r], p.vz + v_off + tok * p.vs_st);
+        fetch<PF>(k[u][r], kb + (ko + (16 * u + r) * p.k_st));
+        fetch<PF>(vs[u][r], p.vs + vbs + (vso + (16 * u + r) * p.vs_st));
+        fetch<PF>(vz[u][r], p.vz + vbs + (vso + (16 * u + r) * p.vs_st));
       }
-      const uint8_t* vb = p.v + blk * p.v_sb + h * p.v_sh + (tb + 16 * u + 4 * t) * p.v_st + g * p.v_sc;
 #pragma unroll
-      for (int mb = 0; mb < S::MB; ++mb) fetch<PF>(v[u][mb], vb + 8 * mb * p.v_sc);
+      for (int mb = 0; mb < S::MB; ++mb) fetch<PF>(v[u][mb], vb + (vo + 16 * u * p.v_st + 8 * mb * p.v_sc));
     }
   }
 };
@@ -758,8 +806,8 @@ template <int D, int GP> struct KeyScales {  // a block's channel scales and zer
   Words<S::CH / 2> sc[4], zp[4];  // slot s: fp16 pairs of dims dim(t CH, s) + 0 .. CH - 1
 
   // Into L1 only (no registers held): loaded after the step's key products, folded at once.
-  __device__ __forceinline__ void prefetch(const DecodeParams& p, int64_t blk, int h, int t) const {
-    const int64_t off = blk * p.ks_sb + h * p.ks_sh;
+  __device__ __forceinline__ void prefetch(const DecodeParams& p, int blk, int h, int t) const {
+    const int64_t off = int64_t(blk) * p.ks_sb + h * p.ks_sh;
 #pragma unroll
     for (int s = 0; s < 4; ++s) {
       const int d = S::dim(t * S::CH, s);
@@ -768,8 +816,8 @@ template <int D, int GP> struct KeyScales {  // a block's channel scales and zer
     }
   }
 
-  __device__ __forceinline__ void load(const DecodeParams& p, int64_t blk, int h, int t) {
-    const int64_t off = blk * p.ks_sb + h * p.ks_sh;
+  __device__ __forceinline__ void load(const DecodeParams& p, int blk, int h, int t) {
+    const int64_t off = int64_t(blk) * p.ks_sb + h * p.ks_sh;
 #pragma unroll
     for (int s = 0; s < 4; ++s) {
       const int d = S::dim(t * S::CH, s);
@@ -868,20 +916,20 @@ __global__ void __launch_bounds__(128, Kivi2Shape<D, GP>::MIN_BLOCKS) decode2_ke
   int col = -1, blk_next = 0;
   if (nq > 0) {
     const int s0 = tiles.start(0);
-    const int64_t blk = bt_row[s0 / p.bs];
-    cur.load(p, h, blk, s0 % p.bs, g, t);
+    const int blk = bt_row[s0 >> p.bs_shift];
+    cur.load(p, h, blk, s0 & (p.bs - 1), g, t);
     kscale.load(p, blk, h, t);
     kscale.fold(qh, qf, cblk);
-    col = s0 / p.bs;
+    col = s0 >> p.bs_shift;
   }
-  if (nq > 1) blk_next = bt_row[tiles.start(1) / p.bs];
+  if (nq > 1) blk_next = bt_row[tiles.start(1) >> p.bs_shift];
   for (int i = 0; i < nq; ++i) {
     const int start = tiles.start(i);
     const bool more = i + 1 < nq;
-    const int col_next = more ? tiles.start(i + 1) / p.bs : col;
-    const int blk_after = i + 2 < nq ? bt_row[tiles.start(i + 2) / p.bs] : 0;
-    if (more) nxt.load(p, h, blk_next, tiles.start(i + 1) % p.bs, g, t);
-    if (PF && i + 2 < nq) nxt.template load<true>(p, h, blk_after, tiles.start(i + 2) % p.bs, g, t);
+    const int col_next = more ? tiles.start(i + 1) >> p.bs_shift : col;
+    const int blk_after = i + 2 < nq ? bt_row[tiles.start(i + 2) >> p.bs_shift] : 0;
+    if (more) nxt.load(p, h, blk_next, tiles.start(i + 1) & (p.bs - 1), g, t);
+    if (PF && i + 2 < nq) nxt.template load<true>(p, h, blk_after, tiles.start(i + 2) & (p.bs - 1), g, t);
     if (col_next != col) kscale.prefetch(p, blk_next, h, t);
 
     float s[2][4];
