@@ -83,14 +83,16 @@ def loop_body(sass: str) -> list[str]:
     return found[0] if found else []
 
 
-# CUDA kernel per format at head dim 128: (mangled name prefix, tokens per loop iteration)
-CUDA_KERNELS = {"fp8": ("decode8_kernelILi128ELi1E", 16), "int8": ("decode8_kernelILi128ELi2E", 16),
-                "int4": ("decode4_kernelILi128ELi32E", 16), "int4-g32": ("decode4_kernelILi128ELi16E", 16),
-                "kivi2": ("decode2_kernelILi128ELi16E", 32)}
+# CUDA kernel per format at head dim 128: (mangled name prefix, tokens per step, HMMA per step). A loop
+# unrolled by two (tile_loop's PINGPONG) has twice the HMMA and covers twice the tokens.
+CUDA_KERNELS = {"fp8": ("decode8_kernelILi128ELi1E", 16, 16), "int8": ("decode8_kernelILi128ELi2E", 16, 16),
+                "int4": ("decode4_kernelILi128ELi32E", 16, 16), "int4-g32": ("decode4_kernelILi128ELi16E", 16, 16),
+                "kivi2": ("decode2_kernelILi128ELi16E", 32, 48)}
 
 
-def loops(sass: str) -> list[list[str]]:
-    """Bodies of the backward branches of one function's SASS, largest first."""
+def loops(sass: str, innermost: bool = False) -> list[list[str]]:
+    """Bodies of the backward branches of one function's SASS, largest first (``innermost``: only those
+    that enclose no other)."""
     labels, instrs = {}, []
     for line in sass.splitlines():
         m = re.match(r"^(\.L_x_\d+):", line.strip())
@@ -100,13 +102,15 @@ def loops(sass: str) -> list[list[str]]:
         m = re.match(r"^\s+/\*[0-9a-f]+\*/\s+(.*?);", line)
         if m:
             instrs.append(m.group(1))
-    out = []
+    spans = []
     for i, text in enumerate(instrs):
         op = re.sub(r"^@!?U?P\w+\s+", "", text).split()[0]
         target = re.search(r"(\.L_x_\d+)", text)
         if op == "BRA" and target and labels.get(target.group(1), 1 << 60) < i:
-            out.append(instrs[labels[target.group(1)]:i + 1])
-    return sorted(out, key=len, reverse=True)
+            spans.append((labels[target.group(1)], i + 1))
+    if innermost:  # drop spans that enclose another (an outer loop, or a branch around several loops)
+        spans = [(a, b) for a, b in spans if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in spans)]
+    return sorted((instrs[a:b] for a, b in spans), key=len, reverse=True)
 
 
 def cuda_main(kind: str, prefetch: bool, top: int) -> None:
@@ -118,20 +122,24 @@ def cuda_main(kind: str, prefetch: bool, top: int) -> None:
     cubin = "/tmp/offline_sass_cuda.cubin"
     res = subprocess.run([nvcc, "-O3", "-std=c++17", "-cubin", "-gencode=arch=compute_90,code=sm_90", "-Xptxas", "-v",
                           "-o", cubin, str(cuda_decode.SOURCE)], capture_output=True, text=True, check=True)
-    name, tokens = CUDA_KERNELS[kind]
+    name, step_tokens, step_mma = CUDA_KERNELS[kind]
     name += "Lb1E" if prefetch else "Lb0E"
     info = res.stderr.split(name, 1)[1].split("Compiling entry", 1)[0]
     regs = " ".join(l.split("info    :")[-1].strip() for l in info.splitlines() if "registers" in l or "spill" in l)
     sass = subprocess.run([_bin("nvdisasm"), "-c", cubin], capture_output=True, text=True, check=True).stdout
     func = sass.split(f"{name}EEv12DecodeParams:", 1)[1].split("//---------------------", 1)[0]
     print(f"{kind} (CUDA, {name}): {regs}")
-    for body in loops(func):
+    for body in loops(func, innermost=True):
         if len(body) < 40:
             continue
         ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0] for t in body)
         mma = sum(v for k, v in ops.items() if k.startswith("HMMA"))
-        print(f"loop: {len(body)} instructions ({mma} HMMA) per warp per iteration = {len(body) / tokens:.1f} warp "
-              f"instructions per token and KV head if it is the {tokens}-token main loop")
+        if mma % step_mma == 0 and mma:  # a main loop: its tokens per iteration from its products
+            tokens = step_tokens * mma // step_mma
+            print(f"main loop: {len(body)} instructions ({mma} HMMA) per warp per {tokens} tokens = "
+                  f"{len(body) / tokens:.1f} warp instructions per token and KV head")
+        else:
+            print(f"loop: {len(body)} instructions ({mma} HMMA)")
         print("  " + ", ".join(f"{k} {v}" for k, v in ops.most_common(top)))
 
 

@@ -17,3 +17,18 @@ def test_offline_sass_reports_the_main_loop():
     assert "main loop:" in proc.stdout and "warp instructions per token" in proc.stdout, proc.stdout
     n = int(proc.stdout.split("main loop: ")[1].split()[0])
     assert n > 100, proc.stdout
+
+
+def test_offline_sass_cuda_kernel_loop():
+    """--cuda: the CUDA decode kernel (nvcc) and its main loop's instructions per token."""
+    from constant_state.kernels.paged_attention import cuda_decode
+
+    pytest.importorskip("triton")
+    if cuda_decode._nvcc() is None:
+        pytest.skip("nvcc not installed")
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, "benchmarks/offline_sass.py", "--cuda", "--kind", "kivi2"],
+                          cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("main loop:"))
+    assert "(48 HMMA)" in line and float(line.split("= ")[1].split()[0]) > 5, proc.stdout

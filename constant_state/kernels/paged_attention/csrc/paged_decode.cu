@@ -317,6 +317,25 @@ struct Softmax {
   }
 };
 
+// The tile loop: step(cur, nxt, i) computes tile i from `cur` and loads tile i + 1 into `nxt`. PINGPONG:
+// unrolled by two with the buffers swapped (no copies; copying a tile's registers cost about 45 moves
+// per tile); else nxt is copied into cur after each step (fewer live registers where the unrolled
+// loop would spill).
+template <bool PINGPONG, class T, class Step>
+__device__ __forceinline__ void tile_loop(int n, T& a, T& b, Step&& step) {
+  if constexpr (PINGPONG) {
+    for (int i = 0; i < n; i += 2) {
+      step(a, b, i);
+      if (i + 1 < n) step(b, a, i + 1);
+    }
+  } else {
+    for (int i = 0; i < n; ++i) {
+      step(a, b, i);
+      a = b;
+    }
+  }
+}
+
 // Writes head 2t + j's values val[e] at dims dim(e) (normalised), or its partial and (m, l).
 template <int NV, class Dim>
 __device__ __forceinline__ void store_head(const DecodeParams& p, int b, int h, int split, int head, const float* val,
@@ -448,14 +467,14 @@ __global__ void __launch_bounds__(128, 3) decode8_kernel(const DecodeParams p) {
   float psum[2] = {0.f, 0.f};  // int8: sum of the rounded P' per head 2t + j, this lane's rows
   Softmax sm;
 
-  Tile8<D> cur, nxt;
+  Tile8<D> tile_a, tile_b;
   int blk_next = 0;
   if (tiles.n > 0) {
     const int s0 = tiles.start(0);
-    cur.load(p, h, bt_row[s0 >> p.bs_shift], s0 & (p.bs - 1), g, t);
+    tile_a.load(p, h, bt_row[s0 >> p.bs_shift], s0 & (p.bs - 1), g, t);
   }
   if (tiles.n > 1) blk_next = bt_row[tiles.start(1) >> p.bs_shift];
-  for (int i = 0; i < tiles.n; ++i) {
+  auto step = [&](Tile8<D>& cur, Tile8<D>& nxt, const int i) {
     const int start = tiles.start(i);
     const int blk_after = i + 2 < tiles.n ? bt_row[tiles.start(i + 2) >> p.bs_shift] : 0;
     if (i + 1 < tiles.n) nxt.load(p, h, blk_next, tiles.start(i + 1) & (p.bs - 1), g, t);
@@ -496,9 +515,9 @@ __global__ void __launch_bounds__(128, 3) decode8_kernel(const DecodeParams p) {
         cs_mma16816(o[2 * j + half], r0, r1, r2, r3, pb0, pb1);
       }
     }
-    cur = nxt;
     blk_next = blk_after;
-  }
+  };
+  tile_loop<true>(tiles.n, tile_a, tile_b, step);
 
   // Head 2t + j: o[mi][2 hh + j] is dim g D/8 + 2 mi + hh.
 #pragma unroll
@@ -540,6 +559,7 @@ template <int D, int GP> struct Int4Shape {
   static constexpr int NG = D / (2 * GP);  // groups per token
   static constexpr int CW = GP / 16;       // key words per thread and group
   static constexpr int MT = D / 16;        // m-tiles of O^T (value words per thread)
+  static constexpr bool PINGPONG = D == 64 || GP == 32;  // tile_loop (head dim 128, groups of 32: spills)
 };
 
 // fp16 pairs 1024 + (bits of w under mask, bytes 0 and 2), exact for masks of at most 10 low bits per half.
@@ -640,14 +660,14 @@ __global__ void __launch_bounds__(128, 3) decode4_kernel(const DecodeParams p) {
   for (int gi = 0; gi < NG; ++gi) psum[gi][0] = psum[gi][1] = zacc[gi][0] = zacc[gi][1] = 0.f;
   Softmax sm;
 
-  Tile4<D, GP> cur, nxt;
+  Tile4<D, GP> tile_a, tile_b;
   int blk_next = 0;
   if (tiles.n > 0) {
     const int s0 = tiles.start(0);
-    cur.load(p, h, bt_row[s0 >> p.bs_shift], s0 & (p.bs - 1), r0, g, t);
+    tile_a.load(p, h, bt_row[s0 >> p.bs_shift], s0 & (p.bs - 1), r0, g, t);
   }
   if (tiles.n > 1) blk_next = bt_row[tiles.start(1) >> p.bs_shift];
-  for (int i = 0; i < tiles.n; ++i) {
+  auto step = [&](Tile4<D, GP>& cur, Tile4<D, GP>& nxt, const int i) {
     const int start = tiles.start(i);
     const int blk_after = i + 2 < tiles.n ? bt_row[tiles.start(i + 2) >> p.bs_shift] : 0;
     if (i + 1 < tiles.n) nxt.load(p, h, blk_next, tiles.start(i + 1) & (p.bs - 1), r0, g, t);
@@ -706,9 +726,9 @@ __global__ void __launch_bounds__(128, 3) decode4_kernel(const DecodeParams p) {
                  fp16_codes(w8, 0x00F000F0u), pb0, pb1);
       }
     }
-    cur = nxt;
     blk_next = blk_after;
-  }
+  };
+  tile_loop<S::PINGPONG>(tiles.n, tile_a, tile_b, step);
 
   // Head 2t + j: o[mi][j] is dim lo(8 mi + g), o[mi][2 + j] dim lo(8 mi + g) + GP (x 16).
 #pragma unroll
@@ -767,6 +787,7 @@ template <int D, int GP> struct Kivi2Shape {
   // Blocks per SM: head dim 128 with groups of 32 (4 value scale pairs per token) spills 316 bytes at
   // 168 registers (3 blocks), so it takes 2 blocks and up to 255 registers.
   static constexpr int MIN_BLOCKS = D == 128 && GP == 8 ? 2 : 3;
+  static constexpr bool PINGPONG = D == 64 || GP == 8;  // tile_loop (spills at 168 registers otherwise)
   static __device__ __forceinline__ int dim(int i, int s) { return (i / GP) * 4 * GP + s * GP + i % GP; }
 };
 
@@ -911,19 +932,19 @@ __global__ void __launch_bounds__(128, Kivi2Shape<D, GP>::MIN_BLOCKS) decode2_ke
   // ---- quantized steps: codes of the next step and the next block's channel scales loaded ahead ----
   uint32_t qf[KW][4][2];
   float cblk[2] = {0.f, 0.f};
-  Step2<D, GP> cur, nxt;
+  Step2<D, GP> tile_a, tile_b;
   KeyScales<D, GP> kscale;
   int col = -1, blk_next = 0;
   if (nq > 0) {
     const int s0 = tiles.start(0);
     const int blk = bt_row[s0 >> p.bs_shift];
-    cur.load(p, h, blk, s0 & (p.bs - 1), g, t);
+    tile_a.load(p, h, blk, s0 & (p.bs - 1), g, t);
     kscale.load(p, blk, h, t);
     kscale.fold(qh, qf, cblk);
     col = s0 >> p.bs_shift;
   }
   if (nq > 1) blk_next = bt_row[tiles.start(1) >> p.bs_shift];
-  for (int i = 0; i < nq; ++i) {
+  auto step = [&](Step2<D, GP>& cur, Step2<D, GP>& nxt, const int i) {
     const int start = tiles.start(i);
     const bool more = i + 1 < nq;
     const int col_next = more ? tiles.start(i + 1) >> p.bs_shift : col;
@@ -985,9 +1006,9 @@ __global__ void __launch_bounds__(128, Kivi2Shape<D, GP>::MIN_BLOCKS) decode2_ke
         }
       }
     }
-    cur = nxt;
     blk_next = blk_after;
-  }
+  };
+  tile_loop<S::PINGPONG>(nq, tile_a, tile_b, step);
 
   // ---- residual steps: fp16 keys and values of the row's window ----
   const int64_t res_tok = int64_t(p.hkv) * D;  // elements between a window's tokens
