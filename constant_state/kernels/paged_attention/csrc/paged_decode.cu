@@ -399,23 +399,22 @@ template <int D> struct Tile8 {
 
   template <bool PF = false>
   __device__ __forceinline__ void load(const DecodeParams& p, int h, int blk, int tb, int g, int t) {
-    const uint8_t* kb = p.k + int64_t(blk) * p.k_sb;
-    const unsigned ko = h * p.k_sh + t * (D / 4) + (tb + g) * p.k_st;
-    fetch<PF>(k0, kb + ko);
-    fetch<PF>(k1, kb + (ko + 8 * p.k_st));
-    const uint8_t* vb = p.v + int64_t(blk) * p.v_sb;
-    const unsigned vo = h * p.v_sh + g * (D / 8) + (tb + 2 * t) * p.v_st;
-    fetch<PF>(v[0], vb + vo);
-    fetch<PF>(v[1], vb + (vo + p.v_st));
-    fetch<PF>(v[2], vb + (vo + 8 * p.v_st));
-    fetch<PF>(v[3], vb + (vo + 9 * p.v_st));
-    const __half* ksp = p.ks + int64_t(blk) * p.ks_sb;
-    const __half* vsp = p.vs + int64_t(blk) * p.vs_sb;
-    const unsigned kso = h * p.ks_sh + (tb + g) * p.ks_st, vso = h * p.vs_sh + (tb + g) * p.vs_st;
-    fetch<PF>(ks0, ksp + kso);
-    fetch<PF>(ks1, ksp + (kso + 8 * p.ks_st));
-    fetch<PF>(vs0, vsp + vso);
-    fetch<PF>(vs1, vsp + (vso + 8 * p.vs_st));
+    // A pointer per lane and tile (one wide multiply-add), then offsets from it (32-bit offsets added
+    // before the pointer would be recomputed per load: unsigned sums may wrap).
+    const uint8_t* kp = p.k + int64_t(blk) * p.k_sb + (h * p.k_sh + t * (D / 4) + (tb + g) * p.k_st);
+    fetch<PF>(k0, kp);
+    fetch<PF>(k1, kp + 8 * p.k_st);
+    const uint8_t* vp = p.v + int64_t(blk) * p.v_sb + (h * p.v_sh + g * (D / 8) + (tb + 2 * t) * p.v_st);
+    fetch<PF>(v[0], vp);
+    fetch<PF>(v[1], vp + p.v_st);
+    fetch<PF>(v[2], vp + 8 * p.v_st);
+    fetch<PF>(v[3], vp + 9 * p.v_st);
+    const __half* ksp = p.ks + (int64_t(blk) * p.ks_sb + (h * p.ks_sh + (tb + g) * p.ks_st));
+    const __half* vsp = p.vs + (int64_t(blk) * p.vs_sb + (h * p.vs_sh + (tb + g) * p.vs_st));
+    fetch<PF>(ks0, ksp);
+    fetch<PF>(ks1, ksp + 8 * p.ks_st);
+    fetch<PF>(vs0, vsp);
+    fetch<PF>(vs1, vsp + 8 * p.vs_st);
   }
 };
 
@@ -573,27 +572,27 @@ template <int D, int GP> struct Tile4 {
 
   template <bool PF = false>
   __device__ __forceinline__ void load(const DecodeParams& p, int h, int blk, int tb, int r0, int g, int t) {
-    const uint8_t* kb = p.k + int64_t(blk) * p.k_sb;
-    const unsigned ko = h * p.k_sh + t * (GP / 4) + (tb + r0) * p.k_st;
+    const uint8_t* k0p = p.k + int64_t(blk) * p.k_sb + (h * p.k_sh + t * (GP / 4) + (tb + r0) * p.k_st);
+    const uint8_t* k1p = k0p + p.k_st;
 #pragma unroll
     for (int gi = 0; gi < S::NG; ++gi) {
-      fetch<PF>(k0[gi], kb + (ko + gi * GP));
-      fetch<PF>(k1[gi], kb + (ko + p.k_st + gi * GP));
+      fetch<PF>(k0[gi], k0p + gi * GP);
+      fetch<PF>(k1[gi], k1p + gi * GP);
     }
-    const uint8_t* vb = p.v + int64_t(blk) * p.v_sb;
-    const unsigned vo = h * p.v_sh + (tb + 4 * t) * p.v_st + g * p.v_sc;
+    const uint8_t* vp = p.v + int64_t(blk) * p.v_sb + (h * p.v_sh + (tb + 4 * t) * p.v_st + g * p.v_sc);
 #pragma unroll
-    for (int mi = 0; mi < S::MT; ++mi) fetch<PF>(v[mi], vb + (vo + 8 * mi * p.v_sc));
-    const int64_t kbs = int64_t(blk) * p.ks_sb, vbs = int64_t(blk) * p.vs_sb;
-    const unsigned kso = h * p.ks_sh + (tb + r0) * p.ks_st, vso = h * p.vs_sh + (tb + r0) * p.vs_st;
-    fetch<PF>(ks0, p.ks + kbs + kso);
-    fetch<PF>(ks1, p.ks + kbs + (kso + p.ks_st));
-    fetch<PF>(kz0, p.kz + kbs + kso);
-    fetch<PF>(kz1, p.kz + kbs + (kso + p.ks_st));
-    fetch<PF>(vs0, p.vs + vbs + vso);
-    fetch<PF>(vs1, p.vs + vbs + (vso + p.vs_st));
-    fetch<PF>(vz0, p.vz + vbs + vso);
-    fetch<PF>(vz1, p.vz + vbs + (vso + p.vs_st));
+    for (int mi = 0; mi < S::MT; ++mi) fetch<PF>(v[mi], vp + 8 * mi * p.v_sc);
+    const int64_t kso = int64_t(blk) * p.ks_sb + (h * p.ks_sh + (tb + r0) * p.ks_st);
+    const int64_t vso = int64_t(blk) * p.vs_sb + (h * p.vs_sh + (tb + r0) * p.vs_st);
+    const __half *ksp = p.ks + kso, *kzp = p.kz + kso, *vsp = p.vs + vso, *vzp = p.vz + vso;
+    fetch<PF>(ks0, ksp);
+    fetch<PF>(ks1, ksp + p.ks_st);
+    fetch<PF>(kz0, kzp);
+    fetch<PF>(kz1, kzp + p.ks_st);
+    fetch<PF>(vs0, vsp);
+    fetch<PF>(vs1, vsp + p.vs_st);
+    fetch<PF>(vz0, vzp);
+    fetch<PF>(vz1, vzp + p.vs_st);
   }
 };
 
@@ -803,21 +802,20 @@ template <int D, int GP> struct Step2 {  // one 32-token step of quantized codes
 
   template <bool PF = false>
   __device__ __forceinline__ void load(const DecodeParams& p, int h, int blk, int tb, int g, int t) {
-    const uint8_t* kb = p.k + int64_t(blk) * p.k_sb;
-    const uint8_t* vb = p.v + int64_t(blk) * p.v_sb;
-    const int64_t vbs = int64_t(blk) * p.vs_sb;
-    const unsigned ko = h * p.k_sh + t * S::CH + (tb + 2 * g) * p.k_st, vso = h * p.vs_sh + (tb + 2 * g) * p.vs_st;
-    const unsigned vo = h * p.v_sh + (tb + 4 * t) * p.v_st + g * p.v_sc;
+    const uint8_t* kp = p.k + int64_t(blk) * p.k_sb + (h * p.k_sh + t * S::CH + (tb + 2 * g) * p.k_st);
+    const uint8_t* vp = p.v + int64_t(blk) * p.v_sb + (h * p.v_sh + (tb + 4 * t) * p.v_st + g * p.v_sc);
+    const int64_t so = int64_t(blk) * p.vs_sb + (h * p.vs_sh + (tb + 2 * g) * p.vs_st);
+    const __half *vsp = p.vs + so, *vzp = p.vz + so;
 #pragma unroll
     for (int u = 0; u < 2; ++u) {
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
-        fetch<PF>(k[u][r], kb + (ko + (16 * u + r) * p.k_st));
-        fetch<PF>(vs[u][r], p.vs + vbs + (vso + (16 * u + r) * p.vs_st));
-        fetch<PF>(vz[u][r], p.vz + vbs + (vso + (16 * u + r) * p.vs_st));
+        fetch<PF>(k[u][r], kp + (16 * u + r) * p.k_st);
+        fetch<PF>(vs[u][r], vsp + (16 * u + r) * p.vs_st);
+        fetch<PF>(vz[u][r], vzp + (16 * u + r) * p.vs_st);
       }
 #pragma unroll
-      for (int mb = 0; mb < S::MB; ++mb) fetch<PF>(v[u][mb], vb + (vo + 16 * u * p.v_st + 8 * mb * p.v_sc));
+      for (int mb = 0; mb < S::MB; ++mb) fetch<PF>(v[u][mb], vp + (16 * u * p.v_st + 8 * mb * p.v_sc));
     }
   }
 };
