@@ -13,9 +13,10 @@
 // them in place. The probabilities go from the accumulator layout of S^T to the B operand of the
 // second product by two movmatrix transposes. Scales multiply the rows of S^T or fold into P'.
 // The next tile's codes and scales, and the block id two tiles ahead, are loaded before the current
-// tile is used (copied between two register sets; two buffers used in turn, loop unrolled by two,
-// took 194 / 210 registers instead of 156 / 151 for fp8 / int4 at head dim 128, so fewer warps).
-// Blocks of 4 warps (splits), at least 3 resident per SM: 12 warps, at most 168 registers.
+// tile is used, into the second of two register buffers used in turn (tile_loop; copied where the
+// unrolled loop would spill). Blocks of 4 warps (splits), at least 3 resident per SM: 12 warps, at
+// most 168 registers (kivi2 with groups of 32: 2 blocks). `benchmarks/offline_sass.py --cuda` counts
+// the main loops' instructions.
 //
 // mma.sync m16n8k16 fragments, lane = 4 g + t: A reg0 (row g, k 2t..2t+1), reg1 (row g+8, same k),
 // reg2 (row g, k 2t+8..2t+9), reg3 (row g+8, k 2t+8..); B reg0 (k 2t..2t+1, col g), reg1 (k 2t+8..);
