@@ -358,6 +358,36 @@ __device__ __forceinline__ void store_head(const DecodeParams& p, int b, int h, 
   }
 }
 
+// Outputs of the packed formats (int4, kivi2), head 2t + j: rows of O^T less the code offset 1024 sum P'
+// of their value group, odd rows (codes read x `high`) divided back, plus the zero-point term, over l.
+// group(mi): m-tile mi's value group; dim(e): the head dim of this lane's value e (store_head).
+template <int D, int MT, int NG, class Group, class Dim>
+__device__ __forceinline__ void store_packed(const DecodeParams& p, int b, int h, int split, int g, int t,
+                                             const Softmax& sm, const float (&o)[MT][4], const float (&psum)[NG][2],
+                                             const float (&zacc)[NG][2], float high, Group group, Dim dim) {
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    const float l = xor_sum_g(sm.l[j]);
+    float ps[NG], zs[NG];
+#pragma unroll
+    for (int gi = 0; gi < NG; ++gi) {
+      ps[gi] = 1024.f * xor_sum_g(psum[gi][j]);
+      zs[gi] = xor_sum_g(zacc[gi][j]);
+    }
+    const int head = 2 * t + j;
+    if (head >= p.g) continue;
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    float val[2 * MT];
+#pragma unroll
+    for (int mi = 0; mi < MT; ++mi) {
+      const int gi = group(mi);
+      val[2 * mi] = ((o[mi][j] - ps[gi]) + zs[gi]) * inv;
+      val[2 * mi + 1] = ((o[mi][2 + j] - ps[gi]) * (1.f / high) + zs[gi]) * inv;
+    }
+    store_head<D / 8>(p, b, h, split, head, val, sm.m[j], l, g, dim);
+  }
+}
+
 // ------------------------------------------------------------------------------------------------
 // fp8 / int8. Thread (g, t) owns key bytes [t D/4, (t+1) D/4) of tokens g and g+8 (k 2t+{0,1} and
 // 2t+8+{0,1} of k-step kk <-> dims t D/4 + 4 kk + {0,1} and {2,3}), and value bytes [g D/8, (g+1) D/8)
@@ -731,30 +761,10 @@ __global__ void __launch_bounds__(128, 3) decode4_kernel(const DecodeParams p) {
   tile_loop<S::PINGPONG>(tiles.n, tile_a, tile_b, step);
 
   // Head 2t + j: o[mi][j] is dim lo(8 mi + g), o[mi][2 + j] dim lo(8 mi + g) + GP (x 16).
-#pragma unroll
-  for (int j = 0; j < 2; ++j) {
-    const float l = xor_sum_g(sm.l[j]);
-    float ps[NG], zs[NG];
-#pragma unroll
-    for (int gi = 0; gi < NG; ++gi) {
-      ps[gi] = 1024.f * xor_sum_g(psum[gi][j]);
-      zs[gi] = xor_sum_g(zacc[gi][j]);
-    }
-    const int head = 2 * t + j;
-    if (head >= p.g) continue;
-    const float inv = l > 0.f ? 1.f / l : 0.f;
-    float val[2 * MT];
-#pragma unroll
-    for (int mi = 0; mi < MT; ++mi) {
-      const int gi = 8 * mi / GP;
-      val[2 * mi] = ((o[mi][j] - ps[gi]) + zs[gi]) * inv;
-      val[2 * mi + 1] = ((o[mi][2 + j] - ps[gi]) * (1.f / 16) + zs[gi]) * inv;
-    }
-    store_head<D / 8>(p, b, h, split, head, val, sm.m[j], l, g, [&](int e) {
-      const int byte = 8 * (e >> 1) + g;
-      return (byte / GP) * 2 * GP + byte % GP + (e & 1) * GP;
-    });
-  }
+  store_packed<D>(p, b, h, split, g, t, sm, o, psum, zacc, 16.f, [](int mi) { return 8 * mi / GP; }, [&](int e) {
+    const int byte = 8 * (e >> 1) + g;
+    return (byte / GP) * 2 * GP + byte % GP + (e & 1) * GP;
+  });
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -928,6 +938,16 @@ __global__ void __launch_bounds__(128, Kivi2Shape<D, GP>::MIN_BLOCKS) decode2_ke
     }
   };
 
+  // A step's row masks (tokens 2g, 2g + 1 of each tile) and online softmax; rescales the sums.
+  auto softmax_step = [&](float (&s)[2][4], int start, bool (&ok)[2][2]) {
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+      ok[u][0] = visible(p, start + 16 * u + 2 * g, seq_len);
+      ok[u][1] = visible(p, start + 16 * u + 2 * g + 1, seq_len);
+    }
+    if (sm.tiles(s, ok, o, alpha)) rescale_sums();
+  };
+
   // ---- quantized steps: codes of the next step and the next block's channel scales loaded ahead ----
   uint32_t qf[KW][4][2];
   float cblk[2] = {0.f, 0.f};
@@ -975,12 +995,7 @@ __global__ void __launch_bounds__(128, Kivi2Shape<D, GP>::MIN_BLOCKS) decode2_ke
       col = col_next;
     }
     bool ok[2][2];
-#pragma unroll
-    for (int u = 0; u < 2; ++u) {
-      ok[u][0] = visible(p, start + 16 * u + 2 * g, seq_len);
-      ok[u][1] = visible(p, start + 16 * u + 2 * g + 1, seq_len);
-    }
-    if (sm.tiles(s, ok, o, alpha)) rescale_sums();
+    softmax_step(s, start, ok);
 #pragma unroll
     for (int u = 0; u < 2; ++u) {
 #pragma unroll
@@ -1034,12 +1049,7 @@ __global__ void __launch_bounds__(128, Kivi2Shape<D, GP>::MIN_BLOCKS) decode2_ke
       }
     }
     bool ok[2][2];
-#pragma unroll
-    for (int u = 0; u < 2; ++u) {
-      ok[u][0] = visible(p, start + 16 * u + 2 * g, seq_len);
-      ok[u][1] = visible(p, start + 16 * u + 2 * g + 1, seq_len);
-    }
-    if (sm.tiles(s, ok, o, alpha)) rescale_sums();
+    softmax_step(s, start, ok);
 #pragma unroll
     for (int u = 0; u < 2; ++u) {
       const uint32_t pb0 = cs_transpose8x8(pack_half2(s[u][0], s[u][1]));
@@ -1065,30 +1075,11 @@ __global__ void __launch_bounds__(128, Kivi2Shape<D, GP>::MIN_BLOCKS) decode2_ke
   }
 
   // Head 2t + j: o[mt][j] is dim(8 mb + g, 2 hh), o[mt][2 + j] dim(8 mb + g, 2 hh + 1) (x 4), mt = 2 mb + hh.
-#pragma unroll
-  for (int j = 0; j < 2; ++j) {
-    const float l = xor_sum_g(sm.l[j]);
-    float ps[NG], zs[NG];
-#pragma unroll
-    for (int gi = 0; gi < NG; ++gi) {
-      ps[gi] = 1024.f * xor_sum_g(psum[gi][j]);
-      zs[gi] = xor_sum_g(zacc[gi][j]);
-    }
-    const int head = 2 * t + j;
-    if (head >= p.g) continue;
-    const float inv = l > 0.f ? 1.f / l : 0.f;
-    float val[2 * MT];
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
-      const int gi = 8 * (mt >> 1) / GP;
-      val[2 * mt] = ((o[mt][j] - ps[gi]) + zs[gi]) * inv;
-      val[2 * mt + 1] = ((o[mt][2 + j] - ps[gi]) * 0.25f + zs[gi]) * inv;
-    }
-    store_head<D / 8>(p, b, h, split, head, val, sm.m[j], l, g, [&](int e) {
-      const int mt = e >> 1;
-      return S::dim(8 * (mt >> 1) + g, 2 * (mt & 1) + (e & 1));
-    });
-  }
+  store_packed<D>(p, b, h, split, g, t, sm, o, psum, zacc, 4.f, [](int mt) { return 8 * (mt >> 1) / GP; },
+                  [&](int e) {
+                    const int mt = e >> 1;
+                    return S::dim(8 * (mt >> 1) + g, 2 * (mt & 1) + (e & 1));
+                  });
 }
 
 // ------------------------------------------------------------------------------------------------
