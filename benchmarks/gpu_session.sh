@@ -54,4 +54,12 @@ if [ "$MODE" = decode ]; then
   python3 benchmarks/ab_quant_decode.py sdpa fp8:triton fp8:cuda int8:triton int8:cuda int4:triton int4:cuda \
     int4-g32:triton int4-g32:cuda kivi2:triton kivi2:cuda fp8:cuda:pf int4:cuda:pf kivi2:cuda:pf \
     2>&1 | tee "$OUT/ab_decode.log" | grep -v Warning | tail -20
+  if command -v ncu > /dev/null; then  # where the CUDA kernel's warps stall (one launch each)
+    for v in fp8:cuda int4:cuda kivi2:cuda; do
+      timeout 180 ncu --kernel-name regex:decode[248]_kernel --launch-skip 2 --launch-count 1 \
+        --section SpeedOfLight --section WarpStateStats --section Occupancy --section SchedulerStats \
+        python3 benchmarks/profile_decode.py "$v" > "$OUT/ncu_${v%%:*}.log" 2>&1
+      grep -E "Duration|Throughput|Warp Cycles|Issued Ipc|Achieved Occupancy|Stall" "$OUT/ncu_${v%%:*}.log" | head -20
+    done
+  fi
 fi

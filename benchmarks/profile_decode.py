@@ -5,7 +5,8 @@ It launches the decode kernel three times (compile, then two measured calls); pr
         --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \\
         --section Occupancy --section SchedulerStats python benchmarks/profile_decode.py int4
 
-Variants as in ab_quant_decode.py (``int4:64,2,5``, ``fp8:s3``).
+Variants as in ab_quant_decode.py (``int4:64,2,5``, ``fp8:s3``); the CUDA kernel (``int4:cuda``) is
+``--kernel-name regex:decode[248]_kernel``.
 """
 
 from __future__ import annotations
