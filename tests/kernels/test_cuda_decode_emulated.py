@@ -5,6 +5,9 @@ compared with the reference on the dequantized cache. This checks the kernels' i
 splits, scales, offsets and kivi2's residual windows in CI; the GPU tests
 (tests/gpu/test_paged_attention_gpu.py) check the hardware itself."""
 
+import os
+import shutil
+
 import pytest
 import torch
 from helpers import KIVI2_DECODE_CASES, KIVI2_DECODE_IDS, kivi2_decode_case
@@ -21,6 +24,8 @@ TIGHT = {torch.bfloat16: 1e-2, torch.float16: 2e-3}  # output rounding and fp16 
 def emulated(tmp_path_factory):
     if cuda_decode.cuda_include() is None:
         pytest.skip("no CUDA headers (cuda_fp16.h) on this machine")
+    if not (os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++")):
+        pytest.skip("no C++ compiler")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("CONSTANT_STATE_CACHE", str(tmp_path_factory.mktemp("emulated_cache")))
         cuda_decode.emulated_library.cache_clear()

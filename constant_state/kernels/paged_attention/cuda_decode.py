@@ -39,7 +39,10 @@ TILE = 16  # tokens per warp step (kivi2: STEPS)
 STEPS = {"kivi2": 32}
 # 1: each warp also prefetches the codes and scales of the tile two ahead into L2 (one prefetch per load;
 # no registers). Off until measured on the H200 (benchmarks/ab_quant_decode.py switch ``pf``).
-PREFETCH = int(os.environ.get("CONSTANT_STATE_DECODE_PREFETCH", "0"))
+PREFETCH = int(os.environ.get("CONSTANT_STATE_DECODE_PREFETCH", "0") == "1")
+if os.environ.get("CONSTANT_STATE_DECODE_PREFETCH", "0") not in ("0", "1"):
+    raise ValueError("CONSTANT_STATE_DECODE_PREFETCH must be 0 or 1, got "
+                     f"{os.environ['CONSTANT_STATE_DECODE_PREFETCH']!r}")
 WARPS = 4  # warps (splits) per block: the kernels' __launch_bounds__(128, 3) in paged_decode.cu
 
 
@@ -48,8 +51,8 @@ class _Params(ctypes.Structure):
                                                  "bt", "seq", "rk", "rv")]
                 + [(n, ctypes.c_int32) for n in ("k_sb", "k_st", "k_sh", "v_sb", "v_st", "v_sh",
                                                   "ks_sb", "ks_st", "ks_sh", "vs_sb", "vs_st", "vs_sh", "v_sc")]
-                + [(n, ctypes.c_int32) for n in ("hq", "hkv", "g", "m", "bs", "bs_shift", "window", "sinks", "has_window",
-                                                  "splits", "chunk", "q_bf16", "r", "prefetch")]
+                + [(n, ctypes.c_int32) for n in ("hq", "hkv", "g", "m", "bs", "bs_shift", "window", "sinks",
+                                                  "has_window", "splits", "chunk", "q_bf16", "r", "prefetch")]
                 + [("scale_log2", ctypes.c_float)])
 
 
