@@ -233,6 +233,33 @@ def test_generate_on_gpu(fmt):
 
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("fmt", ["fp8", "int8", "int4", "kivi2"])
+def test_model_decode_step_cuda_kernel(fmt, monkeypatch):
+    """A model's decode steps through the CUDA decode kernel (CONSTANT_STATE_DECODE=cuda) give the logits
+    of the same steps through the Triton kernel (same weights, same prompt, same cache format)."""
+    import constant_state as cs
+    from constant_state.kernels.paged_attention import decode
+    from constant_state.models.config import TransformerConfig
+
+    _need_cuda_decode()
+    cfg = TransformerConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_layers=2, num_heads=8,
+                            num_kv_heads=2, head_dim=64, dtype="bfloat16")
+    m = cs.build_model(cfg, dtype="bfloat16", seed=0).to("cuda")
+    m.kv_config = cs.KVConfig(format=fmt, **({"residual_window": 32} if fmt == "kivi2" else {}))
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 256, (3, 70), generator=gen).to("cuda")
+    steps = torch.randint(0, 256, (3, 5), generator=gen).to("cuda")
+    logits = {}
+    for backend in ("triton", "cuda"):
+        monkeypatch.setattr(decode, "DECODE_BACKEND", backend)
+        state = m.init_state(3, max_context=80)
+        with torch.inference_mode():
+            m(ids, state)
+            logits[backend] = torch.stack([m(steps[:, i:i + 1], state)[0][:, -1].float() for i in range(5)])
+    a, b = logits["triton"], logits["cuda"]
+    assert (a - b).abs().max().item() <= 0.05 * a.abs().max().item(), fmt
+
+
 @pytest.mark.parametrize("gqa", [1, 4, 8])
 @pytest.mark.parametrize("d", [64, 128])
 def test_kivi2(gqa, d, backend, monkeypatch):
