@@ -53,6 +53,7 @@ if [ "$MODE" = decode ]; then
     2>&1 | tee "$OUT/decode_tests.log" | tail -30
   python3 benchmarks/ab_quant_decode.py sdpa fp8:triton fp8:cuda int8:triton int8:cuda int4:triton int4:cuda \
     int4-g32:triton int4-g32:cuda kivi2:triton kivi2:cuda fp8:cuda:pf int4:cuda:pf kivi2:cuda:pf \
+    int4:cuda:bs32 kivi2:cuda:bs64 \
     2>&1 | tee "$OUT/ab_decode.log" | grep -v Warning | tail -20
   if command -v ncu > /dev/null; then  # where the CUDA kernel's warps stall (one launch each)
     for v in fp8:cuda int4:cuda kivi2:cuda; do
