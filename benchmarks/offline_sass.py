@@ -124,6 +124,8 @@ def cuda_main(kind: str, prefetch: bool, top: int) -> None:
                           "-o", cubin, str(cuda_decode.SOURCE)], capture_output=True, text=True, check=True)
     name, step_tokens, step_mma = CUDA_KERNELS[kind]
     name += "Lb1E" if prefetch else "Lb0E"
+    if kind in ("int4", "int4-g32", "kivi2"):  # packed formats: the block size is a template parameter
+        name += f"Li{FORMATS[kind][3]}E"
     info = res.stderr.split(name, 1)[1].split("Compiling entry", 1)[0]
     regs = " ".join(l.split("info    :")[-1].strip() for l in info.splitlines() if "registers" in l or "spill" in l)
     sass = subprocess.run([_bin("nvdisasm"), "-c", cubin], capture_output=True, text=True, check=True).stdout

@@ -6,7 +6,7 @@ the tiles through shared memory. ``csrc/paged_decode.cu`` gives each warp its ow
 and output partial, reads the codes from global memory straight into the tensor-core operand
 registers, and needs no shared memory or barrier in its loop (layouts at the top of the file).
 
-The source is compiled at first use by ``nvcc`` for the device's architecture (about 10 s) into
+The source is compiled at first use by ``nvcc`` for the device's architecture (about 25 s) into
 ``$CONSTANT_STATE_CACHE`` (default ``~/.cache/constant_state``), written atomically and keyed by a
 hash of the source, the architecture and nvcc's version, and called through ``ctypes`` on torch's
 current CUDA stream (CUDA-graph capturable). Without nvcc, or below compute capability 8.9 (the
@@ -33,6 +33,7 @@ EMULATION = SOURCE.with_name("warp_emulation.h")  # CPU twin of its warp primiti
 KINDS = {"fp8": 1, "int8": 2, "int4": 3, "kivi2": 4}
 INT4_GROUPS = (32, 64)
 KIVI2_GROUPS = (32, 64, 128)  # 8+ bytes per group: a thread's key bytes and a value byte block stay in one
+BLOCK_SIZES = {"int4": (16, 32, 64), "kivi2": (32, 64)}  # compiled block sizes of the packed formats
 HEAD_DIMS = (64, 128)
 MAX_GROUP = 8  # query heads per KV head: the 8 columns of the tensor-core tile
 TILE = 16  # tokens per warp step (kivi2: STEPS)
@@ -127,7 +128,7 @@ def build_emulated(cxx: str | None = None) -> Path:
 def _load(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     lib.cs_decode.argtypes = [ctypes.POINTER(_Params)] + [ctypes.c_int] * 6 + [ctypes.c_void_p]
-    lib.cs_decode_occupancy.argtypes = [ctypes.c_int] * 6 + [ctypes.POINTER(ctypes.c_int)]
+    lib.cs_decode_occupancy.argtypes = [ctypes.c_int] * 7 + [ctypes.POINTER(ctypes.c_int)]
     if lib.cs_decode_params_size() != ctypes.sizeof(_Params):
         raise RuntimeError(f"{SOURCE.name} and cuda_decode._Params disagree on the parameter layout")
     return lib
@@ -174,13 +175,14 @@ def supports(kind: str, group: int, q: torch.Tensor, k: torch.Tensor, v: torch.T
              res_k: torch.Tensor | None = None, res_v: torch.Tensor | None = None) -> bool:
     """Shapes and dtypes this kernel serves (else the Triton kernel does): one query token in bf16 or
     fp16, head dim 64 or 128, at most 8 query heads per KV head, blocks of a power of two >= 16 tokens
-    (kivi2: >= 32) of < 2^31 bytes; value codes in the keys' layout (fp8, int8) or token-contiguous (int4, groups of 32
-    or 64 dims; kivi2, groups of 32 to 128, with contiguous fp16 residual windows ``[B, R, Hkv, D]``)."""
+    of < 2^31 bytes (int4: 16, 32 or 64 tokens; kivi2: 32 or 64, ``BLOCK_SIZES``); value codes in the
+    keys' layout (fp8, int8) or token-contiguous (int4, groups of 32 or 64 dims; kivi2, groups of 32 to
+    128, with contiguous fp16 residual windows ``[B, R, Hkv, D]``)."""
     b, t, hq, d = q.shape
     if kind == "int4":
-        layout_ok = is_token_contiguous(v) and group in INT4_GROUPS
+        layout_ok = is_token_contiguous(v) and group in INT4_GROUPS and k.shape[1] in BLOCK_SIZES[kind]
     elif kind == "kivi2":
-        layout_ok = (is_token_contiguous(v) and group in KIVI2_GROUPS and k.shape[1] % STEPS[kind] == 0
+        layout_ok = (is_token_contiguous(v) and group in KIVI2_GROUPS and k.shape[1] in BLOCK_SIZES[kind]
                      and all(x is not None and x.dtype == torch.float16 and x.is_contiguous()
                              and x.shape[0] == b and x.shape[2:] == (hkv, d) for x in (res_k, res_v)))
     else:
@@ -192,11 +194,11 @@ def supports(kind: str, group: int, q: torch.Tensor, k: torch.Tensor, v: torch.T
 
 
 @functools.lru_cache(maxsize=64)
-def warp_slots(kind: str, d: int, group: int, device_index: int, prefetch: int = 0) -> int:
+def warp_slots(kind: str, d: int, group: int, device_index: int, prefetch: int = 0, bs: int = 16) -> int:
     """Warps resident on the whole GPU at once (CUDA occupancy calculator x SMs x warps per block)."""
     lib = _library(_arch(torch.device("cuda", device_index)))
     blocks = ctypes.c_int(0)
-    err = lib.cs_decode_occupancy(KINDS[kind], d, group, prefetch, WARPS, device_index, ctypes.byref(blocks))
+    err = lib.cs_decode_occupancy(KINDS[kind], d, group, bs, prefetch, WARPS, device_index, ctypes.byref(blocks))
     if err:
         raise RuntimeError(f"cudaOccupancyMaxActiveBlocksPerMultiprocessor failed ({err})")
     sms = torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -239,7 +241,8 @@ def decode(q, kind, group, tensors, block_tables, seq_lens, scale, sliding_windo
 
     d, dev = q.shape[-1], q.device.index or 0
     p, out, part, ml, splits = _params(q, kind, group, tensors, block_tables, seq_lens, scale, sliding_window,
-                                       sinks, num_splits, lambda: warp_slots(kind, d, group, dev, PREFETCH), res_k, res_v)
+                                       sinks, num_splits, lambda: warp_slots(kind, d, group, dev, PREFETCH, tensors[0].shape[1]),
+                                       res_k, res_v)
     err = _library(_arch(q.device)).cs_decode(ctypes.byref(p), KINDS[kind], d, group, q.shape[0], WARPS, dev,
                                              torch.cuda.current_stream(q.device).cuda_stream)
     if err:

@@ -595,7 +595,7 @@ template <int D, int GP> struct Int4Shape {
 // fp16 pairs 1024 + (bits of w under mask, bytes 0 and 2), exact for masks of at most 10 low bits per half.
 __device__ __forceinline__ uint32_t fp16_codes(uint32_t w, uint32_t mask) { return cs_and_or(w, mask, 0x64006400u); }
 
-template <int D, int GP> struct Tile4 {
+template <int D, int GP, int BS> struct Tile4 {  // BS: tokens per block (value byte stride)
   using S = Int4Shape<D, GP>;
   Words<S::CW> k0[S::NG], k1[S::NG];  // key words of group gi, tokens r0 = rho(g), r0 + 1
   uint32_t v[S::MT];                  // value byte 8 mi + g, tokens 4t..4t+3
@@ -610,9 +610,9 @@ template <int D, int GP> struct Tile4 {
       fetch<PF>(k0[gi], k0p + gi * GP);
       fetch<PF>(k1[gi], k1p + gi * GP);
     }
-    const uint8_t* vp = p.v + int64_t(blk) * p.v_sb + (h * p.v_sh + (tb + 4 * t) * p.v_st + g * p.v_sc);
+    const uint8_t* vp = p.v + int64_t(blk) * p.v_sb + (h * p.v_sh + tb + 4 * t + g * BS);  // token-contiguous
 #pragma unroll
-    for (int mi = 0; mi < S::MT; ++mi) fetch<PF>(v[mi], vp + 8 * mi * p.v_sc);
+    for (int mi = 0; mi < S::MT; ++mi) fetch<PF>(v[mi], vp + 8 * mi * BS);
     const int64_t kso = int64_t(blk) * p.ks_sb + (h * p.ks_sh + (tb + r0) * p.ks_st);
     const int64_t vso = int64_t(blk) * p.vs_sb + (h * p.vs_sh + (tb + r0) * p.vs_st);
     const __half *ksp = p.ks + kso, *kzp = p.kz + kso, *vsp = p.vs + vso, *vzp = p.vz + vso;
@@ -627,7 +627,7 @@ template <int D, int GP> struct Tile4 {
   }
 };
 
-template <int D, int GP, bool PF>
+template <int D, int GP, bool PF, int BS>
 __global__ void __launch_bounds__(128, 3) decode4_kernel(const DecodeParams p) {
   using S = Int4Shape<D, GP>;
   constexpr int NG = S::NG, CW = S::CW, MT = S::MT;
@@ -690,14 +690,14 @@ __global__ void __launch_bounds__(128, 3) decode4_kernel(const DecodeParams p) {
   for (int gi = 0; gi < NG; ++gi) psum[gi][0] = psum[gi][1] = zacc[gi][0] = zacc[gi][1] = 0.f;
   Softmax sm;
 
-  Tile4<D, GP> tile_a, tile_b;
+  Tile4<D, GP, BS> tile_a, tile_b;
   int blk_next = 0;
   if (tiles.n > 0) {
     const int s0 = tiles.start(0);
     tile_a.load(p, h, bt_row[s0 >> p.bs_shift], s0 & (p.bs - 1), r0, g, t);
   }
   if (tiles.n > 1) blk_next = bt_row[tiles.start(1) >> p.bs_shift];
-  auto step = [&](Tile4<D, GP>& cur, Tile4<D, GP>& nxt, const int i) {
+  auto step = [&](Tile4<D, GP, BS>& cur, Tile4<D, GP, BS>& nxt, const int i) {
     const int start = tiles.start(i);
     const int blk_after = i + 2 < tiles.n ? bt_row[tiles.start(i + 2) >> p.bs_shift] : 0;
     if (i + 1 < tiles.n) nxt.load(p, h, blk_next, tiles.start(i + 1) & (p.bs - 1), r0, g, t);
@@ -805,7 +805,7 @@ template <int D, int GP> struct Kivi2Shape {
 __device__ __forceinline__ uint32_t even_halves(uint32_t x, uint32_t y) { return __byte_perm(x, y, 0x5410); }
 __device__ __forceinline__ uint32_t odd_halves(uint32_t x, uint32_t y) { return __byte_perm(x, y, 0x7632); }
 
-template <int D, int GP> struct Step2 {  // one 32-token step of quantized codes and value scales
+template <int D, int GP, int BS> struct Step2 {  // one 32-token step of codes and value scales; BS as Tile4
   using S = Kivi2Shape<D, GP>;
   Words<S::KW> k[2][2];              // [tile][row g / g + 8]: key words of tokens 2g, 2g + 1
   uint32_t v[2][S::MB];              // [tile][byte block]: byte 8 mb + g of tokens 4t..4t+3
@@ -814,7 +814,7 @@ template <int D, int GP> struct Step2 {  // one 32-token step of quantized codes
   template <bool PF = false>
   __device__ __forceinline__ void load(const DecodeParams& p, int h, int blk, int tb, int g, int t) {
     const uint8_t* kp = p.k + int64_t(blk) * p.k_sb + (h * p.k_sh + t * S::CH + (tb + 2 * g) * p.k_st);
-    const uint8_t* vp = p.v + int64_t(blk) * p.v_sb + (h * p.v_sh + (tb + 4 * t) * p.v_st + g * p.v_sc);
+    const uint8_t* vp = p.v + int64_t(blk) * p.v_sb + (h * p.v_sh + tb + 4 * t + g * BS);  // token-contiguous
     const int64_t so = int64_t(blk) * p.vs_sb + (h * p.vs_sh + (tb + 2 * g) * p.vs_st);
     const __half *vsp = p.vs + so, *vzp = p.vz + so;
 #pragma unroll
@@ -826,7 +826,7 @@ template <int D, int GP> struct Step2 {  // one 32-token step of quantized codes
         fetch<PF>(vz[u][r], vzp + (16 * u + r) * p.vs_st);
       }
 #pragma unroll
-      for (int mb = 0; mb < S::MB; ++mb) fetch<PF>(v[u][mb], vp + (16 * u * p.v_st + 8 * mb * p.v_sc));
+      for (int mb = 0; mb < S::MB; ++mb) fetch<PF>(v[u][mb], vp + (16 * u + 8 * mb * BS));
     }
   }
 };
@@ -889,7 +889,7 @@ template <int D, int GP> struct KeyScales {  // a block's channel scales and zer
 
 __device__ __forceinline__ uint32_t pack_bits(uint16_t lo, uint16_t hi) { return uint32_t(lo) | (uint32_t(hi) << 16); }
 
-template <int D, int GP, bool PF>
+template <int D, int GP, bool PF, int BS>
 __global__ void __launch_bounds__(128, Kivi2Shape<D, GP>::MIN_BLOCKS) decode2_kernel(const DecodeParams p) {
   using S = Kivi2Shape<D, GP>;
   constexpr int NG = S::NG, CH = S::CH, KW = S::KW, MB = S::MB, MT = S::MT;
@@ -951,7 +951,7 @@ __global__ void __launch_bounds__(128, Kivi2Shape<D, GP>::MIN_BLOCKS) decode2_ke
   // ---- quantized steps: codes of the next step and the next block's channel scales loaded ahead ----
   uint32_t qf[KW][4][2];
   float cblk[2] = {0.f, 0.f};
-  Step2<D, GP> tile_a, tile_b;
+  Step2<D, GP, BS> tile_a, tile_b;
   KeyScales<D, GP> kscale;
   int col = -1, blk_next = 0;
   if (nq > 0) {
@@ -963,7 +963,7 @@ __global__ void __launch_bounds__(128, Kivi2Shape<D, GP>::MIN_BLOCKS) decode2_ke
     col = s0 >> p.bs_shift;
   }
   if (nq > 1) blk_next = bt_row[tiles.start(1) >> p.bs_shift];
-  auto step = [&](Step2<D, GP>& cur, Step2<D, GP>& nxt, const int i) {
+  auto step = [&](Step2<D, GP, BS>& cur, Step2<D, GP, BS>& nxt, const int i) {
     const int start = tiles.start(i);
     const bool more = i + 1 < nq;
     const int col_next = more ? tiles.start(i + 1) >> p.bs_shift : col;
@@ -1103,28 +1103,38 @@ int launch(Kernel kernel, const DecodeParams& p, int rows, int warps, void* stre
 using KernelFn = void (*)(DecodeParams);
 
 // kind: 1 fp8, 2 int8, 3 int4, 4 kivi2; d: 64 or 128; group: int4's (32, 64) or kivi2's (32 to 128);
-// PF: the variant that prefetches two tiles ahead (DecodeParams::prefetch).
-template <bool PF> KernelFn select_variant(int kind, int d, int group) {
-  if (kind == 1) return d == 128 ? decode8_kernel<128, 1, PF> : d == 64 ? decode8_kernel<64, 1, PF> : nullptr;
-  if (kind == 2) return d == 128 ? decode8_kernel<128, 2, PF> : d == 64 ? decode8_kernel<64, 2, PF> : nullptr;
-  if (kind == 3 && d == 128) {
-    return group == 64 ? decode4_kernel<128, 32, PF> : group == 32 ? decode4_kernel<128, 16, PF> : nullptr;
+// bs: tokens per block, a template parameter of the packed formats (their token-contiguous value codes
+// are then read at constant offsets): int4 16, 32, 64; kivi2 32, 64. PF: the variant that prefetches
+// two tiles ahead (DecodeParams::prefetch).
+template <bool PF, int BS> KernelFn select_packed(int kind, int d, int group) {
+  if (kind == 3) {
+    if (d == 128) return group == 64 ? decode4_kernel<128, 32, PF, BS> : group == 32 ? decode4_kernel<128, 16, PF, BS> : nullptr;
+    if (d == 64) return group == 64 ? decode4_kernel<64, 32, PF, BS> : group == 32 ? decode4_kernel<64, 16, PF, BS> : nullptr;
   }
-  if (kind == 3 && d == 64) {
-    return group == 64 ? decode4_kernel<64, 32, PF> : group == 32 ? decode4_kernel<64, 16, PF> : nullptr;
-  }
-  if (kind == 4 && d == 128) {
-    return group == 32 ? decode2_kernel<128, 8, PF> : group == 64 ? decode2_kernel<128, 16, PF>
-         : group == 128 ? decode2_kernel<128, 32, PF> : nullptr;
-  }
-  if (kind == 4 && d == 64) {
-    return group == 32 ? decode2_kernel<64, 8, PF> : group == 64 ? decode2_kernel<64, 16, PF> : nullptr;
+  if constexpr (BS >= 32) {
+    if (kind != 4) return nullptr;
+    if (d == 128) {
+      return group == 32 ? decode2_kernel<128, 8, PF, BS> : group == 64 ? decode2_kernel<128, 16, PF, BS>
+           : group == 128 ? decode2_kernel<128, 32, PF, BS> : nullptr;
+    }
+    if (d == 64) return group == 32 ? decode2_kernel<64, 8, PF, BS> : group == 64 ? decode2_kernel<64, 16, PF, BS> : nullptr;
   }
   return nullptr;
 }
 
-KernelFn select(int kind, int d, int group, int prefetch) {
-  return prefetch ? select_variant<true>(kind, d, group) : select_variant<false>(kind, d, group);
+template <bool PF> KernelFn select_variant(int kind, int d, int group, int bs) {
+  if (kind == 1) return d == 128 ? decode8_kernel<128, 1, PF> : d == 64 ? decode8_kernel<64, 1, PF> : nullptr;
+  if (kind == 2) return d == 128 ? decode8_kernel<128, 2, PF> : d == 64 ? decode8_kernel<64, 2, PF> : nullptr;
+  switch (bs) {
+    case 16: return select_packed<PF, 16>(kind, d, group);
+    case 32: return select_packed<PF, 32>(kind, d, group);
+    case 64: return select_packed<PF, 64>(kind, d, group);
+    default: return nullptr;
+  }
+}
+
+KernelFn select(int kind, int d, int group, int bs, int prefetch) {
+  return prefetch ? select_variant<true>(kind, d, group, bs) : select_variant<false>(kind, d, group, bs);
 }
 
 constexpr int kInvalidValue = 1;  // cudaErrorInvalidValue
@@ -1137,14 +1147,15 @@ extern "C" int cs_decode(const DecodeParams* p, int kind, int d, int group, int 
 #ifndef CS_EMULATE
   if (int err = int(cudaSetDevice(device))) return err;
 #endif
-  const KernelFn k = p ? select(kind, d, group, p->prefetch) : nullptr;
+  const KernelFn k = p ? select(kind, d, group, p->bs, p->prefetch) : nullptr;
   if (!k) return kInvalidValue;
   return launch(k, *p, rows, warps, stream);
 }
 
 // Resident blocks of `warps` warps per SM (the CUDA occupancy calculator; emulated: 3).
-extern "C" int cs_decode_occupancy(int kind, int d, int group, int prefetch, int warps, int device, int* blocks) {
-  const KernelFn k = select(kind, d, group, prefetch);
+extern "C" int cs_decode_occupancy(int kind, int d, int group, int bs, int prefetch, int warps, int device,
+                                   int* blocks) {
+  const KernelFn k = select(kind, d, group, bs, prefetch);
   if (!k) return kInvalidValue;
 #ifdef CS_EMULATE
   *blocks = 3;
