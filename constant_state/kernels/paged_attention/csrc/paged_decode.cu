@@ -102,6 +102,13 @@ __device__ __forceinline__ uint32_t cs_and_xor(uint32_t a, uint32_t b, uint32_t 
   return d;
 }
 
+// A register with no defined value, for fragment rows whose results are not read (no copies to fill them).
+__device__ __forceinline__ uint32_t cs_undefined() {
+  uint32_t x;
+  asm volatile("" : "=r"(x));
+  return x;
+}
+
 __device__ __forceinline__ void cs_prefetch_l1(const void* ptr) {
   asm volatile("prefetch.global.L1 [%0];" : : "l"(ptr));
 }
@@ -878,8 +885,9 @@ template <int D, int GP> struct KeyScales {  // a block's channel scales and zer
         }
         qf[wi][s][0] = *reinterpret_cast<uint32_t*>(&f0);
         qf[wi][s][1] = *reinterpret_cast<uint32_t*>(&f1);
-        cs_mma16816(c, z0, z0, z1, z1, qh[wi][s][0], qh[wi][s][1]);                  // sum q kz
-        cs_mma16816(c, neg1024, neg1024, neg1024, neg1024, qf[wi][s][0], qf[wi][s][1]);  // - 1024 sum B
+        // Rows g + 8 of A are not read (c[2], c[3]): left undefined rather than filled by copies.
+        cs_mma16816(c, z0, cs_undefined(), z1, cs_undefined(), qh[wi][s][0], qh[wi][s][1]);  // sum q kz
+        cs_mma16816(c, neg1024, cs_undefined(), neg1024, cs_undefined(), qf[wi][s][0], qf[wi][s][1]);  // -1024 sum B
       }
     }
     cblk[0] = c[0];
