@@ -366,12 +366,13 @@ __device__ __forceinline__ void store_head(const DecodeParams& p, int b, int h, 
 }
 
 // Outputs of the packed formats (int4, kivi2), head 2t + j: rows of O^T less the code offset 1024 sum P'
-// of their value group, odd rows (codes read x `high`) divided back, plus the zero-point term, over l.
-// group(mi): m-tile mi's value group; dim(e): the head dim of this lane's value e (store_head).
-template <int D, int MT, int NG, class Group, class Dim>
+// of their value group, divided by the factor their codes were read with, plus the zero-point term,
+// over l. group(mi): m-tile mi's value group; factor(mi, r): the factor of its rows g (r = 0) and g + 8
+// (r = 1); dim(e): the head dim of this lane's value e (store_head).
+template <int D, int MT, int NG, class Group, class Factor, class Dim>
 __device__ __forceinline__ void store_packed(const DecodeParams& p, int b, int h, int split, int g, int t,
                                              const Softmax& sm, const float (&o)[MT][4], const float (&psum)[NG][2],
-                                             const float (&zacc)[NG][2], float high, Group group, Dim dim) {
+                                             const float (&zacc)[NG][2], Group group, Factor factor, Dim dim) {
 #pragma unroll
   for (int j = 0; j < 2; ++j) {
     const float l = xor_sum_g(sm.l[j]);
@@ -388,8 +389,8 @@ __device__ __forceinline__ void store_packed(const DecodeParams& p, int b, int h
 #pragma unroll
     for (int mi = 0; mi < MT; ++mi) {
       const int gi = group(mi);
-      val[2 * mi] = ((o[mi][j] - ps[gi]) + zs[gi]) * inv;
-      val[2 * mi + 1] = ((o[mi][2 + j] - ps[gi]) * (1.f / high) + zs[gi]) * inv;
+      val[2 * mi] = ((o[mi][j] - ps[gi]) * (1.f / factor(mi, 0)) + zs[gi]) * inv;
+      val[2 * mi + 1] = ((o[mi][2 + j] - ps[gi]) * (1.f / factor(mi, 1)) + zs[gi]) * inv;
     }
     store_head<D / 8>(p, b, h, split, head, val, sm.m[j], l, g, dim);
   }
@@ -768,7 +769,8 @@ __global__ void __launch_bounds__(128, 3) decode4_kernel(const DecodeParams p) {
   tile_loop<S::PINGPONG>(tiles.n, tile_a, tile_b, step);
 
   // Head 2t + j: o[mi][j] is dim lo(8 mi + g), o[mi][2 + j] dim lo(8 mi + g) + GP (x 16).
-  store_packed<D>(p, b, h, split, g, t, sm, o, psum, zacc, 16.f, [](int mi) { return 8 * mi / GP; }, [&](int e) {
+  store_packed<D>(p, b, h, split, g, t, sm, o, psum, zacc, [](int mi) { return 8 * mi / GP; },
+                  [](int, int r) { return r ? 16.f : 1.f; }, [&](int e) {
     const int byte = 8 * (e >> 1) + g;
     return (byte / GP) * 2 * GP + byte % GP + (e & 1) * GP;
   });
@@ -779,21 +781,25 @@ __global__ void __launch_bounds__(128, 3) decode4_kernel(const DecodeParams p) {
 // s GP + i % GP in slots s = 0..3 (bits 2s, 2s + 1), GP = G / 4 (ref.pack_order). Keys per channel over
 // each block: K = c ks + kz, ks / kz [N, Hkv, D]; values per token and group of G dims: V = c vs + vz.
 // A row's newest tokens [F, n), F = n - n % R, are fp16 in its residual window res_k / res_v [B, R, Hkv, D].
-// Slots decode as fp16 bits like int4's nibbles: with x = w (slots 0, 1) or w >> 4 (slots 2, 3),
-// (x & 0x00030003) | 0x64006400 is 1024 + c of the even slot of bytes 0 and 2, mask 0x000C000C gives
-// 1024 + 4 c of the odd slot; x >> 8 bytes 1 and 3.
+// Slots decode in place as fp16 bits like int4's nibbles: (w & slot_mask(s)) | 0x64006400 is 1024 + 4^s c
+// of slot s of bytes 0 and 2 (the code lands in mantissa bits 2s, 2s + 1); w >> 8 bytes 1 and 3. The
+// factor 4^s goes into the queries (keys) or comes off at the end (values).
 //
 // A warp step is 32 tokens: two 16-token tiles u, inside one block (blocks of a multiple of 32 tokens),
 // rows as for int4 (row r < 8 is token 2 r of the tile, row r + 8 token 2 r + 1).
 // Keys: thread (g, t) loads bytes [t D/16, (t+1) D/16) of its tokens; k-step (wi, s) is slot s of word
 // wi, whose dims are d .. d + 3, d = dim(t D/16 + 4 wi, s): A pairs (d, d + 2) and (d + 1, d + 3). The
-// block's channel scales fold into the queries, B = q ks (odd slots / 4), recomputed per block; the
+// block's channel scales fold into the queries, B = q ks / 4^s, recomputed per block; the
 // block's constant C = sum_d q_d kz_d - 1024 sum_k B_k per head comes from products whose A operand is
 // the zero points (rows alike) and -1024, and starts the tiles' score accumulators.
 // Values: thread (g, t) loads byte 8 mb + g of tokens 4t..4t+3 (one word) per byte block mb; m-tile
-// (mb, hh) has slots 2 hh / 2 hh + 1 as rows g / g + 8 (odd rows x 4), in group 8 mb / GP; P'_gi =
-// p vs_gi as for int4. Residual steps load fp16 keys and values into the same fragments (their odd
-// value rows added x 4 to match).
+// (mb, hh) has slots 2 hh / 2 hh + 1 as rows g / g + 8 (rows x 4^slot), in group 8 mb / GP; P'_gi =
+// p vs_gi as for int4. Residual steps load fp16 keys and values into the same fragments (their value
+// rows added x 4^slot to match).
+
+// kivi2 slot s of bytes 0 and 2 of a word, read in place (no shift) as fp16 1024 + 4^s c: mask and factor.
+__device__ __forceinline__ constexpr uint32_t slot_mask(int s) { return 0x00030003u << (2 * s); }
+__device__ __forceinline__ constexpr float slot_factor(int s) { return float(1 << (2 * s)); }
 
 template <int D, int GP> struct Kivi2Shape {
   static constexpr int NG = D / (4 * GP);  // value groups per token
@@ -866,7 +872,7 @@ template <int D, int GP> struct KeyScales {  // a block's channel scales and zer
   // The block's B operands qf = q ks (odd slots / 4) and constant per head 2t + j.
   __device__ __forceinline__ void fold(const uint32_t (&qh)[S::KW][4][2], uint32_t (&qf)[S::KW][4][2],
                                        float (&cblk)[2]) const {
-    const __half2 quarter = __float2half2_rn(0.25f);
+
     constexpr uint32_t neg1024 = 0xE400E400u;
     float c[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
@@ -879,9 +885,10 @@ template <int D, int GP> struct KeyScales {  // a block's channel scales and zer
         const uint32_t z1 = odd_halves(zp[s].w[2 * wi], zp[s].w[2 * wi + 1]);
         __half2 f0 = __hmul2(*reinterpret_cast<const __half2*>(&qh[wi][s][0]), *reinterpret_cast<const __half2*>(&s0));
         __half2 f1 = __hmul2(*reinterpret_cast<const __half2*>(&qh[wi][s][1]), *reinterpret_cast<const __half2*>(&s1));
-        if (s & 1) {
-          f0 = __hmul2(f0, quarter);
-          f1 = __hmul2(f1, quarter);
+        if (s > 0) {  // slot s is read x 4^s (slot_mask): its queries / 4^s
+          const __half2 f = __float2half2_rn(1.f / slot_factor(s));
+          f0 = __hmul2(f0, f);
+          f1 = __hmul2(f1, f);
         }
         qf[wi][s][0] = *reinterpret_cast<uint32_t*>(&f0);
         qf[wi][s][1] = *reinterpret_cast<uint32_t*>(&f1);
@@ -989,11 +996,9 @@ __global__ void __launch_bounds__(128, Kivi2Shape<D, GP>::MIN_BLOCKS) decode2_ke
       for (int wi = 0; wi < KW; ++wi) {
 #pragma unroll
         for (int sl = 0; sl < 4; ++sl) {
-          const uint32_t a = sl < 2 ? cur.k[u][0].w[wi] : cur.k[u][0].w[wi] >> 4;
-          const uint32_t c = sl < 2 ? cur.k[u][1].w[wi] : cur.k[u][1].w[wi] >> 4;
-          const uint32_t mask = sl & 1 ? 0x000C000Cu : 0x00030003u;
-          cs_mma16816(s[u], fp16_codes(a, mask), fp16_codes(c, mask), fp16_codes(a >> 8, mask),
-                      fp16_codes(c >> 8, mask), qf[wi][sl][0], qf[wi][sl][1]);
+          const uint32_t a = cur.k[u][0].w[wi], c = cur.k[u][1].w[wi], m = slot_mask(sl);
+          cs_mma16816(s[u], fp16_codes(a, m), fp16_codes(c, m), fp16_codes(a >> 8, m), fp16_codes(c >> 8, m),
+                      qf[wi][sl][0], qf[wi][sl][1]);
         }
       }
     }
@@ -1021,9 +1026,9 @@ __global__ void __launch_bounds__(128, Kivi2Shape<D, GP>::MIN_BLOCKS) decode2_ke
         for (int mb = gi * GP / 8; mb < (gi + 1) * GP / 8; ++mb) {
 #pragma unroll
           for (int hh = 0; hh < 2; ++hh) {
-            const uint32_t x = hh ? cur.v[u][mb] >> 4 : cur.v[u][mb];
-            cs_mma16816(o[2 * mb + hh], fp16_codes(x, 0x00030003u), fp16_codes(x, 0x000C000Cu),
-                        fp16_codes(x >> 8, 0x00030003u), fp16_codes(x >> 8, 0x000C000Cu), pb0, pb1);
+            const uint32_t x = cur.v[u][mb], m0 = slot_mask(2 * hh), m1 = slot_mask(2 * hh + 1);
+            cs_mma16816(o[2 * mb + hh], fp16_codes(x, m0), fp16_codes(x, m1), fp16_codes(x >> 8, m0),
+                        fp16_codes(x >> 8, m1), pb0, pb1);
           }
         }
       }
@@ -1073,17 +1078,19 @@ __global__ void __launch_bounds__(128, Kivi2Shape<D, GP>::MIN_BLOCKS) decode2_ke
           cs_mma16816(c, pack_bits(at(0, da), at(2, da)), pack_bits(at(0, db), at(2, db)),
                       pack_bits(at(1, da), at(3, da)), pack_bits(at(1, db), at(3, db)), pb0, pb1);
           float(&acc)[4] = o[2 * mb + hh];
-          acc[0] += c[0];
-          acc[1] += c[1];
-          acc[2] += 4.f * c[2];
-          acc[3] += 4.f * c[3];
+          const float f0 = slot_factor(2 * hh), f1 = slot_factor(2 * hh + 1);  // as the codes are read
+          acc[0] += f0 * c[0];
+          acc[1] += f0 * c[1];
+          acc[2] += f1 * c[2];
+          acc[3] += f1 * c[3];
         }
       }
     }
   }
 
   // Head 2t + j: o[mt][j] is dim(8 mb + g, 2 hh), o[mt][2 + j] dim(8 mb + g, 2 hh + 1) (x 4), mt = 2 mb + hh.
-  store_packed<D>(p, b, h, split, g, t, sm, o, psum, zacc, 4.f, [](int mt) { return 8 * (mt >> 1) / GP; },
+  store_packed<D>(p, b, h, split, g, t, sm, o, psum, zacc, [](int mt) { return 8 * (mt >> 1) / GP; },
+                  [](int mt, int r) { return slot_factor(2 * (mt & 1) + r); },
                   [&](int e) {
                     const int mt = e >> 1;
                     return S::dim(8 * (mt >> 1) + g, 2 * (mt & 1) + (e & 1));
