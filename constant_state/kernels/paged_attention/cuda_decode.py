@@ -40,10 +40,10 @@ TILE = 16  # tokens per warp step (kivi2: STEPS)
 STEPS = {"kivi2": 32}
 # 1: each warp also prefetches the codes and scales of the tile two ahead into L2 (one prefetch per load;
 # no registers). Off until measured on the H200 (benchmarks/ab_quant_decode.py switch ``pf``).
-PREFETCH = int(os.environ.get("CONSTANT_STATE_DECODE_PREFETCH", "0") == "1")
-if os.environ.get("CONSTANT_STATE_DECODE_PREFETCH", "0") not in ("0", "1"):
-    raise ValueError("CONSTANT_STATE_DECODE_PREFETCH must be 0 or 1, got "
-                     f"{os.environ['CONSTANT_STATE_DECODE_PREFETCH']!r}")
+_PREFETCH = os.environ.get("CONSTANT_STATE_DECODE_PREFETCH", "0")
+if _PREFETCH not in ("0", "1"):
+    raise ValueError(f"CONSTANT_STATE_DECODE_PREFETCH must be 0 or 1, got {_PREFETCH!r}")
+PREFETCH = int(_PREFETCH)
 WARPS = 4  # warps (splits) per block: the kernels' __launch_bounds__(128, 3) in paged_decode.cu
 
 

@@ -260,6 +260,18 @@ template <int STEP = 16> struct WarpWork {
         bt_row(p.bt + int64_t(b) * p.m), tiles(p, split, seq_len) {}
 };
 
+// Head g's query row, elements times scale * log2(e) (lanes past the G heads read row 0 times 0).
+struct QueryRow {
+  const uint16_t* row;
+  float sc;
+  bool bf16;
+  __device__ __forceinline__ QueryRow(const DecodeParams& p, int b, int h, int g, int d)
+      : row(p.q + (int64_t(b) * p.hq + h * p.g + (g < p.g ? g : 0)) * d), sc(g < p.g ? p.scale_log2 : 0.f),
+        bf16(p.q_bf16) {}
+  __device__ __forceinline__ float scaled(uint32_t bits) const { return half_bits_to_float(bits, bf16) * sc; }
+  __device__ __forceinline__ float operator()(int dim) const { return scaled(row[dim]); }
+};
+
 __device__ __forceinline__ bool visible(const DecodeParams& p, int tok, int seq_len) {
   return tok < seq_len && (!p.has_window || tok > seq_len - 1 - p.window || tok < p.sinks);
 }
@@ -472,14 +484,12 @@ __global__ void __launch_bounds__(128, 3) decode8_kernel(const DecodeParams p) {
   // Queries (B operand of S^T): head g, dims t D/4 + 4 kk + {0, 1} and {2, 3}, times scale * log2(e).
   uint32_t qf[KW][2];
   {
-    const bool q_ok = g < p.g;
-    const uint16_t* qr = p.q + (int64_t(b) * p.hq + h * p.g + (q_ok ? g : 0)) * D + t * (D / 4);
-    const float sc = q_ok ? p.scale_log2 : 0.f;
+    const QueryRow qv(p, b, h, g, D);
 #pragma unroll
     for (int kk = 0; kk < KW; ++kk) {
-      const uint2 x = *reinterpret_cast<const uint2*>(qr + 4 * kk);
-      qf[kk][0] = pack_half2(half_bits_to_float(x.x & 0xffff, p.q_bf16) * sc, half_bits_to_float(x.x >> 16, p.q_bf16) * sc);
-      qf[kk][1] = pack_half2(half_bits_to_float(x.y & 0xffff, p.q_bf16) * sc, half_bits_to_float(x.y >> 16, p.q_bf16) * sc);
+      const uint2 x = *reinterpret_cast<const uint2*>(qv.row + t * (D / 4) + 4 * kk);
+      qf[kk][0] = pack_half2(qv.scaled(x.x & 0xffff), qv.scaled(x.x >> 16));
+      qf[kk][1] = pack_half2(qv.scaled(x.y & 0xffff), qv.scaled(x.y >> 16));
     }
   }
   // Code offset (int8) per column (head 2t + j): OFFSET x the sum of that head's B operand.
@@ -651,10 +661,7 @@ __global__ void __launch_bounds__(128, 3) decode4_kernel(const DecodeParams p) {
   uint32_t qf[NG][CW][2][2];
   float off_g[NG], qs_g[NG];  // this thread's share for head g
   {
-    const bool q_ok = g < p.g;
-    const uint16_t* qr = p.q + (int64_t(b) * p.hq + h * p.g + (q_ok ? g : 0)) * D;
-    const float sc = q_ok ? p.scale_log2 : 0.f;
-    auto qv = [&](int dim) { return half_bits_to_float(qr[dim], p.q_bf16) * sc; };
+    const QueryRow qv(p, b, h, g, D);
 #pragma unroll
     for (int gi = 0; gi < NG; ++gi) {
       off_g[gi] = qs_g[gi] = 0.f;
@@ -919,10 +926,7 @@ __global__ void __launch_bounds__(128, Kivi2Shape<D, GP>::MIN_BLOCKS) decode2_ke
   // Queries (B operand, x scale log2 e): k-step (wi, s) pairs dims (d, d + 2) [reg0] and (d + 1, d + 3).
   uint32_t qh[KW][4][2];
   {
-    const bool q_ok = g < p.g;
-    const uint16_t* qr = p.q + (int64_t(b) * p.hq + h * p.g + (q_ok ? g : 0)) * D;
-    const float sc = q_ok ? p.scale_log2 : 0.f;
-    auto qv = [&](int dim) { return half_bits_to_float(qr[dim], p.q_bf16) * sc; };
+    const QueryRow qv(p, b, h, g, D);
 #pragma unroll
     for (int wi = 0; wi < KW; ++wi) {
 #pragma unroll
