@@ -377,22 +377,55 @@ __device__ __forceinline__ void store_head(const DecodeParams& p, int b, int h, 
   }
 }
 
+// Value groups of the packed formats (int4, kivi2), head columns 2t + j: per group gi the sum of P'_gi
+// as rounded into the operand (for the 1024 code offset) and of p z_v,gi, over this lane's rows.
+template <int NG> struct GroupSums {
+  float psum[NG][2], zacc[NG][2];
+  __device__ __forceinline__ GroupSums() {
+#pragma unroll
+    for (int gi = 0; gi < NG; ++gi) psum[gi][0] = psum[gi][1] = zacc[gi][0] = zacc[gi][1] = 0.f;
+  }
+  __device__ __forceinline__ void rescale(const float (&alpha)[2]) {
+#pragma unroll
+    for (int gi = 0; gi < NG; ++gi) {
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        psum[gi][j] *= alpha[j];
+        zacc[gi][j] *= alpha[j];
+      }
+    }
+  }
+  // Group gi's B operand (pb0, pb1) of the value product, P' = p s_v of rows r0 / r1 (s[0..1] / s[2..3];
+  // scales and zero points of masked rows 0), added to the sums.
+  __device__ __forceinline__ void operand(int gi, const float (&s)[4], float v0s, float v1s, float v0z, float v1z,
+                                          uint32_t& pb0, uint32_t& pb1) {
+    const uint32_t top = pack_half2(s[0] * v0s, s[1] * v0s), bot = pack_half2(s[2] * v1s, s[3] * v1s);
+    const float2 rt = unpack_half2(top), rb = unpack_half2(bot);
+    psum[gi][0] += rt.x + rb.x;
+    psum[gi][1] += rt.y + rb.y;
+    zacc[gi][0] += s[0] * v0z + s[2] * v1z;
+    zacc[gi][1] += s[1] * v0z + s[3] * v1z;
+    pb0 = cs_transpose8x8(top);
+    pb1 = cs_transpose8x8(bot);
+  }
+};
+
 // Outputs of the packed formats (int4, kivi2), head 2t + j: rows of O^T less the code offset 1024 sum P'
 // of their value group, divided by the factor their codes were read with, plus the zero-point term,
 // over l. group(mi): m-tile mi's value group; factor(mi, r): the factor of its rows g (r = 0) and g + 8
 // (r = 1); dim(e): the head dim of this lane's value e (store_head).
 template <int D, int MT, int NG, class Group, class Factor, class Dim>
 __device__ __forceinline__ void store_packed(const DecodeParams& p, int b, int h, int split, int g, int t,
-                                             const Softmax& sm, const float (&o)[MT][4], const float (&psum)[NG][2],
-                                             const float (&zacc)[NG][2], Group group, Factor factor, Dim dim) {
+                                             const Softmax& sm, const float (&o)[MT][4], const GroupSums<NG>& sums,
+                                             Group group, Factor factor, Dim dim) {
 #pragma unroll
   for (int j = 0; j < 2; ++j) {
     const float l = xor_sum_g(sm.l[j]);
     float ps[NG], zs[NG];
 #pragma unroll
     for (int gi = 0; gi < NG; ++gi) {
-      ps[gi] = 1024.f * xor_sum_g(psum[gi][j]);
-      zs[gi] = xor_sum_g(zacc[gi][j]);
+      ps[gi] = 1024.f * xor_sum_g(sums.psum[gi][j]);
+      zs[gi] = xor_sum_g(sums.zacc[gi][j]);
     }
     const int head = 2 * t + j;
     if (head >= p.g) continue;
@@ -700,9 +733,7 @@ __global__ void __launch_bounds__(128, 3) decode4_kernel(const DecodeParams p) {
   float o[MT][4];
 #pragma unroll
   for (int mi = 0; mi < MT; ++mi) o[mi][0] = o[mi][1] = o[mi][2] = o[mi][3] = 0.f;
-  float psum[NG][2], zacc[NG][2];  // sum of rounded P'_gi and of p z_v,gi, per head 2t + j, this lane's rows
-#pragma unroll
-  for (int gi = 0; gi < NG; ++gi) psum[gi][0] = psum[gi][1] = zacc[gi][0] = zacc[gi][1] = 0.f;
+  GroupSums<NG> sums;
   Softmax sm;
 
   Tile4<D, GP, BS> tile_a, tile_b;
@@ -743,27 +774,12 @@ __global__ void __launch_bounds__(128, 3) decode4_kernel(const DecodeParams p) {
       }
     }
     float alpha[2];
-    if (sm.tile(s, ok0, ok1, o, alpha)) {
-#pragma unroll
-      for (int gi = 0; gi < NG; ++gi) {
-#pragma unroll
-        for (int j = 0; j < 2; ++j) {
-          psum[gi][j] *= alpha[j];
-          zacc[gi][j] *= alpha[j];
-        }
-      }
-    }
+    if (sm.tile(s, ok0, ok1, o, alpha)) sums.rescale(alpha);
 #pragma unroll
     for (int gi = 0; gi < NG; ++gi) {
-      const float v0s = ok0 ? cur.vs0[gi] : 0.f, v1s = ok1 ? cur.vs1[gi] : 0.f;
-      const float v0z = ok0 ? cur.vz0[gi] : 0.f, v1z = ok1 ? cur.vz1[gi] : 0.f;
-      const uint32_t top = pack_half2(s[0] * v0s, s[1] * v0s), bot = pack_half2(s[2] * v1s, s[3] * v1s);
-      const float2 rt = unpack_half2(top), rb = unpack_half2(bot);
-      psum[gi][0] += rt.x + rb.x;
-      psum[gi][1] += rt.y + rb.y;
-      zacc[gi][0] += s[0] * v0z + s[2] * v1z;
-      zacc[gi][1] += s[1] * v0z + s[3] * v1z;
-      const uint32_t pb0 = cs_transpose8x8(top), pb1 = cs_transpose8x8(bot);
+      uint32_t pb0, pb1;
+      sums.operand(gi, s, ok0 ? cur.vs0[gi] : 0.f, ok1 ? cur.vs1[gi] : 0.f, ok0 ? cur.vz0[gi] : 0.f,
+                   ok1 ? cur.vz1[gi] : 0.f, pb0, pb1);
 #pragma unroll
       for (int mi = gi * GP / 8; mi < (gi + 1) * GP / 8; ++mi) {
         const uint32_t w = cur.v[mi], w8 = w >> 8;
@@ -776,7 +792,7 @@ __global__ void __launch_bounds__(128, 3) decode4_kernel(const DecodeParams p) {
   tile_loop<S::PINGPONG>(tiles.n, tile_a, tile_b, step);
 
   // Head 2t + j: o[mi][j] is dim lo(8 mi + g), o[mi][2 + j] dim lo(8 mi + g) + GP (x 16).
-  store_packed<D>(p, b, h, split, g, t, sm, o, psum, zacc, [](int mi) { return 8 * mi / GP; },
+  store_packed<D>(p, b, h, split, g, t, sm, o, sums, [](int mi) { return 8 * mi / GP; },
                   [](int, int r) { return r ? 16.f : 1.f; }, [&](int e) {
     const int byte = 8 * (e >> 1) + g;
     return (byte / GP) * 2 * GP + byte % GP + (e & 1) * GP;
@@ -941,21 +957,9 @@ __global__ void __launch_bounds__(128, Kivi2Shape<D, GP>::MIN_BLOCKS) decode2_ke
   float o[MT][4];
 #pragma unroll
   for (int mi = 0; mi < MT; ++mi) o[mi][0] = o[mi][1] = o[mi][2] = o[mi][3] = 0.f;
-  float psum[NG][2], zacc[NG][2];  // as for int4
-#pragma unroll
-  for (int gi = 0; gi < NG; ++gi) psum[gi][0] = psum[gi][1] = zacc[gi][0] = zacc[gi][1] = 0.f;
+  GroupSums<NG> sums;
   Softmax sm;
   float alpha[2];
-  auto rescale_sums = [&]() {
-#pragma unroll
-    for (int gi = 0; gi < NG; ++gi) {
-#pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        psum[gi][j] *= alpha[j];
-        zacc[gi][j] *= alpha[j];
-      }
-    }
-  };
 
   // A step's row masks (tokens 2g, 2g + 1 of each tile) and online softmax; rescales the sums.
   auto softmax_step = [&](float (&s)[2][4], int start, bool (&ok)[2][2]) {
@@ -964,7 +968,7 @@ __global__ void __launch_bounds__(128, Kivi2Shape<D, GP>::MIN_BLOCKS) decode2_ke
       ok[u][0] = visible(p, start + 16 * u + 2 * g, seq_len);
       ok[u][1] = visible(p, start + 16 * u + 2 * g + 1, seq_len);
     }
-    if (sm.tiles(s, ok, o, alpha)) rescale_sums();
+    if (sm.tiles(s, ok, o, alpha)) sums.rescale(alpha);
   };
 
   // ---- quantized steps: codes of the next step and the next block's channel scales loaded ahead ----
@@ -1017,15 +1021,9 @@ __global__ void __launch_bounds__(128, Kivi2Shape<D, GP>::MIN_BLOCKS) decode2_ke
     for (int u = 0; u < 2; ++u) {
 #pragma unroll
       for (int gi = 0; gi < NG; ++gi) {
-        const float v0s = ok[u][0] ? cur.vs[u][0][gi] : 0.f, v1s = ok[u][1] ? cur.vs[u][1][gi] : 0.f;
-        const float v0z = ok[u][0] ? cur.vz[u][0][gi] : 0.f, v1z = ok[u][1] ? cur.vz[u][1][gi] : 0.f;
-        const uint32_t top = pack_half2(s[u][0] * v0s, s[u][1] * v0s), bot = pack_half2(s[u][2] * v1s, s[u][3] * v1s);
-        const float2 rt = unpack_half2(top), rb = unpack_half2(bot);
-        psum[gi][0] += rt.x + rb.x;
-        psum[gi][1] += rt.y + rb.y;
-        zacc[gi][0] += s[u][0] * v0z + s[u][2] * v1z;
-        zacc[gi][1] += s[u][1] * v0z + s[u][3] * v1z;
-        const uint32_t pb0 = cs_transpose8x8(top), pb1 = cs_transpose8x8(bot);
+        uint32_t pb0, pb1;
+        sums.operand(gi, s[u], ok[u][0] ? cur.vs[u][0][gi] : 0.f, ok[u][1] ? cur.vs[u][1][gi] : 0.f,
+                     ok[u][0] ? cur.vz[u][0][gi] : 0.f, ok[u][1] ? cur.vz[u][1][gi] : 0.f, pb0, pb1);
 #pragma unroll
         for (int mb = gi * GP / 8; mb < (gi + 1) * GP / 8; ++mb) {
 #pragma unroll
@@ -1093,7 +1091,7 @@ __global__ void __launch_bounds__(128, Kivi2Shape<D, GP>::MIN_BLOCKS) decode2_ke
   }
 
   // Head 2t + j: o[mt][j] is dim(8 mb + g, 2 hh), o[mt][2 + j] dim(8 mb + g, 2 hh + 1) (x 4), mt = 2 mb + hh.
-  store_packed<D>(p, b, h, split, g, t, sm, o, psum, zacc, [](int mt) { return 8 * (mt >> 1) / GP; },
+  store_packed<D>(p, b, h, split, g, t, sm, o, sums, [](int mt) { return 8 * (mt >> 1) / GP; },
                   [](int mt, int r) { return slot_factor(2 * (mt & 1) + r); },
                   [&](int e) {
                     const int mt = e >> 1;
