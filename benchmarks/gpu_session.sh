@@ -49,15 +49,16 @@ if [ "$MODE" = bench ] || [ "$MODE" = all ]; then
 fi
 if [ "$MODE" = decode ]; then
   export CONSTANT_STATE_CACHE=/tmp/cs_cache  # the kernel's nvcc build (about 10 s), kept on a warm machine
-  python3 -m pytest -q -p no:cacheprovider tests/gpu/test_paged_attention_gpu.py -k "${KEXPR:-cuda or kivi2}" \
+  timeout ${TEST_LIMIT:-300} python3 -m pytest -q -p no:cacheprovider -x tests/gpu/test_paged_attention_gpu.py \
+    -k "${KEXPR:-cuda or kivi2}" \
     2>&1 | tee "$OUT/decode_tests.log" | tail -30
-  python3 benchmarks/ab_quant_decode.py sdpa fp8:triton fp8:cuda int8:triton int8:cuda int4:triton int4:cuda \
+  timeout ${AB_LIMIT:-200} python3 benchmarks/ab_quant_decode.py sdpa fp8:triton fp8:cuda int8:triton int8:cuda int4:triton int4:cuda \
     int4-g32:triton int4-g32:cuda kivi2:triton kivi2:cuda fp8:cuda:pf int4:cuda:pf kivi2:cuda:pf \
     int4:cuda:bs32 kivi2:cuda:bs64 \
     2>&1 | tee "$OUT/ab_decode.log" | grep -v Warning | tail -20
   if command -v ncu > /dev/null; then  # where the CUDA kernel's warps stall (one launch each)
     for v in fp8:cuda int4:cuda kivi2:cuda; do
-      timeout 180 ncu --kernel-name regex:decode[248]_kernel --launch-skip 2 --launch-count 1 \
+      timeout ${NCU_LIMIT:-90} ncu --kernel-name regex:decode[248]_kernel --launch-skip 2 --launch-count 1 \
         --section SpeedOfLight --section WarpStateStats --section Occupancy --section SchedulerStats \
         python3 benchmarks/profile_decode.py "$v" > "$OUT/ncu_${v%%:*}.log" 2>&1
       grep -E "Duration|Throughput|Warp Cycles|Issued Ipc|Achieved Occupancy|Stall" "$OUT/ncu_${v%%:*}.log" | head -20

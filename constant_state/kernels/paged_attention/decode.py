@@ -344,10 +344,14 @@ TILE_CONFIGS = {
 # operand, kept in registers), "general" = the kernel above (benchmarks/bench_kv_decode.py compares them).
 QUANT_DECODE = "transposed"
 # Quantized decode (fp8 / int8 / int4 / kivi2, one query token): "cuda" = the warp-per-split CUDA kernel of
-# :mod:`.cuda_decode` (an error where it cannot serve the shape); "auto" = that kernel where it builds
-# and serves, else Triton; "triton" = Triton only. Environment: CONSTANT_STATE_DECODE. The default
-# stays "triton" until the CUDA kernel has passed the GPU tests on the H200 (docs/kv_cache.md).
-DECODE_BACKEND = os.environ.get("CONSTANT_STATE_DECODE", "triton")
+# :mod:`.cuda_decode` (an error where it cannot serve the shape); "auto" = that kernel for the formats
+# of AUTO_CUDA_KINDS where it builds and serves, else Triton; "triton" = Triton only. Environment:
+# CONSTANT_STATE_DECODE. The CUDA kernel passed the GPU tests on the H200 (2026-11-23, seventh session).
+DECODE_BACKEND = os.environ.get("CONSTANT_STATE_DECODE", "auto")
+# Formats "auto" sends to the CUDA kernel: those where it beat Triton on the H200 (batch 32 / 32k,
+# benchmarks/ab_quant_decode.py: fp8 553 vs 724 us, int8 563 vs 796, int4 447 vs 587, int4-g32 661 vs
+# 715). kivi2 stays on Triton there (CUDA 918 vs 669 us; docs/benchmarks.md).
+AUTO_CUDA_KINDS = ("fp8", "int8", "int4")
 if DECODE_BACKEND not in ("auto", "cuda", "triton"):
     raise ValueError(f"CONSTANT_STATE_DECODE must be auto, cuda or triton, got {DECODE_BACKEND!r}")
 # 8-bit formats: dots in the query dtype with the value scale folded into p (True), or codes
@@ -494,7 +498,7 @@ def paged_attention(q: torch.Tensor, cache, block_tables: torch.Tensor, seq_lens
         raise ValueError(f"{kind}: head_dim {d} / {p} values per byte must be >= 16 for the GPU kernel's dots")
     if kind == "kivi2" and (res_k is None or res_v is None or res_k.shape[0] != b):
         raise ValueError(f"kivi2 needs res_k, res_v [B={b}, R, Hkv, D]")
-    if t == 1 and kind != "dense" and config is None and DECODE_BACKEND != "triton":
+    if t == 1 and kind != "dense" and config is None and (DECODE_BACKEND == "cuda" or (DECODE_BACKEND == "auto" and kind in AUTO_CUDA_KINDS)):
         from . import cuda_decode
 
         if not _INTERPRET and cuda_decode.supports(kind, group, q, k, v, hkv, res_k, res_v):
