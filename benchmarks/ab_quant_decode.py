@@ -13,7 +13,8 @@ Each argument is a format followed by ``:``-separated switches:
 - ``cuda`` / ``triton``: the quantized decode backend (``decode.DECODE_BACKEND``; default: the
   ``CONSTANT_STATE_DECODE`` setting, ``triton`` if unset): the CUDA warp-per-split kernel of
   ``cuda_decode`` (fp8, int8, int4, kivi2) or the Triton one;
-- ``pf``: the CUDA kernel's variant that prefetches the tile two ahead into L2 (``cuda_decode.PREFETCH``);
+- ``st``: the CUDA kernel's variant that stages tiles through shared memory by cp.async
+  (``cuda_decode.STAGED``; its depth ``CONSTANT_STATE_DECODE_STAGES`` is compiled in: one per run);
 - ``BLOCK_N,warps,stages[,maxnreg]``: a tile config.
 
 ``sdpa`` alone is the baseline of the same run: ``scaled_dot_product_attention`` on a contiguous bf16 cache.
@@ -58,7 +59,7 @@ def run_variant(spec: str, batch: int, ctx: int, q: torch.Tensor, seq: torch.Ten
         nv = (token_contiguous(*v.shape, v.dtype, v.device) if "vt" in switches
               else torch.empty(v.shape, dtype=v.dtype, device=v.device))
         st.cache.v = nv.copy_(v)
-    saved = (decode_quant.OFFSET_KEYS, decode_quant.OFFSET_VALUES, decode_quant.ASM_FORMATS, cuda_decode.PREFETCH)
+    saved = (decode_quant.OFFSET_KEYS, decode_quant.OFFSET_VALUES, decode_quant.ASM_FORMATS, cuda_decode.STAGED)
     backend = next((s for s in switches if s in ("cuda", "triton")), "")
     if "nooff" in switches:
         decode_quant.OFFSET_KEYS, decode_quant.OFFSET_VALUES = set(), set()
@@ -66,7 +67,7 @@ def run_variant(spec: str, batch: int, ctx: int, q: torch.Tensor, seq: torch.Ten
         decode_quant.OFFSET_VALUES = decode_quant.OFFSET_VALUES | {kind}
     if "noptx" in switches:
         decode_quant.ASM_FORMATS = {}
-    cuda_decode.PREFETCH = int("pf" in switches)
+    cuda_decode.STAGED = int("st" in switches)
     cfgs = [s for s in switches if "," in s]
     cfg = tuple(int(x) for x in cfgs[0].split(",")) if cfgs else None
     splits = [int(s[1:]) for s in switches if re.fullmatch(r"s\d+", s)]
@@ -76,7 +77,7 @@ def run_variant(spec: str, batch: int, ctx: int, q: torch.Tensor, seq: torch.Ten
         with backend_of(f"{fmt}:{backend}"):
             us = bench_graph(lambda: paged_attention(q, st.cache, bt, seq, D ** -0.5, config=cfg, **extra))
     finally:
-        decode_quant.OFFSET_KEYS, decode_quant.OFFSET_VALUES, decode_quant.ASM_FORMATS, cuda_decode.PREFETCH = saved
+        decode_quant.OFFSET_KEYS, decode_quant.OFFSET_VALUES, decode_quant.ASM_FORMATS, cuda_decode.STAGED = saved
     nbytes = batch * m * get_format(fmt).page_bytes(bs, HKV, D)
     return dict(variant=spec, batch=batch, context=ctx, us=us, tb_s=nbytes / us / 1e6)
 

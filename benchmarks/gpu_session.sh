@@ -52,10 +52,13 @@ if [ "$MODE" = decode ]; then
   timeout ${TEST_LIMIT:-300} python3 -m pytest -q -p no:cacheprovider -x tests/gpu/test_paged_attention_gpu.py \
     -k "${KEXPR:-cuda or kivi2}" \
     2>&1 | tee "$OUT/decode_tests.log" | tail -30
-  timeout ${AB_LIMIT:-200} python3 benchmarks/ab_quant_decode.py sdpa fp8:triton fp8:cuda int8:triton int8:cuda int4:triton int4:cuda \
-    int4-g32:triton int4-g32:cuda kivi2:triton kivi2:cuda fp8:cuda:pf int4:cuda:pf kivi2:cuda:pf \
-    int4:cuda:bs32 kivi2:cuda:bs64 \
+  timeout ${AB_LIMIT:-200} python3 benchmarks/ab_quant_decode.py sdpa fp8:triton fp8:cuda int8:triton int8:cuda \
+    int4:triton int4:cuda int4-g32:triton int4-g32:cuda kivi2:triton kivi2:cuda kivi2:cuda:bs64 \
     2>&1 | tee "$OUT/ab_decode.log" | grep -v Warning | tail -20
+  for n in ${STAGES_LIST:-3 4}; do  # the staged variant at each depth (compiled in: one run each)
+    CONSTANT_STATE_DECODE_STAGES=$n timeout ${AB_LIMIT:-200} python3 benchmarks/ab_quant_decode.py fp8:cuda:st \
+      int8:cuda:st int4:cuda:st int4-g32:cuda:st 2>&1 | tee "$OUT/ab_staged$n.log" | grep -v Warning | tail -6
+  done
   if command -v ncu > /dev/null; then  # where the CUDA kernel's warps stall (one launch each)
     for v in fp8:cuda int4:cuda kivi2:cuda; do
       timeout ${NCU_LIMIT:-90} ncu --kernel-name regex:decode[248]_kernel --launch-skip 2 --launch-count 1 \

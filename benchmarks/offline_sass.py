@@ -15,7 +15,7 @@ instructions with 3.6, 866 with 3.9): compile with the GPU's version, e.g. ``pip
 loops with their instruction counts (the main loop walks 16-token tiles, kivi2's 32-token steps; one
 warp per split, so per-token figures are loop body / tokens per iteration).
 
-    python benchmarks/offline_sass.py --cuda --kind kivi2 [--prefetch]
+    python benchmarks/offline_sass.py --cuda --kind int4 [--staged]
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ def loops(sass: str, innermost: bool = False) -> list[list[str]]:
     return sorted((instrs[a:b] for a, b in spans), key=len, reverse=True)
 
 
-def cuda_main(kind: str, prefetch: bool, top: int) -> None:
+def cuda_main(kind: str, staged: bool, top: int) -> None:
     from constant_state.kernels.paged_attention import cuda_decode
 
     nvcc = cuda_decode._nvcc()
@@ -121,9 +121,11 @@ def cuda_main(kind: str, prefetch: bool, top: int) -> None:
         raise SystemExit("nvcc not found (set CUDA_HOME)")
     cubin = "/tmp/offline_sass_cuda.cubin"
     res = subprocess.run([nvcc, "-O3", "-std=c++17", "-cubin", "-gencode=arch=compute_90,code=sm_90", "-Xptxas", "-v",
-                          "-o", cubin, str(cuda_decode.SOURCE)], capture_output=True, text=True, check=True)
+                          f"-DCS_STAGES={cuda_decode.STAGES}", "-o", cubin, str(cuda_decode.SOURCE)],
+                         capture_output=True, text=True, check=True)
     name, step_tokens, step_mma = CUDA_KERNELS[kind]
-    name += "Lb1E" if prefetch else "Lb0E"
+    if kind != "kivi2":  # kivi2 has no staged variant
+        name += "Lb1E" if staged else "Lb0E"
     if kind in ("int4", "int4-g32", "kivi2"):  # packed formats: the block size is a template parameter
         name += f"Li{FORMATS[kind][3]}E"
     info = res.stderr.split(name, 1)[1].split("Compiling entry", 1)[0]
@@ -152,10 +154,11 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=24, help="opcodes listed in the histogram")
     ap.add_argument("--show", default=None, help="print the loop's instructions whose opcode starts with this")
     ap.add_argument("--cuda", action="store_true", help="the CUDA decode kernel (nvcc) instead of the Triton one")
-    ap.add_argument("--prefetch", action="store_true", help="--cuda: the variant that prefetches two tiles ahead")
+    ap.add_argument("--staged", action="store_true",
+                    help="--cuda: the variant that stages tiles through shared memory (cp.async)")
     a = ap.parse_args()
     if a.cuda:
-        cuda_main(a.kind, a.prefetch, a.top)
+        cuda_main(a.kind, a.staged, a.top)
         return
     cfg = [int(x) for x in a.config.split(",")] if a.config else list(decode_quant.TILE_CONFIGS[a.kind.split("-")[0]])
     block_n, warps, stages, *cap = cfg

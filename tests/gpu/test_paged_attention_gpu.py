@@ -116,10 +116,15 @@ def _need_cuda_decode():
     dict(lens=[4099, 333], gqa=4, d=128, bs=16, qdtype=torch.float16),
     dict(lens=[16, 32, 17], gqa=5, d=64, bs=16, num_splits=1),
 ], ids=["sinks-window", "window-bs32", "splits7-bs64", "fp16-queries", "one-split-gqa5"])
-def test_cuda_decode(fmt, case):
+@pytest.mark.parametrize("staged", [0, 1], ids=["direct", "staged"])
+def test_cuda_decode(fmt, case, staged, monkeypatch):
     """The CUDA decode kernel serves on this GPU (it must build: no silent Triton fallback) and
-    matches the reference with sinks, windows, block sizes 16-64, split counts, GQA 2/4/5/8, fp16 queries."""
+    matches the reference with sinks, windows, block sizes 16-64, split counts, GQA 2/4/5/8, fp16 queries;
+    ``staged``: its variant that stages tiles through shared memory (cp.async)."""
+    from constant_state.kernels.paged_attention import cuda_decode
+
     _need_cuda_decode()
+    monkeypatch.setattr(cuda_decode, "STAGED", staged)
     run_case(fmt, 1, backend="cuda", **case)
 
 

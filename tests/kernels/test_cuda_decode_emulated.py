@@ -33,7 +33,8 @@ def emulated(tmp_path_factory):
     cuda_decode.emulated_library.cache_clear()
 
 
-def run(fmt, lens, gqa, d, bs, window=None, sinks=0, qdtype=torch.bfloat16, num_splits=None, hkv=2, seed=0):
+def run(fmt, lens, gqa, d, bs, window=None, sinks=0, qdtype=torch.bfloat16, num_splits=None, hkv=2, seed=0,
+        staged=0):
     gen = torch.Generator().manual_seed(seed)
     b, m = len(lens), -(-max(lens) // bs) + 1
     n = b * m + 5
@@ -47,7 +48,9 @@ def run(fmt, lens, gqa, d, bs, window=None, sinks=0, qdtype=torch.bfloat16, num_
     seq = torch.tensor(lens, dtype=torch.int32)
     kind, _, group, tensors = _cache_args(st.cache)
     assert cuda_decode.KINDS[kind]
-    out = cuda_decode.decode_emulated(q, kind, group, tensors, bt, seq, d ** -0.5, window, sinks, num_splits)
+    assert cuda_decode.staged_for(kind, tensors[2], tensors[3], staged) == staged
+    out = cuda_decode.decode_emulated(q, kind, group, tensors, bt, seq, d ** -0.5, window, sinks, num_splits,
+                                      staged=staged)
     ref = quant_paged_attention_ref(q.float(), st.cache, bt, seq, d ** -0.5, window, sinks=sinks)
     err = (out.float() - ref).abs().max().item()
     assert err <= TIGHT[qdtype], f"{fmt}: emulated CUDA kernel vs reference {err:.3e}"
@@ -62,21 +65,16 @@ def run(fmt, lens, gqa, d, bs, window=None, sinks=0, qdtype=torch.bfloat16, num_
     dict(lens=[16, 32, 17], gqa=5, d=64, bs=16, num_splits=1),
     dict(lens=[77], gqa=1, d=64, bs=16, num_splits=3, hkv=1),
 ], ids=["sinks-window", "window-bs32", "splits7-bs64", "fp16-queries", "one-split-gqa5", "mha-d64"])
-def test_emulated_cuda_decode(fmt, case):
-    run(fmt, **case)
+@pytest.mark.parametrize("staged", [0, 1], ids=["direct", "staged"])
+def test_emulated_cuda_decode(fmt, case, staged):
+    """``staged``: the variant whose tiles go through shared memory by cp.async (the emulation does each
+    copy at the latest wait that covers it, so a stage read before its wait sees stale bytes)."""
+    run(fmt, **case, staged=staged)
 
 
-@pytest.mark.parametrize("fmt", ["fp8", "int4"])
-def test_emulated_prefetch_variant(fmt, monkeypatch):
-    """The variant that prefetches two tiles ahead (cuda_decode.PREFETCH) computes the same."""
-    monkeypatch.setattr(cuda_decode, "PREFETCH", 1)
-    run(fmt, [300, 65, 70], 4, 128, 16, window=100, sinks=4)
-
-
-def test_emulated_prefetch_variant_kivi2(monkeypatch):
-    monkeypatch.setattr(cuda_decode, "PREFETCH", 1)
+def test_emulated_staged_kivi2_runs_the_direct_kernel():
     case = dict(KIVI2_DECODE_CASES[0])
-    test_emulated_cuda_decode_kivi2(case)
+    test_emulated_cuda_decode_kivi2(case, staged=1)
 
 
 def test_unknown_kernel_is_an_error(emulated):
@@ -93,12 +91,12 @@ def test_merge_splits_ref_weights_by_max_and_sum():
 
 
 @pytest.mark.parametrize("case", KIVI2_DECODE_CASES, ids=KIVI2_DECODE_IDS)
-def test_emulated_cuda_decode_kivi2(case):
+def test_emulated_cuda_decode_kivi2(case, staged=0):
     case = dict(case)
     num_splits = case.pop("num_splits", None)
     a, ref = kivi2_decode_case(**case)
     kind, _, group, tensors = _cache_args(a["cache"])
     out = cuda_decode.decode_emulated(a["q"], kind, group, tensors, a["block_tables"], a["seq_lens"], a["scale"],
-                                      a["sliding_window"], a["sinks"], num_splits, a["res_k"], a["res_v"])
+                                      a["sliding_window"], a["sinks"], num_splits, a["res_k"], a["res_v"], staged)
     err = (out.float() - ref).abs().max().item()
     assert err <= TIGHT[a["q"].dtype], f"kivi2: emulated CUDA kernel vs reference {err:.3e}"

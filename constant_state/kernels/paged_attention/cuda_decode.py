@@ -38,12 +38,18 @@ HEAD_DIMS = (64, 128)
 MAX_GROUP = 8  # query heads per KV head: the 8 columns of the tensor-core tile
 TILE = 16  # tokens per warp step (kivi2: STEPS)
 STEPS = {"kivi2": 32}
-# 1: each warp also prefetches the codes and scales of the tile two ahead into L2 (one prefetch per load;
-# no registers). Off until measured on the H200 (benchmarks/ab_quant_decode.py switch ``pf``).
-_PREFETCH = os.environ.get("CONSTANT_STATE_DECODE_PREFETCH", "0")
-if _PREFETCH not in ("0", "1"):
-    raise ValueError(f"CONSTANT_STATE_DECODE_PREFETCH must be 0 or 1, got {_PREFETCH!r}")
-PREFETCH = int(_PREFETCH)
+# 1: fp8 / int8 / int4 tiles are staged through shared memory by cp.async, STAGES - 1 tiles ahead of the
+# one in registers (more bytes in flight per warp than the registers' one tile ahead; kivi2 ignores it).
+# Environment: CONSTANT_STATE_DECODE_STAGED (0/1) and CONSTANT_STATE_DECODE_STAGES (compiled in, >= 2).
+def _env_int(name: str, default: str, allowed) -> int:
+    value = os.environ.get(name, default)
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+    return int(value)
+
+
+STAGED = _env_int("CONSTANT_STATE_DECODE_STAGED", "0", ("0", "1"))
+STAGES = _env_int("CONSTANT_STATE_DECODE_STAGES", "4", tuple(str(n) for n in range(2, 9)))
 WARPS = 4  # warps (splits) per block: the kernels' __launch_bounds__(128, 3) in paged_decode.cu
 
 
@@ -53,7 +59,7 @@ class _Params(ctypes.Structure):
                 + [(n, ctypes.c_int32) for n in ("k_sb", "k_st", "k_sh", "v_sb", "v_st", "v_sh",
                                                   "ks_sb", "ks_st", "ks_sh", "vs_sb", "vs_st", "vs_sh", "v_sc")]
                 + [(n, ctypes.c_int32) for n in ("hq", "hkv", "g", "m", "bs", "bs_shift", "window", "sinks",
-                                                  "has_window", "splits", "chunk", "q_bf16", "r", "prefetch")]
+                                                  "has_window", "splits", "chunk", "q_bf16", "r", "items", "staged")]
                 + [("scale_log2", ctypes.c_float)])
 
 
@@ -95,9 +101,9 @@ def build(arch: str, nvcc: str | None = None) -> Path:
     if nvcc is None:
         raise RuntimeError("nvcc not found (set CUDA_HOME): the CUDA decode kernel cannot be built")
     version = subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=True).stdout
-    cmd = [nvcc, "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-lineinfo",
+    cmd = [nvcc, "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-lineinfo", f"-DCS_STAGES={STAGES}",
            f"-gencode=arch=compute_{arch},code=sm_{arch}", str(SOURCE), "-o"]
-    return _cached_build(f"paged_decode_sm{arch}", [arch.encode(), version.encode()], cmd, "nvcc")
+    return _cached_build(f"paged_decode_sm{arch}", [arch.encode(), version.encode(), b"%d" % STAGES], cmd, "nvcc")
 
 
 def cuda_include() -> Path | None:
@@ -120,9 +126,10 @@ def build_emulated(cxx: str | None = None) -> Path:
         raise RuntimeError("the emulated CUDA decode kernel needs a C++20 compiler (g++) and the CUDA headers "
                            "(cuda_fp16.h; set CUDA_HOME)")
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True).stdout
-    cmd = [cxx, "-std=c++20", "-O2", "-shared", "-fPIC", "-pthread", "-DCS_EMULATE", "-x", "c++",
-           f"-I{include}", str(SOURCE), "-o"]
-    return _cached_build("paged_decode_emulated", [version.encode(), str(include).encode()], cmd, cxx)
+    cmd = [cxx, "-std=c++20", "-O2", "-shared", "-fPIC", "-pthread", "-DCS_EMULATE", f"-DCS_STAGES={STAGES}",
+           "-x", "c++", f"-I{include}", str(SOURCE), "-o"]
+    return _cached_build("paged_decode_emulated", [version.encode(), str(include).encode(), b"%d" % STAGES], cmd,
+                         cxx)
 
 
 def _load(path: Path) -> ctypes.CDLL:
@@ -194,20 +201,28 @@ def supports(kind: str, group: int, q: torch.Tensor, k: torch.Tensor, v: torch.T
 
 
 @functools.lru_cache(maxsize=64)
-def warp_slots(kind: str, d: int, group: int, device_index: int, prefetch: int = 0, bs: int = 16) -> int:
+def warp_slots(kind: str, d: int, group: int, device_index: int, staged: int = 0, bs: int = 16) -> int:
     """Warps resident on the whole GPU at once (CUDA occupancy calculator x SMs x warps per block)."""
     lib = _library(_arch(torch.device("cuda", device_index)))
     blocks = ctypes.c_int(0)
-    err = lib.cs_decode_occupancy(KINDS[kind], d, group, bs, prefetch, WARPS, device_index, ctypes.byref(blocks))
+    err = lib.cs_decode_occupancy(KINDS[kind], d, group, bs, staged, WARPS, device_index, ctypes.byref(blocks))
     if err:
         raise RuntimeError(f"cudaOccupancyMaxActiveBlocksPerMultiprocessor failed ({err})")
     sms = torch.cuda.get_device_properties(device_index).multi_processor_count
     return max(1, blocks.value) * WARPS * sms
 
 
+def staged_for(kind: str, ks: torch.Tensor, vs: torch.Tensor, staged: int | None = None) -> int:
+    """1 where the staged variant serves: ``staged`` (default :data:`STAGED`) on, fp8 / int8 / int4, and
+    even block strides of the scales (a 2-byte scale's word is found with block id 0, paged_decode.cu)."""
+    on = STAGED if staged is None else staged
+    return int(bool(on) and kind != "kivi2" and ks.stride(0) % 2 == 0 and vs.stride(0) % 2 == 0)
+
+
 def _params(q, kind, group, tensors, block_tables, seq_lens, scale, sliding_window, sinks, num_splits, slots,
-            res_k=None, res_v=None):
-    """(parameter block, out, part, ml, splits) of one launch; ``slots`` = resident warps (for the split count)."""
+            res_k=None, res_v=None, staged=0):
+    """(parameter block, out, part, ml, splits) of one launch; ``slots`` = resident warps (for the split
+    count); ``staged``: the launch's :func:`staged_for`."""
     from .decode import _split_buffers, _split_chunks, wave_splits
 
     k, v, ks, vs, kz, vz = tensors
@@ -228,7 +243,8 @@ def _params(q, kind, group, tensors, block_tables, seq_lens, scale, sliding_wind
                 seq_lens.data_ptr(), res[0], res[1], k.stride(0), k.stride(1), k.stride(2), v.stride(0),
                 v.stride(1), v.stride(2), *kstr, vs.stride(0), vs.stride(1), vs.stride(2), v.stride(3),
                 hq, hkv, hq // hkv, m, bs, bs.bit_length() - 1, sliding_window or 0, sinks, sliding_window is not None,
-                num_splits, chunk, q.dtype == torch.bfloat16, res[2], PREFETCH, scale * 1.4426950408889634)
+                num_splits, chunk, q.dtype == torch.bfloat16, res[2], b * hkv * num_splits, staged,
+                scale * 1.4426950408889634)
     return p, out, part, ml, num_splits
 
 
@@ -240,9 +256,10 @@ def decode(q, kind, group, tensors, block_tables, seq_lens, scale, sliding_windo
     from .decode import _merge_splits
 
     d, dev = q.shape[-1], q.device.index or 0
+    st = staged_for(kind, tensors[2], tensors[3])
     p, out, part, ml, splits = _params(q, kind, group, tensors, block_tables, seq_lens, scale, sliding_window,
-                                       sinks, num_splits, lambda: warp_slots(kind, d, group, dev, PREFETCH, tensors[0].shape[1]),
-                                       res_k, res_v)
+                                       sinks, num_splits, lambda: warp_slots(kind, d, group, dev, st, tensors[0].shape[1]),
+                                       res_k, res_v, st)
     err = _library(_arch(q.device)).cs_decode(ctypes.byref(p), KINDS[kind], d, group, q.shape[0], WARPS, dev,
                                              torch.cuda.current_stream(q.device).cuda_stream)
     if err:
@@ -252,15 +269,17 @@ def decode(q, kind, group, tensors, block_tables, seq_lens, scale, sliding_windo
 
 
 def decode_emulated(q, kind, group, tensors, block_tables, seq_lens, scale, sliding_window=None, sinks=0,
-                    num_splits=None, res_k=None, res_v=None):
+                    num_splits=None, res_k=None, res_v=None, staged=None):
     """:func:`decode` on CPU tensors through :func:`emulated_library` (the kernels' source, each lane a
     thread), split partials merged by :func:`.ref.merge_splits_ref`. Arguments as :func:`decode` takes
-    them from ``decode.paged_attention`` (contiguous ``q``, int32 tables and lengths)."""
+    them from ``decode.paged_attention`` (contiguous ``q``, int32 tables and lengths); ``staged`` as
+    :func:`staged_for` takes it."""
     from .ref import merge_splits_ref
 
     d = q.shape[-1]
     p, out, part, ml, splits = _params(q, kind, group, tensors, block_tables, seq_lens, scale, sliding_window,
-                                       sinks, num_splits, lambda: 4 * WARPS * 3, res_k, res_v)  # 4 emulated SMs
+                                       sinks, num_splits, lambda: 4 * WARPS * 3, res_k, res_v,  # 4 emulated SMs
+                                       staged_for(kind, tensors[2], tensors[3], staged))
     err = emulated_library().cs_decode(ctypes.byref(p), KINDS[kind], d, group, q.shape[0], WARPS, 0, None)
     if err:
         raise RuntimeError("emulated decode: lanes of a warp diverged at a collective" if err == -1

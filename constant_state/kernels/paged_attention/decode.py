@@ -349,9 +349,9 @@ QUANT_DECODE = "transposed"
 # CONSTANT_STATE_DECODE. The CUDA kernel passed the GPU tests on the H200 (2026-11-23, seventh session).
 DECODE_BACKEND = os.environ.get("CONSTANT_STATE_DECODE", "auto")
 # Formats "auto" sends to the CUDA kernel: those where it beat Triton on the H200 (batch 32 / 32k,
-# benchmarks/ab_quant_decode.py: fp8 553 vs 724 us, int8 563 vs 796, int4 447 vs 587, int4-g32 661 vs
-# 715). kivi2 stays on Triton there (CUDA 918 vs 669 us; docs/benchmarks.md).
-AUTO_CUDA_KINDS = ("fp8", "int8", "int4")
+# benchmarks/ab_quant_decode.py: fp8 551 vs 727 us, int8 575 vs 800, int4 446 vs 588, int4-g32 622 vs
+# 714, kivi2 507 vs 669; docs/benchmarks.md, seventh session).
+AUTO_CUDA_KINDS = ("fp8", "int8", "int4", "kivi2")
 if DECODE_BACKEND not in ("auto", "cuda", "triton"):
     raise ValueError(f"CONSTANT_STATE_DECODE must be auto, cuda or triton, got {DECODE_BACKEND!r}")
 # 8-bit formats: dots in the query dtype with the value scale folded into p (True), or codes

@@ -58,7 +58,8 @@ struct DecodeParams {
   int32_t splits, chunk;  // chunk: tokens per split, a multiple of 16
   int32_t q_bf16;
   int32_t r;          // kivi2: residual window R
-  int32_t prefetch;   // 1: codes and scales of the tile two ahead prefetched into L2 (cuda_decode.PREFETCH)
+  int32_t items;      // warps' work items: B x Hkv x splits
+  int32_t staged;     // 1: fp8 / int8 / int4 tiles staged through shared memory by cp.async (cuda_decode.STAGED)
   float scale_log2;
 };
 
@@ -115,6 +116,21 @@ __device__ __forceinline__ void cs_prefetch_l1(const void* ptr) {
 
 __device__ __forceinline__ void cs_prefetch_l2(const void* ptr) {
   asm volatile("prefetch.global.L2 [%0];" : : "l"(ptr));
+}
+
+// cp.async of N bytes (4, 8, 16) from global to this lane's shared memory, committed in groups; wait<N>
+// returns when at most N of this thread's groups are still in flight. .ca (through L1) for all sizes:
+// with .cg (L2 only) the two 16-byte halves of a lane's 32-byte sector were two L2 requests (H200, fp8:
+// L2 hit rate 7% -> 60%, memory pipes 92% busy, 2x slower).
+template <int N> __device__ __forceinline__ void cs_cp_async(void* smem, const void* src) {
+  const uint32_t dst = uint32_t(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" : : "r"(dst), "l"(src), "n"(N) : "memory");
+}
+__device__ __forceinline__ void cs_check(bool) {}  // emulated: aborts when false
+
+__device__ __forceinline__ void cs_cp_async_commit() { asm volatile("cp.async.commit_group;" : : : "memory"); }
+template <int N> __device__ __forceinline__ void cs_cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;" : : "n"(N) : "memory");
 }
 
 // Two fp8 e4m3 codes (low 16 bits of x) to an fp16 pair, low byte to low half.
@@ -206,22 +222,105 @@ template <int N> struct Halves {  // N consecutive fp16 of one load
   __device__ __forceinline__ float operator[](int i) const { return __half2float(h[i]); }
 };
 
-// fetch<PF>(dst, src): dst loaded from src, or (PF) src only prefetched into L2 (dst untouched), so that
-// one load() serves the tile's loads and its prefetch two tiles ahead.
-template <int NW> __device__ __forceinline__ void load_into(Words<NW>& dst, const uint8_t* src) { dst.load(src); }
-template <int N> __device__ __forceinline__ void load_into(Halves<N>& dst, const __half* src) { dst.load(src); }
-__device__ __forceinline__ void load_into(uint32_t& dst, const uint8_t* src) {
-  dst = __ldg(reinterpret_cast<const uint32_t*>(src));
-}
-__device__ __forceinline__ void load_into(__half& dst, const __half* src) { dst = src[0]; }
+// fetch<M>(dst, src, slot): a tile's item (dst <- src). FETCH_LOAD: loaded into registers now. Staged
+// variants (ST, CS_STAGES tiles in flight): FETCH_ASYNC copies it by cp.async into this lane's share of
+// a shared-memory stage (dst untouched), FETCH_READ reads it from there into dst (src unused, except
+// bit 1 of a 2-byte item's address). Item c of a tile (SZ bytes per lane) sits at base + 32 off_c +
+// SZ lane, so a warp's accesses to one item are contiguous (no bank conflicts); each lane reads only
+// what it copied, so the ring needs cp.async.wait_group and no barrier. A 2-byte item is copied as the
+// aligned word that holds it and picked by its address's bit 1, which a read recomputes with block id
+// 0: the scales' block strides must be even (cuda_decode.supports).
+#ifndef CS_STAGES
+#define CS_STAGES 4
+#endif
+static_assert(CS_STAGES >= 2, "CS_STAGES: tiles in flight through shared memory, at least 2");
+enum FetchMode { FETCH_LOAD, FETCH_ASYNC, FETCH_READ };
 
-template <bool PF, class T, class P> __device__ __forceinline__ void fetch(T& dst, const P* src) {
-  if constexpr (PF) {
-    cs_prefetch_l2(src);
+struct Slot {  // this lane's share of one stage
+  uint8_t* base = nullptr;  // the warp's stage
+  int lane = 0;
+  int off = 0;              // bytes per lane taken so far
+  template <int SZ> __device__ __forceinline__ uint8_t* take() {
+    uint8_t* r = base + 32 * off + SZ * lane;
+    off += SZ;
+    return r;
+  }
+};
+
+template <int SZ> __device__ __forceinline__ void read_words(const uint8_t* sm, uint32_t* w) {
+  if constexpr (SZ == 16) {
+    const uint4 x = *reinterpret_cast<const uint4*>(sm);
+    w[0] = x.x; w[1] = x.y; w[2] = x.z; w[3] = x.w;
+  } else if constexpr (SZ == 8) {
+    const uint2 x = *reinterpret_cast<const uint2*>(sm);
+    w[0] = x.x; w[1] = x.y;
   } else {
-    load_into(dst, src);
+    w[0] = *reinterpret_cast<const uint32_t*>(sm);
   }
 }
+
+template <int M, int NW> __device__ __forceinline__ void fetch(Words<NW>& dst, const uint8_t* src, Slot& s) {
+  if constexpr (M == FETCH_LOAD) {
+    dst.load(src);
+  } else {
+    constexpr int SZ = NW * 4 >= 16 ? 16 : NW * 4;
+#pragma unroll
+    for (int c = 0; c < NW * 4 / SZ; ++c) {
+      uint8_t* sm = s.take<SZ>();
+      if constexpr (M == FETCH_ASYNC) cs_cp_async<SZ>(sm, src + c * SZ);
+      else read_words<SZ>(sm, dst.w + c * (SZ / 4));
+    }
+  }
+}
+
+template <int M> __device__ __forceinline__ void fetch(uint32_t& dst, const uint8_t* src, Slot& s) {
+  if constexpr (M == FETCH_LOAD) {
+    dst = __ldg(reinterpret_cast<const uint32_t*>(src));
+  } else {
+    uint8_t* sm = s.take<4>();
+    if constexpr (M == FETCH_ASYNC) cs_cp_async<4>(sm, src);
+    else dst = *reinterpret_cast<const uint32_t*>(sm);
+  }
+}
+
+template <int M> __device__ __forceinline__ void fetch(__half& dst, const __half* src, Slot& s) {
+  if constexpr (M == FETCH_LOAD) {
+    dst = src[0];
+  } else {
+    uint8_t* sm = s.take<4>();
+    const uintptr_t a = reinterpret_cast<uintptr_t>(src);
+    if constexpr (M == FETCH_ASYNC) {
+      cs_cp_async<4>(sm, reinterpret_cast<const void*>(a & ~uintptr_t(3)));
+    } else {
+      const uint32_t x = *reinterpret_cast<const uint32_t*>(sm);
+      dst = __ushort_as_half(uint16_t((a & 2) ? x >> 16 : x));
+    }
+  }
+}
+
+template <int M, int N> __device__ __forceinline__ void fetch(Halves<N>& dst, const __half* src, Slot& s) {
+  if constexpr (M == FETCH_LOAD) {
+    dst.load(src);
+  } else if constexpr (N == 1) {
+    fetch<M>(dst.h[0], src, s);
+  } else {
+    uint8_t* sm = s.take<2 * N>();
+    if constexpr (M == FETCH_ASYNC) {
+      cs_cp_async<2 * N>(sm, src);
+    } else {
+      uint32_t w[N / 2];
+      read_words<2 * N>(sm, w);
+#pragma unroll
+      for (int i = 0; i < N / 2; ++i) {
+        const __half2 x = *reinterpret_cast<const __half2*>(&w[i]);
+        dst.h[2 * i] = x.x;
+        dst.h[2 * i + 1] = x.y;
+      }
+    }
+  }
+}
+
+template <int M> struct Mode { static constexpr int value = M; };
 
 // The steps of STEP tokens of one split: [lo, a_hi) then [b_lo, hi). With a sliding window the first
 // range holds the sink tokens and the second starts at the window's first step (steps between are
@@ -249,16 +348,89 @@ template <int STEP> struct SplitTiles {
   }
 };
 
-// A warp's work: lane coordinates (g, t), row b, KV head h, split, and that split's steps.
+// A warp's work: lane coordinates (g, t), row b, KV head h, split, and that split's steps. Warps take
+// the work items (b, h, split) in order, 4 to a block whatever the split count (no idle warps: a block
+// is resident as a whole, so blocks padded with idle warps would waste slots); warps past the last item
+// have valid false.
+__device__ __forceinline__ int warp_item() { return int(blockIdx.x) * int(blockDim.x >> 5) + int(threadIdx.x >> 5); }
+
 template <int STEP = 16> struct WarpWork {
-  int g, t, b, h, split, seq_len;
+  int g, t, item, split, bh, b, h;
+  bool valid;
+  int seq_len;
   const int32_t* bt_row;
   SplitTiles<STEP> tiles;
   __device__ __forceinline__ explicit WarpWork(const DecodeParams& p)
-      : g((threadIdx.x & 31) >> 2), t(threadIdx.x & 3), b(blockIdx.x / p.hkv), h(blockIdx.x - b * p.hkv),
-        split(blockIdx.y * (blockDim.x >> 5) + (threadIdx.x >> 5)), seq_len(p.seq[b]),
+      : g((threadIdx.x & 31) >> 2), t(threadIdx.x & 3), item(min(warp_item(), p.items - 1)), split(item % p.splits),
+        bh(item / p.splits), b(bh / p.hkv), h(bh - b * p.hkv), valid(warp_item() < p.items), seq_len(p.seq[b]),
         bt_row(p.bt + int64_t(b) * p.m), tiles(p, split, seq_len) {}
 };
+
+// A split's tiles into registers: tile i + 1 is in registers while tile i is computed, loaded there
+// directly (ST false) or read from a shared-memory ring of CS_STAGES stages that cp.async fills
+// CS_STAGES - 1 tiles ahead (ST). load(tile, Mode<M>, block id, first token, slot) loads one tile;
+// the block id of a tile is read from the block table one step before its loads are issued.
+template <bool ST, int LANE_BYTES> struct TileFeed {
+  static constexpr int S = CS_STAGES;
+  const SplitTiles<16>& tiles;
+  const int32_t* bt_row;
+  int bs_shift;
+  uint8_t* ring;  // this warp's stages (ST)
+  int lane;
+  int blk_next = 0, blk_after = 0;
+
+  __device__ __forceinline__ Slot slot(int i) const {
+    Slot s;
+    s.base = ring + (i % S) * (32 * LANE_BYTES);
+    s.lane = lane;
+    return s;
+  }
+  __device__ __forceinline__ int block(int i) const { return bt_row[tiles.start(i) >> bs_shift]; }
+
+  template <class Tile, class Load> __device__ __forceinline__ void begin(Tile& a, Load&& load) {
+    const int n = tiles.n;
+    if constexpr (ST) {
+#pragma unroll
+      for (int j = 0; j < S; ++j) {
+        if (j < n) load(a, Mode<FETCH_ASYNC>(), block(j), tiles.start(j), slot(j));
+        cs_cp_async_commit();
+      }
+      if (S < n) blk_next = block(S);
+      cs_cp_async_wait<S - 1>();
+      if (n > 0) load(a, Mode<FETCH_READ>(), 0, tiles.start(0), slot(0));
+    } else {
+      if (n > 0) load(a, Mode<FETCH_LOAD>(), block(0), tiles.start(0), Slot());
+      if (n > 1) blk_next = block(1);
+    }
+  }
+  // Before tile i is computed: tile i + 1 into nxt.
+  template <class Tile, class Load> __device__ __forceinline__ void before(int i, Tile& nxt, Load&& load) {
+    const int n = tiles.n;
+    if constexpr (ST) {
+      blk_after = i + S + 1 < n ? block(i + S + 1) : 0;
+      cs_cp_async_wait<S - 2>();
+      if (i + 1 < n) load(nxt, Mode<FETCH_READ>(), 0, tiles.start(i + 1), slot(i + 1));
+    } else {
+      blk_after = i + 2 < n ? block(i + 2) : 0;
+      if (i + 1 < n) load(nxt, Mode<FETCH_LOAD>(), blk_next, tiles.start(i + 1), Slot());
+    }
+  }
+  // After tile i is computed (its stage is free): tile i + S requested into that stage.
+  template <class Tile, class Load> __device__ __forceinline__ void after(int i, Tile& nxt, Load&& load) {
+    if constexpr (ST) {
+      if (i + S < tiles.n) load(nxt, Mode<FETCH_ASYNC>(), blk_next, tiles.start(i + S), slot(i));
+      cs_cp_async_commit();
+    }
+    blk_next = blk_after;
+  }
+};
+
+// The shared memory of a staged kernel: CS_STAGES stages of LANE_BYTES x 32 per warp.
+#ifdef CS_EMULATE
+#define CS_DYNAMIC_SMEM(name) alignas(16) static thread_local uint8_t name[1 << 18]
+#else
+#define CS_DYNAMIC_SMEM(name) extern __shared__ __align__(16) uint8_t name[]
+#endif
 
 // Head g's query row, elements times scale * log2(e) (lanes past the G heads read row 0 times 0).
 struct QueryRow {
@@ -480,36 +652,38 @@ template <int D> struct Tile8 {
   Words<D / 16> k0, k1;  // key bytes [t D/4, (t+1) D/4) of tokens g, g+8
   Words<D / 32> v[4];    // value bytes [g D/8, (g+1) D/8) of tokens 2t, 2t+1, 2t+8, 2t+9
   __half ks0, ks1, vs0, vs1;  // scales of tokens g, g+8
+  static constexpr int LANE_BYTES = D + 16;  // staged: bytes per lane (four 2-byte scales as words)
 
-  template <bool PF = false>
-  __device__ __forceinline__ void load(const DecodeParams& p, int h, int blk, int tb, int g, int t) {
+  template <int M = FETCH_LOAD>
+  __device__ __forceinline__ void load(const DecodeParams& p, int h, int blk, int tb, int g, int t, Slot s = Slot()) {
     // A pointer per lane and tile (one wide multiply-add), then offsets from it (32-bit offsets added
     // before the pointer would be recomputed per load: unsigned sums may wrap).
     const uint8_t* kp = p.k + int64_t(blk) * p.k_sb + (h * p.k_sh + t * (D / 4) + (tb + g) * p.k_st);
-    fetch<PF>(k0, kp);
-    fetch<PF>(k1, kp + 8 * p.k_st);
+    fetch<M>(k0, kp, s);
+    fetch<M>(k1, kp + 8 * p.k_st, s);
     const uint8_t* vp = p.v + int64_t(blk) * p.v_sb + (h * p.v_sh + g * (D / 8) + (tb + 2 * t) * p.v_st);
-    fetch<PF>(v[0], vp);
-    fetch<PF>(v[1], vp + p.v_st);
-    fetch<PF>(v[2], vp + 8 * p.v_st);
-    fetch<PF>(v[3], vp + 9 * p.v_st);
+    fetch<M>(v[0], vp, s);
+    fetch<M>(v[1], vp + p.v_st, s);
+    fetch<M>(v[2], vp + 8 * p.v_st, s);
+    fetch<M>(v[3], vp + 9 * p.v_st, s);
     const __half* ksp = p.ks + (int64_t(blk) * p.ks_sb + (h * p.ks_sh + (tb + g) * p.ks_st));
     const __half* vsp = p.vs + (int64_t(blk) * p.vs_sb + (h * p.vs_sh + (tb + g) * p.vs_st));
-    fetch<PF>(ks0, ksp);
-    fetch<PF>(ks1, ksp + 8 * p.ks_st);
-    fetch<PF>(vs0, vsp);
-    fetch<PF>(vs1, vsp + 8 * p.vs_st);
+    fetch<M>(ks0, ksp, s);
+    fetch<M>(ks1, ksp + 8 * p.ks_st, s);
+    fetch<M>(vs0, vsp, s);
+    fetch<M>(vs1, vsp + 8 * p.vs_st, s);
+    cs_check(s.off <= LANE_BYTES);
   }
 };
 
-template <int D, int KIND, bool PF>
+template <int D, int KIND, bool ST>
 __global__ void __launch_bounds__(128, 3) decode8_kernel(const DecodeParams p) {
   using C = Codes8<KIND>;
   constexpr int KW = D / 16;  // k-steps = key words per thread and token
   constexpr int VW = D / 32;  // value words per thread and token
   constexpr int MT = D / 16;  // m-tiles of O^T
   const WarpWork<> w(p);
-  if (w.split >= p.splits) return;
+  if (!w.valid) return;
   const int g = w.g, t = w.t, b = w.b, h = w.h, split = w.split, seq_len = w.seq_len;
   const auto& tiles = w.tiles;
   const int32_t* bt_row = w.bt_row;
@@ -548,18 +722,18 @@ __global__ void __launch_bounds__(128, 3) decode8_kernel(const DecodeParams p) {
   float psum[2] = {0.f, 0.f};  // int8: sum of the rounded P' per head 2t + j, this lane's rows
   Softmax sm;
 
-  Tile8<D> tile_a, tile_b;
-  int blk_next = 0;
-  if (tiles.n > 0) {
-    const int s0 = tiles.start(0);
-    tile_a.load(p, h, bt_row[s0 >> p.bs_shift], s0 & (p.bs - 1), g, t);
-  }
-  if (tiles.n > 1) blk_next = bt_row[tiles.start(1) >> p.bs_shift];
-  auto step = [&](Tile8<D>& cur, Tile8<D>& nxt, const int i) {
+  using Tile = Tile8<D>;
+  Tile tile_a, tile_b;
+  CS_DYNAMIC_SMEM(smem);
+  TileFeed<ST, Tile::LANE_BYTES> feed{tiles, bt_row, p.bs_shift,
+                                     smem + (threadIdx.x >> 5) * (CS_STAGES * 32 * Tile::LANE_BYTES), g * 4 + t};
+  auto load = [&](Tile& x, auto mode, int blk, int start, Slot sl) {
+    x.template load<decltype(mode)::value>(p, h, blk, start & (p.bs - 1), g, t, sl);
+  };
+  feed.begin(tile_a, load);
+  auto step = [&](Tile& cur, Tile& nxt, const int i) {
     const int start = tiles.start(i);
-    const int blk_after = i + 2 < tiles.n ? bt_row[tiles.start(i + 2) >> p.bs_shift] : 0;
-    if (i + 1 < tiles.n) nxt.load(p, h, blk_next, tiles.start(i + 1) & (p.bs - 1), g, t);
-    if (PF && i + 2 < tiles.n) nxt.template load<true>(p, h, blk_after, tiles.start(i + 2) & (p.bs - 1), g, t);
+    feed.before(i, nxt, load);
 
     float s[4] = {0.f, 0.f, 0.f, 0.f};  // S^T rows tokens g, g+8; columns heads 2t, 2t+1
 #pragma unroll
@@ -596,7 +770,7 @@ __global__ void __launch_bounds__(128, 3) decode8_kernel(const DecodeParams p) {
         cs_mma16816(o[2 * j + half], r0, r1, r2, r3, pb0, pb1);
       }
     }
-    blk_next = blk_after;
+    feed.after(i, nxt, load);
   };
   tile_loop<true>(tiles.n, tile_a, tile_b, step);
 
@@ -651,39 +825,43 @@ template <int D, int GP, int BS> struct Tile4 {  // BS: tokens per block (value 
   Words<S::CW> k0[S::NG], k1[S::NG];  // key words of group gi, tokens r0 = rho(g), r0 + 1
   uint32_t v[S::MT];                  // value byte 8 mi + g, tokens 4t..4t+3
   Halves<S::NG> ks0, ks1, kz0, kz1, vs0, vs1, vz0, vz1;
+  // staged: bytes per lane (a 2-byte Halves<1> as a word)
+  static constexpr int LANE_BYTES = 8 * S::NG * S::CW + 4 * S::MT + 8 * (S::NG == 1 ? 4 : 2 * S::NG);
 
-  template <bool PF = false>
-  __device__ __forceinline__ void load(const DecodeParams& p, int h, int blk, int tb, int r0, int g, int t) {
+  template <int M = FETCH_LOAD>
+  __device__ __forceinline__ void load(const DecodeParams& p, int h, int blk, int tb, int r0, int g, int t,
+                                       Slot s = Slot()) {
     const uint8_t* k0p = p.k + int64_t(blk) * p.k_sb + (h * p.k_sh + t * (GP / 4) + (tb + r0) * p.k_st);
     const uint8_t* k1p = k0p + p.k_st;
 #pragma unroll
     for (int gi = 0; gi < S::NG; ++gi) {
-      fetch<PF>(k0[gi], k0p + gi * GP);
-      fetch<PF>(k1[gi], k1p + gi * GP);
+      fetch<M>(k0[gi], k0p + gi * GP, s);
+      fetch<M>(k1[gi], k1p + gi * GP, s);
     }
     const uint8_t* vp = p.v + int64_t(blk) * p.v_sb + (h * p.v_sh + tb + 4 * t + g * BS);  // token-contiguous
 #pragma unroll
-    for (int mi = 0; mi < S::MT; ++mi) fetch<PF>(v[mi], vp + 8 * mi * BS);
+    for (int mi = 0; mi < S::MT; ++mi) fetch<M>(v[mi], vp + 8 * mi * BS, s);
     const int64_t kso = int64_t(blk) * p.ks_sb + (h * p.ks_sh + (tb + r0) * p.ks_st);
     const int64_t vso = int64_t(blk) * p.vs_sb + (h * p.vs_sh + (tb + r0) * p.vs_st);
     const __half *ksp = p.ks + kso, *kzp = p.kz + kso, *vsp = p.vs + vso, *vzp = p.vz + vso;
-    fetch<PF>(ks0, ksp);
-    fetch<PF>(ks1, ksp + p.ks_st);
-    fetch<PF>(kz0, kzp);
-    fetch<PF>(kz1, kzp + p.ks_st);
-    fetch<PF>(vs0, vsp);
-    fetch<PF>(vs1, vsp + p.vs_st);
-    fetch<PF>(vz0, vzp);
-    fetch<PF>(vz1, vzp + p.vs_st);
+    fetch<M>(ks0, ksp, s);
+    fetch<M>(ks1, ksp + p.ks_st, s);
+    fetch<M>(kz0, kzp, s);
+    fetch<M>(kz1, kzp + p.ks_st, s);
+    fetch<M>(vs0, vsp, s);
+    fetch<M>(vs1, vsp + p.vs_st, s);
+    fetch<M>(vz0, vzp, s);
+    fetch<M>(vz1, vzp + p.vs_st, s);
+    cs_check(s.off <= LANE_BYTES);
   }
 };
 
-template <int D, int GP, bool PF, int BS>
+template <int D, int GP, bool ST, int BS>
 __global__ void __launch_bounds__(128, 3) decode4_kernel(const DecodeParams p) {
   using S = Int4Shape<D, GP>;
   constexpr int NG = S::NG, CW = S::CW, MT = S::MT;
   const WarpWork<> w(p);
-  if (w.split >= p.splits) return;
+  if (!w.valid) return;
   const int g = w.g, t = w.t, b = w.b, h = w.h, split = w.split, seq_len = w.seq_len;
   const auto& tiles = w.tiles;
   const int32_t* bt_row = w.bt_row;
@@ -736,18 +914,18 @@ __global__ void __launch_bounds__(128, 3) decode4_kernel(const DecodeParams p) {
   GroupSums<NG> sums;
   Softmax sm;
 
-  Tile4<D, GP, BS> tile_a, tile_b;
-  int blk_next = 0;
-  if (tiles.n > 0) {
-    const int s0 = tiles.start(0);
-    tile_a.load(p, h, bt_row[s0 >> p.bs_shift], s0 & (p.bs - 1), r0, g, t);
-  }
-  if (tiles.n > 1) blk_next = bt_row[tiles.start(1) >> p.bs_shift];
-  auto step = [&](Tile4<D, GP, BS>& cur, Tile4<D, GP, BS>& nxt, const int i) {
+  using Tile = Tile4<D, GP, BS>;
+  Tile tile_a, tile_b;
+  CS_DYNAMIC_SMEM(smem);
+  TileFeed<ST, Tile::LANE_BYTES> feed{tiles, bt_row, p.bs_shift,
+                                     smem + (threadIdx.x >> 5) * (CS_STAGES * 32 * Tile::LANE_BYTES), g * 4 + t};
+  auto load = [&](Tile& x, auto mode, int blk, int start, Slot sl) {
+    x.template load<decltype(mode)::value>(p, h, blk, start & (p.bs - 1), r0, g, t, sl);
+  };
+  feed.begin(tile_a, load);
+  auto step = [&](Tile& cur, Tile& nxt, const int i) {
     const int start = tiles.start(i);
-    const int blk_after = i + 2 < tiles.n ? bt_row[tiles.start(i + 2) >> p.bs_shift] : 0;
-    if (i + 1 < tiles.n) nxt.load(p, h, blk_next, tiles.start(i + 1) & (p.bs - 1), r0, g, t);
-    if (PF && i + 2 < tiles.n) nxt.template load<true>(p, h, blk_after, tiles.start(i + 2) & (p.bs - 1), r0, g, t);
+    feed.before(i, nxt, load);
 
     float sg[NG][4];
 #pragma unroll
@@ -787,7 +965,7 @@ __global__ void __launch_bounds__(128, 3) decode4_kernel(const DecodeParams p) {
                  fp16_codes(w8, 0x00F000F0u), pb0, pb1);
       }
     }
-    blk_next = blk_after;
+    feed.after(i, nxt, load);
   };
   tile_loop<S::PINGPONG>(tiles.n, tile_a, tile_b, step);
 
@@ -847,8 +1025,8 @@ template <int D, int GP, int BS> struct Step2 {  // one 32-token step of codes a
   uint32_t v[2][S::MB];              // [tile][byte block]: byte 8 mb + g of tokens 4t..4t+3
   Halves<S::NG> vs[2][2], vz[2][2];  // [tile][row]
 
-  template <bool PF = false>
   __device__ __forceinline__ void load(const DecodeParams& p, int h, int blk, int tb, int g, int t) {
+    Slot none;  // direct loads
     const uint8_t* kp = p.k + int64_t(blk) * p.k_sb + (h * p.k_sh + t * S::CH + (tb + 2 * g) * p.k_st);
     const uint8_t* vp = p.v + int64_t(blk) * p.v_sb + (h * p.v_sh + tb + 4 * t + g * BS);  // token-contiguous
     const int64_t so = int64_t(blk) * p.vs_sb + (h * p.vs_sh + (tb + 2 * g) * p.vs_st);
@@ -857,12 +1035,12 @@ template <int D, int GP, int BS> struct Step2 {  // one 32-token step of codes a
     for (int u = 0; u < 2; ++u) {
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
-        fetch<PF>(k[u][r], kp + (16 * u + r) * p.k_st);
-        fetch<PF>(vs[u][r], vsp + (16 * u + r) * p.vs_st);
-        fetch<PF>(vz[u][r], vzp + (16 * u + r) * p.vs_st);
+        fetch<FETCH_LOAD>(k[u][r], kp + (16 * u + r) * p.k_st, none);
+        fetch<FETCH_LOAD>(vs[u][r], vsp + (16 * u + r) * p.vs_st, none);
+        fetch<FETCH_LOAD>(vz[u][r], vzp + (16 * u + r) * p.vs_st, none);
       }
 #pragma unroll
-      for (int mb = 0; mb < S::MB; ++mb) fetch<PF>(v[u][mb], vp + (16 * u + 8 * mb * BS));
+      for (int mb = 0; mb < S::MB; ++mb) fetch<FETCH_LOAD>(v[u][mb], vp + (16 * u + 8 * mb * BS), none);
     }
   }
 };
@@ -927,12 +1105,12 @@ template <int D, int GP> struct KeyScales {  // a block's channel scales and zer
 
 __device__ __forceinline__ uint32_t pack_bits(uint16_t lo, uint16_t hi) { return uint32_t(lo) | (uint32_t(hi) << 16); }
 
-template <int D, int GP, bool PF, int BS>
+template <int D, int GP, int BS>
 __global__ void __launch_bounds__(128, Kivi2Shape<D, GP>::MIN_BLOCKS) decode2_kernel(const DecodeParams p) {
   using S = Kivi2Shape<D, GP>;
   constexpr int NG = S::NG, CH = S::CH, KW = S::KW, MB = S::MB, MT = S::MT;
   const WarpWork<32> w(p);
-  if (w.split >= p.splits) return;
+  if (!w.valid) return;
   const int g = w.g, t = w.t, b = w.b, h = w.h, split = w.split, seq_len = w.seq_len;
   const auto& tiles = w.tiles;
   const int32_t* bt_row = w.bt_row;
@@ -992,7 +1170,6 @@ __global__ void __launch_bounds__(128, Kivi2Shape<D, GP>::MIN_BLOCKS) decode2_ke
     const int col_next = more ? tiles.start(i + 1) >> p.bs_shift : col;
     const int blk_after = i + 2 < nq ? bt_row[tiles.start(i + 2) >> p.bs_shift] : 0;
     if (more) nxt.load(p, h, blk_next, tiles.start(i + 1) & (p.bs - 1), g, t);
-    if (PF && i + 2 < nq) nxt.template load<true>(p, h, blk_after, tiles.start(i + 2) & (p.bs - 1), g, t);
     if (col_next != col) kscale.prefetch(p, blk_next, h, t);
 
     float s[2][4];
@@ -1101,58 +1278,80 @@ __global__ void __launch_bounds__(128, Kivi2Shape<D, GP>::MIN_BLOCKS) decode2_ke
 
 // ------------------------------------------------------------------------------------------------
 
-#ifdef CS_EMULATE
-template <class Kernel>
-int launch(Kernel kernel, const DecodeParams& p, int rows, int warps, void*) {
-  bool diverged = false;
-  cs_emu::launch(kernel, p, rows * p.hkv, (p.splits + warps - 1) / warps, warps, diverged);
-  return diverged ? -1 : 0;  // -1: lanes of a warp left a collective out
-}
-#else
-template <class Kernel>
-int launch(Kernel kernel, const DecodeParams& p, int rows, int warps, void* stream) {
-  const dim3 grid(rows * p.hkv, (p.splits + warps - 1) / warps);
-  kernel<<<grid, 32 * warps, 0, static_cast<cudaStream_t>(stream)>>>(p);
-  return int(cudaGetLastError());
-}
-#endif
 
 using KernelFn = void (*)(DecodeParams);
 
+// A kernel and its dynamic shared memory per warp (staged variants).
+struct Variant {
+  KernelFn fn = nullptr;
+  int smem_per_warp = 0;
+};
+template <class Tile, bool ST> Variant variant(KernelFn fn) { return {fn, ST ? CS_STAGES * 32 * Tile::LANE_BYTES : 0}; }
+
 // kind: 1 fp8, 2 int8, 3 int4, 4 kivi2; d: 64 or 128; group: int4's (32, 64) or kivi2's (32 to 128);
 // bs: tokens per block, a template parameter of the packed formats (their token-contiguous value codes
-// are then read at constant offsets): int4 16, 32, 64; kivi2 32, 64. PF: the variant that prefetches
-// two tiles ahead (DecodeParams::prefetch).
-template <bool PF, int BS> KernelFn select_packed(int kind, int d, int group) {
+// are then read at constant offsets): int4 16, 32, 64; kivi2 32, 64. ST: the variant that stages tiles
+// through shared memory (DecodeParams::staged; kivi2 has none and ignores it).
+template <bool ST, int BS> Variant select_packed(int kind, int d, int group) {
   if (kind == 3) {
-    if (d == 128) return group == 64 ? decode4_kernel<128, 32, PF, BS> : group == 32 ? decode4_kernel<128, 16, PF, BS> : nullptr;
-    if (d == 64) return group == 64 ? decode4_kernel<64, 32, PF, BS> : group == 32 ? decode4_kernel<64, 16, PF, BS> : nullptr;
+    if (d == 128 && group == 64) return variant<Tile4<128, 32, BS>, ST>(decode4_kernel<128, 32, ST, BS>);
+    if (d == 128 && group == 32) return variant<Tile4<128, 16, BS>, ST>(decode4_kernel<128, 16, ST, BS>);
+    if (d == 64 && group == 64) return variant<Tile4<64, 32, BS>, ST>(decode4_kernel<64, 32, ST, BS>);
+    if (d == 64 && group == 32) return variant<Tile4<64, 16, BS>, ST>(decode4_kernel<64, 16, ST, BS>);
+    return {};
   }
-  if constexpr (BS >= 32) {
-    if (kind != 4) return nullptr;
+  if constexpr (BS >= 32 && !ST) {
+    if (kind != 4) return {};
     if (d == 128) {
-      return group == 32 ? decode2_kernel<128, 8, PF, BS> : group == 64 ? decode2_kernel<128, 16, PF, BS>
-           : group == 128 ? decode2_kernel<128, 32, PF, BS> : nullptr;
+      return {group == 32 ? decode2_kernel<128, 8, BS> : group == 64 ? decode2_kernel<128, 16, BS>
+            : group == 128 ? decode2_kernel<128, 32, BS> : nullptr};
     }
-    if (d == 64) return group == 32 ? decode2_kernel<64, 8, PF, BS> : group == 64 ? decode2_kernel<64, 16, PF, BS> : nullptr;
+    if (d == 64) return {group == 32 ? decode2_kernel<64, 8, BS> : group == 64 ? decode2_kernel<64, 16, BS> : nullptr};
   }
-  return nullptr;
+  if constexpr (ST) {
+    if (kind == 4) return select_packed<false, BS>(kind, d, group);
+  }
+  return {};
 }
 
-template <bool PF> KernelFn select_variant(int kind, int d, int group, int bs) {
-  if (kind == 1) return d == 128 ? decode8_kernel<128, 1, PF> : d == 64 ? decode8_kernel<64, 1, PF> : nullptr;
-  if (kind == 2) return d == 128 ? decode8_kernel<128, 2, PF> : d == 64 ? decode8_kernel<64, 2, PF> : nullptr;
+template <bool ST> Variant select_variant(int kind, int d, int group, int bs) {
+  if (kind == 1 || kind == 2) {
+    if (d == 128) return variant<Tile8<128>, ST>(kind == 1 ? decode8_kernel<128, 1, ST> : decode8_kernel<128, 2, ST>);
+    if (d == 64) return variant<Tile8<64>, ST>(kind == 1 ? decode8_kernel<64, 1, ST> : decode8_kernel<64, 2, ST>);
+    return {};
+  }
   switch (bs) {
-    case 16: return select_packed<PF, 16>(kind, d, group);
-    case 32: return select_packed<PF, 32>(kind, d, group);
-    case 64: return select_packed<PF, 64>(kind, d, group);
-    default: return nullptr;
+    case 16: return select_packed<ST, 16>(kind, d, group);
+    case 32: return select_packed<ST, 32>(kind, d, group);
+    case 64: return select_packed<ST, 64>(kind, d, group);
+    default: return {};
   }
 }
 
-KernelFn select(int kind, int d, int group, int bs, int prefetch) {
-  return prefetch ? select_variant<true>(kind, d, group, bs) : select_variant<false>(kind, d, group, bs);
+Variant select(int kind, int d, int group, int bs, int staged) {
+  return staged ? select_variant<true>(kind, d, group, bs) : select_variant<false>(kind, d, group, bs);
 }
+
+#ifdef CS_EMULATE
+int launch(const Variant& k, const DecodeParams& p, int rows, int warps, void*) {
+  bool diverged = false;
+  cs_emu::launch(k.fn, p, (p.items + warps - 1) / warps, 1, warps, diverged);
+  return diverged ? -1 : 0;  // -1: lanes of a warp left a collective out
+}
+#else
+// Dynamic shared memory above the default 48 KiB must be allowed per kernel (once per call: cheap, and
+// not a stream operation, so CUDA-graph capture is unaffected).
+int allow_smem(const Variant& k, int warps) {
+  const int bytes = k.smem_per_warp * warps;
+  return bytes > 48 * 1024 ? int(cudaFuncSetAttribute(k.fn, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes)) : 0;
+}
+
+int launch(const Variant& k, const DecodeParams& p, int rows, int warps, void* stream) {
+  if (int err = allow_smem(k, warps)) return err;
+  k.fn<<<(p.items + warps - 1) / warps, 32 * warps, k.smem_per_warp * warps, static_cast<cudaStream_t>(stream)>>>(p);
+  return int(cudaGetLastError());
+}
+#endif
 
 constexpr int kInvalidValue = 1;  // cudaErrorInvalidValue
 
@@ -1164,22 +1363,24 @@ extern "C" int cs_decode(const DecodeParams* p, int kind, int d, int group, int 
 #ifndef CS_EMULATE
   if (int err = int(cudaSetDevice(device))) return err;
 #endif
-  const KernelFn k = p ? select(kind, d, group, p->bs, p->prefetch) : nullptr;
-  if (!k) return kInvalidValue;
+  if (!p || p->items != rows * p->hkv * p->splits) return kInvalidValue;
+  const Variant k = select(kind, d, group, p->bs, p->staged);
+  if (!k.fn) return kInvalidValue;
   return launch(k, *p, rows, warps, stream);
 }
 
 // Resident blocks of `warps` warps per SM (the CUDA occupancy calculator; emulated: 3).
-extern "C" int cs_decode_occupancy(int kind, int d, int group, int bs, int prefetch, int warps, int device,
+extern "C" int cs_decode_occupancy(int kind, int d, int group, int bs, int staged, int warps, int device,
                                    int* blocks) {
-  const KernelFn k = select(kind, d, group, bs, prefetch);
-  if (!k) return kInvalidValue;
+  const Variant k = select(kind, d, group, bs, staged);
+  if (!k.fn) return kInvalidValue;
 #ifdef CS_EMULATE
   *blocks = 3;
   return 0;
 #else
   if (int err = int(cudaSetDevice(device))) return err;
-  return int(cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks, k, 32 * warps, 0));
+  if (int err = allow_smem(k, warps)) return err;
+  return int(cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks, k.fn, 32 * warps, k.smem_per_warp * warps));
 #endif
 }
 

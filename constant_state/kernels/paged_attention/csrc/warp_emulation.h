@@ -19,6 +19,8 @@
 #include <barrier>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <thread>
@@ -203,6 +205,40 @@ inline float cs_exp2(float x) { return std::exp2(x); }
 
 inline uint32_t cs_and_or(uint32_t a, uint32_t b, uint32_t c) { return (a & b) | c; }
 inline uint32_t cs_and_xor(uint32_t a, uint32_t b, uint32_t c) { return (a & b) ^ c; }
+
+// cp.async: copies are queued per lane and done at the cp.async.wait_group that covers their group (the
+// latest moment the PTX allows), so a read of a stage before its wait sees stale bytes.
+namespace cs_emu {
+struct Copy {
+  void* dst;
+  const void* src;
+  int n;
+};
+inline thread_local std::vector<std::vector<Copy>> cp_groups;  // committed, oldest first
+inline thread_local std::vector<Copy> cp_open;
+}  // namespace cs_emu
+
+inline void cs_check(bool ok) {
+  if (!ok) {
+    std::fprintf(stderr, "paged_decode.cu: cs_check failed\n");
+    std::abort();
+  }
+}
+
+template <int N> inline void cs_cp_async(void* smem, const void* src) {
+  cs_check(reinterpret_cast<uintptr_t>(smem) % N == 0 && reinterpret_cast<uintptr_t>(src) % N == 0);
+  cs_emu::cp_open.push_back({smem, src, N});
+}
+inline void cs_cp_async_commit() {
+  cs_emu::cp_groups.push_back(std::move(cs_emu::cp_open));
+  cs_emu::cp_open.clear();
+}
+template <int N> inline void cs_cp_async_wait() {
+  while (cs_emu::cp_groups.size() > size_t(N)) {
+    for (const auto& c : cs_emu::cp_groups.front()) std::memcpy(c.dst, c.src, c.n);
+    cs_emu::cp_groups.erase(cs_emu::cp_groups.begin());
+  }
+}
 
 inline void cs_prefetch_l1(const void*) {}
 inline uint32_t cs_undefined() { return 0x7E007E00u; }  // NaN halves: a row that is read would show it
