@@ -14,8 +14,9 @@
 // second product by two movmatrix transposes. Scales multiply the rows of S^T or fold into P'.
 // The next tile's codes and scales, and the block id two tiles ahead, are loaded before the current
 // tile is used, into the second of two register buffers used in turn (tile_loop; copied where the
-// unrolled loop would spill). Blocks of 4 warps (splits), at least 3 resident per SM: 12 warps, at
-// most 168 registers (kivi2 with groups of 32: 2 blocks). `benchmarks/offline_sass.py --cuda` counts
+// unrolled loop would spill). Blocks of 4 warps (work items (row, KV head, split) in order), at least 3
+// resident per SM: 12 warps, at most 168 registers (kivi2 with groups of 32: 2 blocks). The staged
+// variant (ST, fp8 / int8 / int4) fills a per-lane shared-memory ring by cp.async instead (TileFeed). `benchmarks/offline_sass.py --cuda` counts
 // the main loops' instructions.
 //
 // mma.sync m16n8k16 fragments, lane = 4 g + t: A reg0 (row g, k 2t..2t+1), reg1 (row g+8, same k),
