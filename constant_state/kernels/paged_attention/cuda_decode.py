@@ -4,7 +4,8 @@ The Triton decode kernels stream at most about 3 TB/s on 8-bit codes and 2 TB/s 
 (docs/benchmarks.md): their tile loop synchronises the warps of a program at every tile and stages
 the tiles through shared memory. ``csrc/paged_decode.cu`` gives each warp its own tokens, softmax
 and output partial, reads the codes from global memory straight into the tensor-core operand
-registers, and needs no shared memory or barrier in its loop (layouts at the top of the file).
+registers, and needs no shared memory or barrier in its loop (layouts at the top of the file; the
+opt-in staged variant, :data:`STAGED`, goes through a per-lane shared-memory ring instead).
 
 The source is compiled at first use by ``nvcc`` for the device's architecture (about 25 s) into
 ``$CONSTANT_STATE_CACHE`` (default ``~/.cache/constant_state``), written atomically and keyed by a
