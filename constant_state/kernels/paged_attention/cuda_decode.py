@@ -39,9 +39,6 @@ HEAD_DIMS = (64, 128)
 MAX_GROUP = 8  # query heads per KV head: the 8 columns of the tensor-core tile
 TILE = 16  # tokens per warp step (kivi2: STEPS)
 STEPS = {"kivi2": 32}
-# 1: fp8 / int8 / int4 tiles are staged through shared memory by cp.async, STAGES - 1 tiles ahead of the
-# one in registers (more bytes in flight per warp than the registers' one tile ahead; kivi2 ignores it).
-# Environment: CONSTANT_STATE_DECODE_STAGED (0/1) and CONSTANT_STATE_DECODE_STAGES (compiled in, >= 2).
 def _env_int(name: str, default: str, allowed) -> int:
     value = os.environ.get(name, default)
     if value not in allowed:
@@ -49,9 +46,13 @@ def _env_int(name: str, default: str, allowed) -> int:
     return int(value)
 
 
+# 1: fp8 / int8 / int4 tiles are staged through shared memory by cp.async, STAGES - 1 tiles ahead of the
+# one in registers (more bytes in flight per warp than the registers' one tile ahead; kivi2 ignores it).
+# Measured slower than the direct kernel on the H200 (docs/benchmarks.md, seventh session), so off.
+# Environment: CONSTANT_STATE_DECODE_STAGED (0/1) and CONSTANT_STATE_DECODE_STAGES (compiled in, >= 2).
 STAGED = _env_int("CONSTANT_STATE_DECODE_STAGED", "0", ("0", "1"))
 STAGES = _env_int("CONSTANT_STATE_DECODE_STAGES", "4", tuple(str(n) for n in range(2, 9)))
-WARPS = 4  # warps (splits) per block: the kernels' __launch_bounds__(128, 3) in paged_decode.cu
+WARPS = 4  # warps (work items) per block: the kernels' __launch_bounds__(128, 3) in paged_decode.cu
 
 
 class _Params(ctypes.Structure):
@@ -258,9 +259,9 @@ def decode(q, kind, group, tensors, block_tables, seq_lens, scale, sliding_windo
 
     d, dev = q.shape[-1], q.device.index or 0
     st = staged_for(kind, tensors[2], tensors[3])
+    slots = lambda: warp_slots(kind, d, group, dev, st, tensors[0].shape[1])  # noqa: E731
     p, out, part, ml, splits = _params(q, kind, group, tensors, block_tables, seq_lens, scale, sliding_window,
-                                       sinks, num_splits, lambda: warp_slots(kind, d, group, dev, st, tensors[0].shape[1]),
-                                       res_k, res_v, st)
+                                       sinks, num_splits, slots, res_k, res_v, st)
     err = _library(_arch(q.device)).cs_decode(ctypes.byref(p), KINDS[kind], d, group, q.shape[0], WARPS, dev,
                                              torch.cuda.current_stream(q.device).cuda_stream)
     if err:

@@ -498,7 +498,8 @@ def paged_attention(q: torch.Tensor, cache, block_tables: torch.Tensor, seq_lens
         raise ValueError(f"{kind}: head_dim {d} / {p} values per byte must be >= 16 for the GPU kernel's dots")
     if kind == "kivi2" and (res_k is None or res_v is None or res_k.shape[0] != b):
         raise ValueError(f"kivi2 needs res_k, res_v [B={b}, R, Hkv, D]")
-    if t == 1 and kind != "dense" and config is None and (DECODE_BACKEND == "cuda" or (DECODE_BACKEND == "auto" and kind in AUTO_CUDA_KINDS)):
+    cuda_wanted = DECODE_BACKEND == "cuda" or (DECODE_BACKEND == "auto" and kind in AUTO_CUDA_KINDS)
+    if t == 1 and kind != "dense" and config is None and cuda_wanted:
         from . import cuda_decode
 
         if not _INTERPRET and cuda_decode.supports(kind, group, q, k, v, hkv, res_k, res_v):

@@ -16,8 +16,8 @@
 // tile is used, into the second of two register buffers used in turn (tile_loop; copied where the
 // unrolled loop would spill). Blocks of 4 warps (work items (row, KV head, split) in order), at least 3
 // resident per SM: 12 warps, at most 168 registers (kivi2 with groups of 32: 2 blocks). The staged
-// variant (ST, fp8 / int8 / int4) fills a per-lane shared-memory ring by cp.async instead (TileFeed). `benchmarks/offline_sass.py --cuda` counts
-// the main loops' instructions.
+// variant (ST, fp8 / int8 / int4) fills a per-lane shared-memory ring by cp.async instead (TileFeed).
+// `benchmarks/offline_sass.py --cuda` counts the main loops' instructions.
 //
 // mma.sync m16n8k16 fragments, lane = 4 g + t: A reg0 (row g, k 2t..2t+1), reg1 (row g+8, same k),
 // reg2 (row g, k 2t+8..2t+9), reg3 (row g+8, k 2t+8..); B reg0 (k 2t..2t+1, col g), reg1 (k 2t+8..);
@@ -113,10 +113,6 @@ __device__ __forceinline__ uint32_t cs_undefined() {
 
 __device__ __forceinline__ void cs_prefetch_l1(const void* ptr) {
   asm volatile("prefetch.global.L1 [%0];" : : "l"(ptr));
-}
-
-__device__ __forceinline__ void cs_prefetch_l2(const void* ptr) {
-  asm volatile("prefetch.global.L2 [%0];" : : "l"(ptr));
 }
 
 // cp.async of N bytes (4, 8, 16) from global to this lane's shared memory, committed in groups; wait<N>
@@ -230,7 +226,7 @@ template <int N> struct Halves {  // N consecutive fp16 of one load
 // SZ lane, so a warp's accesses to one item are contiguous (no bank conflicts); each lane reads only
 // what it copied, so the ring needs cp.async.wait_group and no barrier. A 2-byte item is copied as the
 // aligned word that holds it and picked by its address's bit 1, which a read recomputes with block id
-// 0: the scales' block strides must be even (cuda_decode.supports).
+// 0: the scales' block strides must be even (cuda_decode.staged_for).
 #ifndef CS_STAGES
 #define CS_STAGES 4
 #endif
@@ -367,6 +363,13 @@ template <int STEP = 16> struct WarpWork {
         bt_row(p.bt + int64_t(b) * p.m), tiles(p, split, seq_len) {}
 };
 
+// The shared memory of a staged kernel: CS_STAGES stages of LANE_BYTES x 32 per warp.
+#ifdef CS_EMULATE
+#define CS_DYNAMIC_SMEM(name) alignas(16) static thread_local uint8_t name[1 << 18]
+#else
+#define CS_DYNAMIC_SMEM(name) extern __shared__ __align__(16) uint8_t name[]
+#endif
+
 // A split's tiles into registers: tile i + 1 is in registers while tile i is computed, loaded there
 // directly (ST false) or read from a shared-memory ring of CS_STAGES stages that cp.async fills
 // CS_STAGES - 1 tiles ahead (ST). load(tile, Mode<M>, block id, first token, slot) loads one tile;
@@ -376,9 +379,15 @@ template <bool ST, int LANE_BYTES> struct TileFeed {
   const SplitTiles<16>& tiles;
   const int32_t* bt_row;
   int bs_shift;
-  uint8_t* ring;  // this warp's stages (ST)
   int lane;
+  uint8_t* ring;  // this warp's stages (ST)
   int blk_next = 0, blk_after = 0;
+
+  __device__ __forceinline__ TileFeed(const DecodeParams& p, const WarpWork<>& w)
+      : tiles(w.tiles), bt_row(w.bt_row), bs_shift(p.bs_shift), lane(threadIdx.x & 31) {
+    CS_DYNAMIC_SMEM(smem);
+    ring = smem + (threadIdx.x >> 5) * (S * 32 * LANE_BYTES);
+  }
 
   __device__ __forceinline__ Slot slot(int i) const {
     Slot s;
@@ -425,13 +434,6 @@ template <bool ST, int LANE_BYTES> struct TileFeed {
     blk_next = blk_after;
   }
 };
-
-// The shared memory of a staged kernel: CS_STAGES stages of LANE_BYTES x 32 per warp.
-#ifdef CS_EMULATE
-#define CS_DYNAMIC_SMEM(name) alignas(16) static thread_local uint8_t name[1 << 18]
-#else
-#define CS_DYNAMIC_SMEM(name) extern __shared__ __align__(16) uint8_t name[]
-#endif
 
 // Head g's query row, elements times scale * log2(e) (lanes past the G heads read row 0 times 0).
 struct QueryRow {
@@ -725,9 +727,7 @@ __global__ void __launch_bounds__(128, 3) decode8_kernel(const DecodeParams p) {
 
   using Tile = Tile8<D>;
   Tile tile_a, tile_b;
-  CS_DYNAMIC_SMEM(smem);
-  TileFeed<ST, Tile::LANE_BYTES> feed{tiles, bt_row, p.bs_shift,
-                                     smem + (threadIdx.x >> 5) * (CS_STAGES * 32 * Tile::LANE_BYTES), g * 4 + t};
+  TileFeed<ST, Tile::LANE_BYTES> feed(p, w);
   auto load = [&](Tile& x, auto mode, int blk, int start, Slot sl) {
     x.template load<decltype(mode)::value>(p, h, blk, start & (p.bs - 1), g, t, sl);
   };
@@ -917,9 +917,7 @@ __global__ void __launch_bounds__(128, 3) decode4_kernel(const DecodeParams p) {
 
   using Tile = Tile4<D, GP, BS>;
   Tile tile_a, tile_b;
-  CS_DYNAMIC_SMEM(smem);
-  TileFeed<ST, Tile::LANE_BYTES> feed{tiles, bt_row, p.bs_shift,
-                                     smem + (threadIdx.x >> 5) * (CS_STAGES * 32 * Tile::LANE_BYTES), g * 4 + t};
+  TileFeed<ST, Tile::LANE_BYTES> feed(p, w);
   auto load = [&](Tile& x, auto mode, int blk, int start, Slot sl) {
     x.template load<decltype(mode)::value>(p, h, blk, start & (p.bs - 1), r0, g, t, sl);
   };
@@ -1334,9 +1332,9 @@ Variant select(int kind, int d, int group, int bs, int staged) {
 }
 
 #ifdef CS_EMULATE
-int launch(const Variant& k, const DecodeParams& p, int rows, int warps, void*) {
+int launch(const Variant& k, const DecodeParams& p, int warps, void*) {
   bool diverged = false;
-  cs_emu::launch(k.fn, p, (p.items + warps - 1) / warps, 1, warps, diverged);
+  cs_emu::launch(k.fn, p, (p.items + warps - 1) / warps, warps, diverged);
   return diverged ? -1 : 0;  // -1: lanes of a warp left a collective out
 }
 #else
@@ -1347,7 +1345,7 @@ int allow_smem(const Variant& k, int warps) {
   return bytes > 48 * 1024 ? int(cudaFuncSetAttribute(k.fn, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes)) : 0;
 }
 
-int launch(const Variant& k, const DecodeParams& p, int rows, int warps, void* stream) {
+int launch(const Variant& k, const DecodeParams& p, int warps, void* stream) {
   if (int err = allow_smem(k, warps)) return err;
   k.fn<<<(p.items + warps - 1) / warps, 32 * warps, k.smem_per_warp * warps, static_cast<cudaStream_t>(stream)>>>(p);
   return int(cudaGetLastError());
@@ -1367,7 +1365,7 @@ extern "C" int cs_decode(const DecodeParams* p, int kind, int d, int group, int 
   if (!p || p->items != rows * p->hkv * p->splits) return kInvalidValue;
   const Variant k = select(kind, d, group, p->bs, p->staged);
   if (!k.fn) return kInvalidValue;
-  return launch(k, *p, rows, warps, stream);
+  return launch(k, *p, warps, stream);
 }
 
 // Resident blocks of `warps` warps per SM (the CUDA occupancy calculator; emulated: 3).

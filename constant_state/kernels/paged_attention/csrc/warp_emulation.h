@@ -111,27 +111,25 @@ inline float e4m3(uint32_t b) {  // fp8 e4m3fn: bias 7, no infinities, S.1111.11
 }
 
 template <class Kernel, class Params>
-void launch(Kernel kernel, const Params& p, int grid_x, int grid_y, int warps, bool& diverged) {
-  for (int bx = 0; bx < grid_x; ++bx) {
-    for (int by = 0; by < grid_y; ++by) {
-      for (int wi = 0; wi < warps; ++wi) {
-        auto w = std::make_unique<Warp>();
-        std::vector<std::thread> lanes;
-        for (int l = 0; l < 32; ++l) {
-          lanes.emplace_back([&, l] {
-            warp = w.get();
-            lane = l;
-            threadIdx = {unsigned(32 * wi + l), 0, 0};
-            blockIdx = {unsigned(bx), unsigned(by), 0};
-            blockDim = {unsigned(32 * warps), 1, 1};
-            kernel(p);
-            w->exited++;
-            w->bar.arrive_and_drop();
-          });
-        }
-        for (auto& t : lanes) t.join();
-        diverged = diverged || w->diverged;
+void launch(Kernel kernel, const Params& p, int blocks, int warps, bool& diverged) {  // a 1-D grid
+  for (int bx = 0; bx < blocks; ++bx) {
+    for (int wi = 0; wi < warps; ++wi) {
+      auto w = std::make_unique<Warp>();
+      std::vector<std::thread> lanes;
+      for (int l = 0; l < 32; ++l) {
+        lanes.emplace_back([&, l] {
+          warp = w.get();
+          lane = l;
+          threadIdx = {unsigned(32 * wi + l), 0, 0};
+          blockIdx = {unsigned(bx), 0, 0};
+          blockDim = {unsigned(32 * warps), 1, 1};
+          kernel(p);
+          w->exited++;
+          w->bar.arrive_and_drop();
+        });
       }
+      for (auto& t : lanes) t.join();
+      diverged = diverged || w->diverged;
     }
   }
 }
@@ -242,7 +240,6 @@ template <int N> inline void cs_cp_async_wait() {
 
 inline void cs_prefetch_l1(const void*) {}
 inline uint32_t cs_undefined() { return 0x7E007E00u; }  // NaN halves: a row that is read would show it
-inline void cs_prefetch_l2(const void*) {}
 
 // cvt.rn.f16x2.e4m3x2 of the 16-bit x: low byte -> low half.
 inline uint32_t cs_e4m3x2_to_f16x2(uint32_t x) {
