@@ -55,6 +55,8 @@ if [ "$MODE" = decode ]; then
   timeout ${AB_LIMIT:-200} python3 benchmarks/ab_quant_decode.py sdpa fp8:triton fp8:cuda int8:triton int8:cuda \
     int4:triton int4:cuda int4-g32:triton int4-g32:cuda kivi2:triton kivi2:cuda kivi2:cuda:bs64 \
     2>&1 | tee "$OUT/ab_decode.log" | grep -v Warning | tail -20
+  timeout ${AB_LIMIT:-200} python3 benchmarks/stream_probe.py --work 0 300 --stages 4 \
+    2>&1 | tee "$OUT/stream_probe.log" | tail -12  # the paged layout's streaming ceiling beside the kernel
   for n in ${STAGES_LIST:-3 4}; do  # the staged variant at each depth (compiled in: one run each)
     CONSTANT_STATE_DECODE_STAGES=$n timeout ${AB_LIMIT:-200} python3 benchmarks/ab_quant_decode.py fp8:cuda:st \
       int8:cuda:st int4:cuda:st int4-g32:cuda:st 2>&1 | tee "$OUT/ab_staged$n.log" | grep -v Warning | tail -6

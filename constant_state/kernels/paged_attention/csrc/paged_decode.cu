@@ -136,6 +136,12 @@ __device__ __forceinline__ uint32_t cs_e4m3x2_to_f16x2(uint32_t x) {
   asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(r) : "h"(uint16_t(x)));
   return r;
 }
+// The same for the high 16 bits of x: the half taken by the register split inside the asm.
+__device__ __forceinline__ uint32_t cs_e4m3x2_hi_to_f16x2(uint32_t x) {
+  uint32_t r;
+  asm("{\n .reg .b16 lo, hi;\n mov.b32 {lo, hi}, %1;\n cvt.rn.f16x2.e4m3x2 %0, hi;\n}" : "=r"(r) : "r"(x));
+  return r;
+}
 #endif
 
 __device__ __forceinline__ uint32_t pack_half2(float lo, float hi) {
@@ -627,7 +633,12 @@ template <int KIND> struct Codes8;
 template <> struct Codes8<1> {  // fp8 e4m3: exact in fp16, one cvt per pair of codes
   static constexpr float OFFSET = 0.f;
   static __device__ __forceinline__ uint32_t lo(uint32_t w) { return cs_e4m3x2_to_f16x2(w & 0xffffu); }
-  static __device__ __forceinline__ uint32_t hi(uint32_t w) { return cs_e4m3x2_to_f16x2(w >> 16); }
+  static __device__ __forceinline__ uint32_t hi(uint32_t w) { return cs_e4m3x2_hi_to_f16x2(w); }  // no shift
+  // Bytes 0, 1 and 2, 3 of a key word.
+  static __device__ __forceinline__ void keys(uint32_t w, uint32_t& r0, uint32_t& r1) {
+    r0 = lo(w);
+    r1 = hi(w);
+  }
   // (byte e of wa, byte e of wb) for e = 2 half and 2 half + 1: one byte permutation, two cvt
   static __device__ __forceinline__ void pairs(uint32_t wa, uint32_t wb, int half, uint32_t& r0, uint32_t& r1) {
     const uint32_t x = __byte_perm(wa, wb, half ? 0x7362 : 0x5140);
@@ -640,8 +651,13 @@ template <> struct Codes8<1> {  // fp8 e4m3: exact in fp16, one cvt per pair of 
 // take it off per column: 1152 sum q from the scores, 1152 sum P' (as rounded) from the outputs.
 template <> struct Codes8<2> {
   static constexpr float OFFSET = 1152.f;
-  static __device__ __forceinline__ uint32_t lo(uint32_t w) { return __byte_perm(w, 0x64, 0x4140) ^ 0x00800080u; }
-  static __device__ __forceinline__ uint32_t hi(uint32_t w) { return __byte_perm(w, 0x64, 0x4342) ^ 0x00800080u; }
+  // Bytes 0, 1 and 2, 3 of a key word: the code's sign bit flipped once per word, then one byte permutation
+  // per pair.
+  static __device__ __forceinline__ void keys(uint32_t w, uint32_t& r0, uint32_t& r1) {
+    const uint32_t u = w ^ 0x80808080u;
+    r0 = __byte_perm(u, 0x64, 0x4140);
+    r1 = __byte_perm(u, 0x64, 0x4342);
+  }
   static __device__ __forceinline__ uint32_t pair(uint32_t wa, uint32_t wb, int e) {
     return cs_and_xor(__byte_perm(wa, wb, ((4 + e) << 8) | e), 0x00FF00FFu, 0x64806480u);
   }
@@ -738,9 +754,12 @@ __global__ void __launch_bounds__(128, 3) decode8_kernel(const DecodeParams p) {
 
     float s[4] = {0.f, 0.f, 0.f, 0.f};  // S^T rows tokens g, g+8; columns heads 2t, 2t+1
 #pragma unroll
-    for (int kk = 0; kk < KW; ++kk)
-      cs_mma16816(s, C::lo(cur.k0.w[kk]), C::lo(cur.k1.w[kk]), C::hi(cur.k0.w[kk]), C::hi(cur.k1.w[kk]),
-               qf[kk][0], qf[kk][1]);
+    for (int kk = 0; kk < KW; ++kk) {
+      uint32_t a0, a1, a2, a3;
+      C::keys(cur.k0.w[kk], a0, a2);
+      C::keys(cur.k1.w[kk], a1, a3);
+      cs_mma16816(s, a0, a1, a2, a3, qf[kk][0], qf[kk][1]);
+    }
     const bool ok0 = visible(p, start + g, seq_len), ok1 = visible(p, start + g + 8, seq_len);
     const float k0s = __half2float(cur.ks0), k1s = __half2float(cur.ks1);
     s[0] = (s[0] - koff[0]) * k0s;

@@ -248,3 +248,4 @@ inline uint32_t cs_e4m3x2_to_f16x2(uint32_t x) {
   std::memcpy(&r, &h, 4);
   return r;
 }
+inline uint32_t cs_e4m3x2_hi_to_f16x2(uint32_t x) { return cs_e4m3x2_to_f16x2(x >> 16); }

@@ -1,0 +1,83 @@
+"""How fast warps can stream the fp8 paged layout of the decode benchmark (batch 32, 32k context, 8 KV
+heads, head dim 128, 16-token blocks in random order), loading tiles directly into registers one tile
+ahead (as the CUDA decode kernel does) or by TMA into a shared-memory ring of STAGES tiles per warp,
+with ``work`` dependent FMAs per tile standing in for the decode arithmetic (csrc/stream_probe.cu).
+Bandwidth = key and value bytes / time (triton.testing.do_bench median, L2 flushed). H200 only:
+
+    python benchmarks/stream_probe.py [--work 0 100 200] [--stages 3 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+import triton.testing
+
+from constant_state.kernels.paged_attention.cuda_decode import _nvcc
+
+SOURCE = Path(__file__).with_name("csrc") / "stream_probe.cu"
+
+
+class Probe(ctypes.Structure):
+    _fields_ = ([(n, ctypes.c_void_p) for n in ("k", "v", "bt", "ks", "vs", "out")]
+                + [(n, ctypes.c_int32) for n in ("b", "hkv", "m", "splits", "tiles_per_split", "items", "work", "hnd")])
+
+
+def build(stages: int, tmp: str) -> ctypes.CDLL:
+    lib = Path(tmp) / f"stream_probe_{stages}.so"
+    subprocess.run([_nvcc(), "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", f"-DSTAGES={stages}",
+                    "-gencode=arch=compute_90,code=sm_90", str(SOURCE), "-o", str(lib)], check=True)
+    so = ctypes.CDLL(str(lib))
+    so.probe_launch.argtypes = [ctypes.POINTER(Probe), ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+    return so
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--work", type=int, nargs="+", default=[0, 100, 200, 300])
+    ap.add_argument("--stages", type=int, nargs="+", default=[3, 4])
+    ap.add_argument("--splits", type=int, default=6)
+    ap.add_argument("--order", choices=["random", "contiguous"], default="random", help="block table order")
+    a = ap.parse_args()
+    b, hkv, ctx, bs = 32, 8, 32768, 16
+    m = ctx // bs
+    n = b * m
+    k = torch.randint(0, 256, (n, bs, hkv, 128), dtype=torch.uint8, device="cuda")
+    v = torch.randint(0, 256, (n, bs, hkv, 128), dtype=torch.uint8, device="cuda")
+    bt = (torch.randperm(n, device="cuda") if a.order == "random" else torch.arange(n, device="cuda")).int().view(b, m)
+    ks = torch.rand(n, bs, hkv, device="cuda").half()
+    vs = torch.rand_like(ks)
+    tps = -(-m // a.splits)
+    items = b * hkv * a.splits
+    out = torch.empty(items * 32, dtype=torch.int32, device="cuda")
+    nbytes = 2 * k.numel()  # codes only (the scales add 1.6%)
+    stream = torch.cuda.current_stream().cuda_stream
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        libs = {s: build(s, tmp) for s in a.stages}
+        for work in a.work:
+            lib0 = libs[a.stages[0]]
+            variants = ([("direct", lib0, 0, 0), ("direct HND", lib0, 0, 1), ("direct+scales", lib0, 2, 0),
+                         ("direct+scales HND", lib0, 2, 1), ("direct+scales/shfl", lib0, 3, 0)]
+                        + [(f"tma{s}", libs[s], 1, 0) for s in a.stages])
+            for name, lib, mode, hnd in variants:
+                p = Probe(k.data_ptr(), v.data_ptr(), bt.data_ptr(), ks.data_ptr(), vs.data_ptr(), out.data_ptr(), b,
+                          hkv, m, a.splits, tps, items, work, hnd)
+
+                def launch(lib=lib, mode=mode, p=p):
+                    if lib.probe_launch(ctypes.byref(p), mode, n, stream):
+                        raise RuntimeError("probe launch failed")
+                us = triton.testing.do_bench(launch, warmup=5, rep=50) * 1e3
+                rows.append((name, work, us, nbytes / us / 1e6))
+    print("| load | work (FMA per tile) | us | TB/s |\n|---|---|---|---|")
+    for name, work, us, tbs in rows:
+        print(f"| {name} | {work} | {us:.0f} | {tbs:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
