@@ -2,9 +2,12 @@
 heads, head dim 128, 16-token blocks in random order), loading tiles directly into registers one tile
 ahead (as the CUDA decode kernel does) or by TMA into a shared-memory ring of STAGES tiles per warp,
 with ``work`` dependent FMAs per tile standing in for the decode arithmetic (csrc/stream_probe.cu).
-Bandwidth = key and value bytes / time (triton.testing.do_bench median, L2 flushed). H200 only:
+Rows also load the per-token scales as the kernel does (``+scales``), take blocks head-major
+``[N, Hkv, BS, D]`` (``HND``) or make each key load cover whole 32-byte sectors (``sector``).
+Bandwidth = key and value code bytes / time (triton.testing.do_bench median, L2 flushed); results in
+docs/benchmarks.md (eighth session). H200 only:
 
-    python benchmarks/stream_probe.py [--work 0 100 200] [--stages 3 4]
+    python benchmarks/stream_probe.py [--work 0 100 200] [--stages 3 4] [--order contiguous]
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ SOURCE = Path(__file__).with_name("csrc") / "stream_probe.cu"
 
 class Probe(ctypes.Structure):
     _fields_ = ([(n, ctypes.c_void_p) for n in ("k", "v", "bt", "ks", "vs", "out")]
-                + [(n, ctypes.c_int32) for n in ("b", "hkv", "m", "splits", "tiles_per_split", "items", "work", "hnd")])
+                + [(n, ctypes.c_int32) for n in ("b", "hkv", "m", "splits", "tiles_per_split", "items", "work", "hnd", "sector")])
 
 
 def build(stages: int, tmp: str) -> ctypes.CDLL:
@@ -62,12 +65,14 @@ def main() -> None:
         libs = {s: build(s, tmp) for s in a.stages}
         for work in a.work:
             lib0 = libs[a.stages[0]]
-            variants = ([("direct", lib0, 0, 0), ("direct HND", lib0, 0, 1), ("direct+scales", lib0, 2, 0),
-                         ("direct+scales HND", lib0, 2, 1), ("direct+scales/shfl", lib0, 3, 0)]
-                        + [(f"tma{s}", libs[s], 1, 0) for s in a.stages])
-            for name, lib, mode, hnd in variants:
+            variants = ([("direct", lib0, 0, 0, 0), ("direct sector", lib0, 0, 0, 1), ("direct HND", lib0, 0, 1, 0),
+                         ("direct HND sector", lib0, 0, 1, 1), ("direct+scales", lib0, 2, 0, 0),
+                         ("direct+scales sector", lib0, 2, 0, 1), ("direct+scales HND sector", lib0, 2, 1, 1),
+                         ("direct+scales/shfl", lib0, 3, 0, 0)]
+                        + [(f"tma{s}", libs[s], 1, 0, 0) for s in a.stages])
+            for name, lib, mode, hnd, sector in variants:
                 p = Probe(k.data_ptr(), v.data_ptr(), bt.data_ptr(), ks.data_ptr(), vs.data_ptr(), out.data_ptr(), b,
-                          hkv, m, a.splits, tps, items, work, hnd)
+                          hkv, m, a.splits, tps, items, work, hnd, sector)
 
                 def launch(lib=lib, mode=mode, p=p):
                     if lib.probe_launch(ctypes.byref(p), mode, n, stream):

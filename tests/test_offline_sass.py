@@ -32,3 +32,20 @@ def test_offline_sass_cuda_kernel_loop():
     assert proc.returncode == 0, proc.stderr[-2000:]
     line = next(x for x in proc.stdout.splitlines() if x.startswith("main loop:"))
     assert "(48 HMMA)" in line and float(line.split("= ")[1].split()[0]) > 5, proc.stdout
+
+
+def test_stream_probe_compiles_for_sm90(tmp_path):
+    """benchmarks/csrc/stream_probe.cu (the streaming ceiling probe run on the H200) builds with nvcc, TMA
+    and mbarrier PTX included."""
+    from constant_state.kernels.paged_attention import cuda_decode
+
+    nvcc = cuda_decode._nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc not installed")
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "probe.cubin"
+    proc = subprocess.run([nvcc, "-O3", "-std=c++17", "-cubin", "-gencode=arch=compute_90,code=sm_90", "-DSTAGES=4",
+                           str(root / "benchmarks" / "csrc" / "stream_probe.cu"), "-o", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert out.stat().st_size > 0

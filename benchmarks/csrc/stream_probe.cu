@@ -26,6 +26,7 @@ struct Probe {
   uint32_t* out;      // one word per warp
   int b, hkv, m, splits, tiles_per_split, items, work;
   int hnd;  // 1: codes [N, Hkv, 16, D] (a head's tokens contiguous in a block), else [N, 16, Hkv, D]
+  int sector;  // 1: each key load instruction covers whole 32-byte sectors (see Regs)
 };
 
 struct Maps {
@@ -92,10 +93,13 @@ template <int SCALES> __global__ void __launch_bounds__(128, 3) probe_direct(con
   auto load = [&](Regs& r, int blk) {
     const uint8_t* kb = p.k + int64_t(blk) * 16 * 128 * p.hkv + it.h * head;
     const uint8_t* vb = p.v + int64_t(blk) * 16 * 128 * p.hkv + it.h * head;
-    r.k[0] = __ldg(reinterpret_cast<const uint4*>(kb + g * tok + 32 * t));
-    r.k[1] = __ldg(reinterpret_cast<const uint4*>(kb + g * tok + 32 * t + 16));
-    r.k[2] = __ldg(reinterpret_cast<const uint4*>(kb + (g + 8) * tok + 32 * t));
-    r.k[3] = __ldg(reinterpret_cast<const uint4*>(kb + (g + 8) * tok + 32 * t + 16));
+    // a lane's 32 key bytes of a row: [32 t, 32 t + 32) (each load touches half of 16 sectors), or
+    // (p.sector) [16 t, 16 t + 16) and [64 + 16 t, ...) (each load covers 8 whole sectors)
+    const int o0 = p.sector ? 16 * t : 32 * t, o1 = p.sector ? 64 + 16 * t : 32 * t + 16;
+    r.k[0] = __ldg(reinterpret_cast<const uint4*>(kb + g * tok + o0));
+    r.k[1] = __ldg(reinterpret_cast<const uint4*>(kb + g * tok + o1));
+    r.k[2] = __ldg(reinterpret_cast<const uint4*>(kb + (g + 8) * tok + o0));
+    r.k[3] = __ldg(reinterpret_cast<const uint4*>(kb + (g + 8) * tok + o1));
     const int rows[4] = {2 * t, 2 * t + 1, 2 * t + 8, 2 * t + 9};
 #pragma unroll
     for (int j = 0; j < 4; ++j) r.v[j] = __ldg(reinterpret_cast<const uint4*>(vb + rows[j] * tok + 16 * g));
