@@ -28,7 +28,8 @@ SOURCE = Path(__file__).with_name("csrc") / "stream_probe.cu"
 
 class Probe(ctypes.Structure):
     _fields_ = ([(n, ctypes.c_void_p) for n in ("k", "v", "bt", "ks", "vs", "out")]
-                + [(n, ctypes.c_int32) for n in ("b", "hkv", "m", "splits", "tiles_per_split", "items", "work", "hnd", "sector")])
+                + [(n, ctypes.c_int32) for n in ("hkv", "m", "splits", "tiles_per_split", "items", "work", "hnd",
+                                                  "sector")])
 
 
 def build(stages: int, tmp: str) -> ctypes.CDLL:
@@ -63,15 +64,15 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         libs = {s: build(s, tmp) for s in a.stages}
+        lib0 = libs[a.stages[0]]
+        variants = ([("direct", lib0, 0, 0, 0), ("direct sector", lib0, 0, 0, 1), ("direct HND", lib0, 0, 1, 0),
+                     ("direct HND sector", lib0, 0, 1, 1), ("direct+scales", lib0, 2, 0, 0),
+                     ("direct+scales sector", lib0, 2, 0, 1), ("direct+scales HND sector", lib0, 2, 1, 1),
+                     ("direct+scales/shfl", lib0, 3, 0, 0)]
+                    + [(f"tma{s}", libs[s], 1, 0, 0) for s in a.stages])  # (name, library, mode, hnd, sector)
         for work in a.work:
-            lib0 = libs[a.stages[0]]
-            variants = ([("direct", lib0, 0, 0, 0), ("direct sector", lib0, 0, 0, 1), ("direct HND", lib0, 0, 1, 0),
-                         ("direct HND sector", lib0, 0, 1, 1), ("direct+scales", lib0, 2, 0, 0),
-                         ("direct+scales sector", lib0, 2, 0, 1), ("direct+scales HND sector", lib0, 2, 1, 1),
-                         ("direct+scales/shfl", lib0, 3, 0, 0)]
-                        + [(f"tma{s}", libs[s], 1, 0, 0) for s in a.stages])
             for name, lib, mode, hnd, sector in variants:
-                p = Probe(k.data_ptr(), v.data_ptr(), bt.data_ptr(), ks.data_ptr(), vs.data_ptr(), out.data_ptr(), b,
+                p = Probe(k.data_ptr(), v.data_ptr(), bt.data_ptr(), ks.data_ptr(), vs.data_ptr(), out.data_ptr(),
                           hkv, m, a.splits, tps, items, work, hnd, sector)
 
                 def launch(lib=lib, mode=mode, p=p):

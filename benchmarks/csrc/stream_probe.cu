@@ -24,9 +24,9 @@ struct Probe {
   const uint16_t* ks;  // scales [N, 16, Hkv] (modes 2, 3)
   const uint16_t* vs;
   uint32_t* out;      // one word per warp
-  int b, hkv, m, splits, tiles_per_split, items, work;
+  int hkv, m, splits, tiles_per_split, items, work;
   int hnd;  // 1: codes [N, Hkv, 16, D] (a head's tokens contiguous in a block), else [N, 16, Hkv, D]
-  int sector;  // 1: each key load instruction covers whole 32-byte sectors (see Regs)
+  int sector;  // 1: each key load instruction covers whole 32-byte sectors (probe_direct's load)
 };
 
 struct Maps {
@@ -77,7 +77,8 @@ struct Item {  // one warp's (row, KV head, split)
   }
 };
 
-// Lane (g, t): key rows g and g + 8 bytes [32 t, 32 t + 32); value rows 2t, 2t+1, 2t+8, 2t+9 bytes [16 g, +16).
+// Lane (g, t): 32 bytes of key rows g and g + 8 (the kernel's [32 t, 32 t + 32) unless Probe::sector), value
+// rows 2t, 2t+1, 2t+8, 2t+9 bytes [16 g, +16); scales as the mode takes them.
 struct Regs {
   uint4 k[4], v[4];
   uint16_t s[4];
@@ -182,22 +183,23 @@ __global__ void __launch_bounds__(128, 3) probe_tma(const Probe p, const __grid_
   p.out[w * 32 + lane] = acc ^ __float_as_uint(f);
 }
 
-CUtensorMap make_map(const uint8_t* base, int hkv, int n_blocks) {
+// The 4-D map [D = 128 bytes, Hkv, 16 tokens, N blocks] of fp8 codes, boxes of one head's tile; false on failure.
+bool make_map(CUtensorMap& m, const uint8_t* base, int hkv, int n_blocks) {
   static PFN_cuTensorMapEncodeTiled_v12000 encode = nullptr;
   if (!encode) {
     cudaDriverEntryPointQueryResult q;
-    cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", reinterpret_cast<void**>(&encode), 12000,
-                                     cudaEnableDefault, &q);
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", reinterpret_cast<void**>(&encode), 12000,
+                                         cudaEnableDefault, &q) != cudaSuccess || !encode) {
+      return false;
+    }
   }
-  CUtensorMap m;
   cuuint64_t dims[4] = {128, cuuint64_t(hkv), 16, cuuint64_t(n_blocks)};
   cuuint64_t strides[3] = {128, cuuint64_t(hkv) * 128, cuuint64_t(hkv) * 128 * 16};
   cuuint32_t box[4] = {128, 1, 16, 1};
   cuuint32_t estr[4] = {1, 1, 1, 1};
-  encode(&m, CU_TENSOR_MAP_DATA_TYPE_UINT8, 4, const_cast<uint8_t*>(base), dims, strides, box, estr,
-         CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-         CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  return m;
+  return encode(&m, CU_TENSOR_MAP_DATA_TYPE_UINT8, 4, const_cast<uint8_t*>(base), dims, strides, box, estr,
+                CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
 }  // namespace
@@ -208,7 +210,10 @@ extern "C" int probe_launch(const Probe* p, int mode, int n_blocks, void* stream
     auto k = mode == 0 ? probe_direct<0> : mode == 2 ? probe_direct<1> : probe_direct<2>;
     k<<<grid, 128, 0, static_cast<cudaStream_t>(stream)>>>(*p);
   } else {
-    Maps maps{make_map(p->k, p->hkv, n_blocks), make_map(p->v, p->hkv, n_blocks)};
+    Maps maps;
+    if (!make_map(maps.k, p->k, p->hkv, n_blocks) || !make_map(maps.v, p->v, p->hkv, n_blocks)) {
+      return int(cudaErrorInvalidValue);
+    }
     const int smem = 4 * STAGES * 4096 + 4 * STAGES * 8;
     cudaFuncSetAttribute(probe_tma, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     probe_tma<<<grid, 128, smem, static_cast<cudaStream_t>(stream)>>>(*p, maps);

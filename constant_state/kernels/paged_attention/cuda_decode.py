@@ -39,6 +39,8 @@ HEAD_DIMS = (64, 128)
 MAX_GROUP = 8  # query heads per KV head: the 8 columns of the tensor-core tile
 TILE = 16  # tokens per warp step (kivi2: STEPS)
 STEPS = {"kivi2": 32}
+
+
 def _env_int(name: str, default: str, allowed) -> int:
     value = os.environ.get(name, default)
     if value not in allowed:
