@@ -5,6 +5,8 @@ Each argument is a format followed by ``:``-separated switches:
 
 - ``vt`` / ``tm``: value codes token-contiguous within a block / token-major (default: the format's
   storage, ``cache/quant.py``);
+- ``hm``: codes (values too where token-major) and per-token scales head-major, stored
+  ``[N, Hkv, BS, ...]`` (a view in the ``[N, BS, Hkv, ...]`` shape: the kernels take its strides);
 - ``nooff``: no code offsets kept in the fp16 products; ``voff``: the format's values keep them
   (``decode_quant.OFFSET_KEYS / OFFSET_VALUES``);
 - ``noptx``: no inline-PTX decoding of packed codes (``decode_quant.ASM_FORMATS``);
@@ -59,6 +61,14 @@ def run_variant(spec: str, batch: int, ctx: int, q: torch.Tensor, seq: torch.Ten
         nv = (token_contiguous(*v.shape, v.dtype, v.device) if "vt" in switches
               else torch.empty(v.shape, dtype=v.dtype, device=v.device))
         st.cache.v = nv.copy_(v)
+    if "hm" in switches:
+        c = st.cache
+        for name in ("k", "v", "k_scale", "v_scale", "k_zero", "v_zero"):
+            t = getattr(c, name)
+            if t is None or t.dim() != 4 or t.stride(1) < t.stride(2):  # kivi2 key scales; token-contiguous
+                continue
+            n, bs_, h, w = t.shape
+            setattr(c, name, torch.empty((n, h, bs_, w), dtype=t.dtype, device=t.device).permute(0, 2, 1, 3).copy_(t))
     saved = (decode_quant.OFFSET_KEYS, decode_quant.OFFSET_VALUES, decode_quant.ASM_FORMATS, cuda_decode.STAGED)
     backend = next((s for s in switches if s in ("cuda", "triton")), "")
     if "nooff" in switches:

@@ -8,7 +8,8 @@ from helpers import run_under_interpreter
 import constant_state as cs
 from constant_state.__main__ import main
 from constant_state.cache.formats import format_names, get_format
-from constant_state.kernels.paged_attention.ref import dequantize_ref
+from constant_state.kernels.paged_attention.decode import paged_attention
+from constant_state.kernels.paged_attention.ref import dequantize_ref, is_head_major, is_token_contiguous
 from constant_state.cache.quant import kivi_name
 from constant_state.eval.memory import resolve_kv_formats
 from models_under_test import TINY_LLAMA
@@ -31,6 +32,23 @@ def test_page_bytes_equal_allocated_bytes(fmt, bs, h, d):
     assert allocated == 5 * f.page_bytes(bs, h, d)
     rows = f.row_tensors(3, h, d, "cpu")
     assert sum(t.numel() * t.element_size() for t in rows.values()) == 3 * f.extra_bytes_per_sequence(h, d)
+
+
+@pytest.mark.parametrize("fmt", QUANT)
+def test_storage_is_head_major(fmt):
+    """Codes and per-token scales are stored ``[N, Hkv, BS, ...]`` (a head's tokens of a block in one
+    run); int4 / kivi2 values token-contiguous, kivi2 key scales per channel ``[N, Hkv, D]``."""
+    c = get_format(fmt).make_storage(3, 16 if fmt != "kivi2" else 32, 2, 64, "cpu").cache
+    assert is_head_major(c.k) and is_head_major(c.v_scale)
+    assert is_token_contiguous(c.v) if fmt in ("int4", "int4-g32", "kivi2") else is_head_major(c.v)
+    assert c.k_scale.is_contiguous() and c.k_scale.dim() == 3 if fmt == "kivi2" else is_head_major(c.k_scale)
+    # Any other strided layout is refused by name.
+    c.k = c.k.transpose(0, 1).contiguous().transpose(0, 1)  # stored [BS, N, Hkv, D]
+    q = torch.zeros(1, 1, 2, 64)
+    with pytest.raises(ValueError, match="contiguous or .quantized. head-major"):
+        paged_attention(q, c, torch.zeros(1, 1, dtype=torch.int32), torch.ones(1, dtype=torch.int32), 1.0,
+                        **({"res_k": torch.zeros(1, 16, 2, 64), "res_v": torch.zeros(1, 16, 2, 64)}
+                           if fmt == "kivi2" else {}))
 
 
 def test_memory_formulas():

@@ -15,7 +15,8 @@ from helpers import KIVI2_DECODE_CASES, KIVI2_DECODE_IDS, kivi2_decode_case
 from constant_state.cache.formats import get_format
 from constant_state.kernels.paged_attention import cuda_decode
 from constant_state.kernels.paged_attention.decode import _cache_args
-from constant_state.kernels.paged_attention.ref import merge_splits_ref, quant_paged_attention_ref, quant_write_ref
+from constant_state.kernels.paged_attention.ref import (is_head_major, merge_splits_ref, quant_paged_attention_ref,
+                                                         quant_write_ref)
 
 TIGHT = {torch.bfloat16: 1e-2, torch.float16: 2e-3}  # output rounding and fp16 operands
 
@@ -34,7 +35,7 @@ def emulated(tmp_path_factory):
 
 
 def run(fmt, lens, gqa, d, bs, window=None, sinks=0, qdtype=torch.bfloat16, num_splits=None, hkv=2, seed=0,
-        staged=0):
+        staged=0, token_major=False):
     gen = torch.Generator().manual_seed(seed)
     b, m = len(lens), -(-max(lens) // bs) + 1
     n = b * m + 5
@@ -46,6 +47,13 @@ def run(fmt, lens, gqa, d, bs, window=None, sinks=0, qdtype=torch.bfloat16, num_
     quant_write_ref(st.cache, *(torch.randn(b, m * bs, hkv, d, generator=gen) for _ in range(2)), slots)
     q = torch.randn(b, 1, hkv * gqa, d, generator=gen).to(qdtype)
     seq = torch.tensor(lens, dtype=torch.int32)
+    if token_major:  # the storage's head-major codes and scales as contiguous [N, BS, Hkv, ...] copies
+        c = st.cache
+        for name in ("k", "v", "k_scale", "v_scale", "k_zero", "v_zero"):
+            x = getattr(c, name)
+            if x is not None and is_head_major(x):
+                setattr(c, name, x.contiguous())
+        assert c.k.is_contiguous() and not is_head_major(c.k)
     kind, _, group, tensors = _cache_args(st.cache)
     assert cuda_decode.KINDS[kind]
     assert cuda_decode.staged_for(kind, tensors[2], tensors[3], staged) == staged
@@ -70,6 +78,13 @@ def test_emulated_cuda_decode(fmt, case, staged):
     """``staged``: the variant whose tiles go through shared memory by cp.async (the emulation does each
     copy at the latest wait that covers it, so a stage read before its wait sees stale bytes)."""
     run(fmt, **case, staged=staged)
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "int8", "int4"])
+def test_emulated_cuda_decode_token_major(fmt):
+    """The storage is head-major (cache/quant.py); the kernel takes strides, so contiguous token-major
+    codes and scales decode the same."""
+    run(fmt, lens=[300, 65], gqa=4, d=128, bs=16, num_splits=3, token_major=True)
 
 
 def test_emulated_staged_kivi2_runs_the_direct_kernel():

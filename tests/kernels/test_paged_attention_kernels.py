@@ -106,7 +106,7 @@ def test_write_matches_reference(fmt, d):
                            y.view(torch.uint8) if y.dtype == torch.float8_e4m3fn else y), fmt
     # Quantization error of the round trip, per format.
     kd, _ = dequantize_ref(b.cache)
-    err = (kd.view(-1, hkv, d)[slots[keep].to(DEVICE)] - k[keep]).abs().max().item()
+    err = (kd.reshape(-1, hkv, d)[slots[keep].to(DEVICE)] - k[keep]).abs().max().item()
     assert err <= {"fp8": 0.6, "int8": 0.1, "int4": 1.2, "int4-g32": 1.2}[fmt]
 
 

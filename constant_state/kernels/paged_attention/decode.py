@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .ref import QuantKV, is_token_contiguous
+from .ref import QuantKV, is_head_major, is_token_contiguous
 
 # Triton's interpreter computes bf16 tl.dot wrongly; there the dots run in fp32.
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -486,8 +486,8 @@ def paged_attention(q: torch.Tensor, cache, block_tables: torch.Tensor, seq_lens
         raise ValueError(f"block_tables [B, M] / seq_lens [B] expected B={b}, got {tuple(block_tables.shape)} / "
                          f"{tuple(seq_lens.shape)}")
     for x in (k, ks, vs):
-        if not x.is_contiguous():
-            raise ValueError("cache tensors must be contiguous")
+        if not (x.is_contiguous() or (kind != "dense" and x.dim() == 4 and is_head_major(x))):
+            raise ValueError("cache tensors must be contiguous or (quantized) head-major (see ref.head_major)")
     if v.shape != k.shape or not (v.stride() == k.stride() or (kind != "dense" and is_token_contiguous(v))):
         raise ValueError("value codes must match the keys' shape: contiguous, or (quantized) tokens contiguous "
                          "within a block (see ref.token_contiguous)")

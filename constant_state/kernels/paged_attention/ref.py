@@ -107,6 +107,18 @@ def token_contiguous(n: int, bs: int, h: int, width: int, dtype: torch.dtype, de
     return torch.zeros((n, h, width, bs), dtype=dtype, device=device).permute(0, 3, 1, 2)
 
 
+def head_major(n: int, bs: int, h: int, width: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """Zeroed ``[N, bs, H, width]`` stored ``[N, H, bs, width]``: each head's tokens of a block are one
+    contiguous run (a view: index it like a contiguous tensor, kernels take its strides)."""
+    return torch.zeros((n, h, bs, width), dtype=dtype, device=device).permute(0, 2, 1, 3)
+
+
+def is_head_major(x: torch.Tensor) -> bool:
+    """Whether ``x [N, bs, H, width]`` has the layout of :func:`head_major`."""
+    n, bs, h, w = x.shape
+    return x.stride() == (h * bs * w, w, bs * w, 1)
+
+
 def is_token_contiguous(codes: torch.Tensor) -> bool:
     """Whether ``codes [N, bs, H, width]`` has the layout of :func:`token_contiguous`."""
     n, bs, h, w = codes.shape
@@ -188,13 +200,14 @@ def quant_write_ref(cache: QuantKV, k: torch.Tensor, v: torch.Tensor, slot_mappi
     h = k.shape[-2]
     for x, codes, sc, zp in ((k, cache.k, cache.k_scale, cache.k_zero), (v, cache.v, cache.v_scale, cache.v_zero)):
         q, s, z = _quant_token(x.reshape(-1, h, x.shape[-1]), cache.kind, cache.group)
-        # Byte views (index_put_ has no float8 kernel on the CPU), indexed by (block, token): int4 value
-        # codes are a token-contiguous view (see token_contiguous).
+        # Byte views (index_put_ has no float8 kernel on the CPU), indexed by (block, token): the storage
+        # is a head-major or token-contiguous view (see head_major, token_contiguous).
         bs = codes.shape[1]
-        codes.view(torch.uint8)[slots // bs, slots % bs] = q.view(torch.uint8)
-        sc.view(-1, *sc.shape[2:]).index_copy_(0, slots, s)
+        blk, tok = slots // bs, slots % bs
+        codes.view(torch.uint8)[blk, tok] = q.view(torch.uint8)
+        sc[blk, tok] = s
         if zp is not None:
-            zp.view(-1, *zp.shape[2:]).index_copy_(0, slots, z)
+            zp[blk, tok] = z
 
 
 def dequantize_ref(cache: QuantKV) -> tuple[torch.Tensor, torch.Tensor]:
