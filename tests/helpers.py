@@ -86,12 +86,13 @@ def save_tiny_hf(tmp_path: Path, model_type: str, seed: int = 0, **overrides):
 
 
 def kivi2_decode_case(lens, gqa, d, bs, group=64, residual=128, window=None, sinks=0, qdtype=torch.bfloat16,
-                      hkv=2, seed=0, device="cpu"):
+                      hkv=2, seed=0, device="cpu", key_ramp=0.0):
     """A kivi2 decode problem: random codes and scales in every block first (masked tokens are not
     zeros), then each row written through the storage (groups of R tokens flushed into its blocks, the
     newest tokens in its fp16 residual window). Returns the ``decode.paged_attention`` arguments as a
     dict (``q, cache, block_tables, seq_lens, scale, sliding_window, sinks, res_k, res_v``) and the
-    reference output on the dequantized cache."""
+    reference output on the dequantized cache. ``key_ramp``: keys scaled by ``1 + key_ramp x position``
+    (scores that keep rising along the context: the running max moves often)."""
     from constant_state.cache.formats import get_format
     from constant_state.cache.quant import kivi_name
     from constant_state.kernels.paged_attention.ref import quant_paged_attention_ref
@@ -113,6 +114,7 @@ def kivi2_decode_case(lens, gqa, d, bs, group=64, residual=128, window=None, sin
     bt = torch.randperm(n, generator=gen)[:b * m].view(b, m).int().to(device)
     for i, length in enumerate(lens):
         k, v = (torch.randn(1, length, hkv, d, generator=gen).to(device) for _ in range(2))
+        k = k * (1 + key_ramp * torch.arange(length, device=device))[None, :, None, None]
         slots = (bt[i:i + 1].long()[:, :, None] * bs + torch.arange(bs, device=device)).view(1, -1)[:, :length]
         st.write(k, v, slots, seq_lens=torch.tensor([length], device=device), block_tables=bt[i:i + 1],
                  res_k=res_k[i:i + 1], res_v=res_v[i:i + 1])

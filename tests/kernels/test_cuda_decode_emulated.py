@@ -35,7 +35,7 @@ def emulated(tmp_path_factory):
 
 
 def run(fmt, lens, gqa, d, bs, window=None, sinks=0, qdtype=torch.bfloat16, num_splits=None, hkv=2, seed=0,
-        staged=0, token_major=False):
+        staged=0, token_major=False, key_ramp=0.0):
     gen = torch.Generator().manual_seed(seed)
     b, m = len(lens), -(-max(lens) // bs) + 1
     n = b * m + 5
@@ -44,7 +44,8 @@ def run(fmt, lens, gqa, d, bs, window=None, sinks=0, qdtype=torch.bfloat16, num_
     quant_write_ref(st.cache, *(torch.randn(1, n * bs, hkv, d, generator=gen) for _ in range(2)), every)
     bt = torch.randperm(n, generator=gen)[:b * m].view(b, m).int()
     slots = (bt.long()[:, :, None] * bs + torch.arange(bs)).view(b, -1)
-    quant_write_ref(st.cache, *(torch.randn(b, m * bs, hkv, d, generator=gen) for _ in range(2)), slots)
+    k, v = (torch.randn(b, m * bs, hkv, d, generator=gen) for _ in range(2))
+    quant_write_ref(st.cache, k * (1 + key_ramp * torch.arange(m * bs))[None, :, None, None], v, slots)
     q = torch.randn(b, 1, hkv * gqa, d, generator=gen).to(qdtype)
     seq = torch.tensor(lens, dtype=torch.int32)
     if token_major:  # the storage's head-major codes and scales as contiguous [N, BS, Hkv, ...] copies
@@ -85,6 +86,23 @@ def test_emulated_cuda_decode_token_major(fmt):
     """The storage is head-major (cache/quant.py); the kernel takes strides, so contiguous token-major
     codes and scales decode the same."""
     run(fmt, lens=[300, 65], gqa=4, d=128, bs=16, num_splits=3, token_major=True)
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "int8", "int4", "kivi2"])
+def test_emulated_cuda_decode_rising_scores(fmt):
+    """Keys growing along the context (x 1 + pos / 20; kivi2 x 1 + pos / 200, whose fp16 query operand
+    folds the key scales in and loses precision on larger scores): the running max keeps moving past
+    the lazy rescale's slack (Softmax::SLACK), so tiles alternate between the full step with its
+    rescale and the step against the old max."""
+    if fmt != "kivi2":
+        run(fmt, lens=[700, 301], gqa=4, d=128, bs=16, num_splits=2, key_ramp=0.05)
+        return
+    a, ref = kivi2_decode_case([700, 301], 4, 128, 32, key_ramp=0.005)
+    kind, _, group, tensors = _cache_args(a["cache"])
+    out = cuda_decode.decode_emulated(a["q"], kind, group, tensors, a["block_tables"], a["seq_lens"], a["scale"],
+                                      None, 0, 2, a["res_k"], a["res_v"])
+    err = (out.float() - ref).abs().max().item()
+    assert err <= TIGHT[a["q"].dtype], f"kivi2: emulated CUDA kernel vs reference {err:.3e}"
 
 
 def test_emulated_staged_kivi2_runs_the_direct_kernel():

@@ -488,17 +488,40 @@ struct Softmax {
   }
   // NT tiles: masks rows r0 / r1 of tile u (ok[u][0] / ok[u][1]), steps, and rescales the output
   // accumulators o. Returns whether a max moved in the warp (alpha != 1 somewhere), i.e. whether other
-  // running sums need alpha.
+  // running sums need alpha. Lazy rescaling: while every score of the tiles is at most SLACK above its
+  // head's running max m (log2 units), p = 2^(s - m) <= 2^SLACK against the old m (softmax does not
+  // depend on the reference, and the partial's (m, l) carry it), with no max reduction over the lanes
+  // and no rescale; otherwise the full step. SLACK keeps P' = p s_v inside fp16.
+  static constexpr float SLACK = 4.f;
   template <int MT, int NT>
   __device__ __forceinline__ bool tiles(float (&s)[NT][4], const bool (&ok)[NT][2], float (&o)[MT][4],
                                         float (&alpha)[2]) {
     const float neg_inf = -__int_as_float(0x7f800000);
+    bool over = false;
 #pragma unroll
     for (int u = 0; u < NT; ++u) {
       s[u][0] = ok[u][0] ? s[u][0] : neg_inf;
       s[u][1] = ok[u][0] ? s[u][1] : neg_inf;
       s[u][2] = ok[u][1] ? s[u][2] : neg_inf;
       s[u][3] = ok[u][1] ? s[u][3] : neg_inf;
+#pragma unroll
+      for (int e = 0; e < 4; ++e) over = over || s[u][e] > m[e & 1] + SLACK;
+    }
+    if (!__any_sync(FULL, over)) {
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const float z = m[j] == neg_inf ? 0.f : m[j];  // all scores masked so far: p = 0
+        float sum = 0.f;
+#pragma unroll
+        for (int u = 0; u < NT; ++u) {
+          s[u][j] = cs_exp2(s[u][j] - z);
+          s[u][2 + j] = cs_exp2(s[u][2 + j] - z);
+          sum += s[u][j] + s[u][2 + j];
+        }
+        l[j] += sum;
+        alpha[j] = 1.f;
+      }
+      return false;
     }
     step(s, alpha);
     const bool moved = __any_sync(FULL, alpha[0] != 1.f || alpha[1] != 1.f);
