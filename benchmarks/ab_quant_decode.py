@@ -5,8 +5,8 @@ Each argument is a format followed by ``:``-separated switches:
 
 - ``vt`` / ``tm``: value codes token-contiguous within a block / token-major (default: the format's
   storage, ``cache/quant.py``);
-- ``hm``: codes (values too where token-major) and per-token scales head-major, stored
-  ``[N, Hkv, BS, ...]`` (a view in the ``[N, BS, Hkv, ...]`` shape: the kernels take its strides);
+- ``kt``: codes and per-token scales token-major, contiguous ``[N, BS, Hkv, ...]`` (the storage is
+  head-major since the ninth session, ``ref.head_major``; the kernels take either by strides);
 - ``nooff``: no code offsets kept in the fp16 products; ``voff``: the format's values keep them
   (``decode_quant.OFFSET_KEYS / OFFSET_VALUES``);
 - ``noptx``: no inline-PTX decoding of packed codes (``decode_quant.ASM_FORMATS``);
@@ -36,7 +36,7 @@ from bench_kv_decode import D, HKV, HQ, backend_of, bench_graph, block_size, pri
 from constant_state.cache.formats import get_format
 from constant_state.kernels.paged_attention import cuda_decode, decode_quant
 from constant_state.kernels.paged_attention.decode import paged_attention
-from constant_state.kernels.paged_attention.ref import token_contiguous
+from constant_state.kernels.paged_attention.ref import is_head_major, token_contiguous
 
 
 def run_sdpa(batch: int, ctx: int, q: torch.Tensor) -> dict:
@@ -61,14 +61,12 @@ def run_variant(spec: str, batch: int, ctx: int, q: torch.Tensor, seq: torch.Ten
         nv = (token_contiguous(*v.shape, v.dtype, v.device) if "vt" in switches
               else torch.empty(v.shape, dtype=v.dtype, device=v.device))
         st.cache.v = nv.copy_(v)
-    if "hm" in switches:
+    if "kt" in switches:
         c = st.cache
         for name in ("k", "v", "k_scale", "v_scale", "k_zero", "v_zero"):
             t = getattr(c, name)
-            if t is None or t.dim() != 4 or t.stride(1) < t.stride(2):  # kivi2 key scales; token-contiguous
-                continue
-            n, bs_, h, w = t.shape
-            setattr(c, name, torch.empty((n, h, bs_, w), dtype=t.dtype, device=t.device).permute(0, 2, 1, 3).copy_(t))
+            if t is not None and t.dim() == 4 and is_head_major(t):
+                setattr(c, name, t.contiguous())
     saved = (decode_quant.OFFSET_KEYS, decode_quant.OFFSET_VALUES, decode_quant.ASM_FORMATS, cuda_decode.STAGED)
     backend = next((s for s in switches if s in ("cuda", "triton")), "")
     if "nooff" in switches:

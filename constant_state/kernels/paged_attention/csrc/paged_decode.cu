@@ -473,18 +473,25 @@ struct Softmax {
 #pragma unroll
       for (int u = 1; u < NT; ++u) x = fmaxf(x, fmaxf(s[u][j], s[u][2 + j]));
       const float mx = fmaxf(m[j], xor_max_g(x));
-      const float z = mx == -__int_as_float(0x7f800000) ? 0.f : mx;
+      const float z = reference(mx);
       alpha[j] = cs_exp2(m[j] - z);
-      float sum = 0.f;
-#pragma unroll
-      for (int u = 0; u < NT; ++u) {
-        s[u][j] = cs_exp2(s[u][j] - z);
-        s[u][2 + j] = cs_exp2(s[u][2 + j] - z);
-        sum += s[u][j] + s[u][2 + j];
-      }
-      l[j] = l[j] * alpha[j] + sum;
+      l[j] = l[j] * alpha[j] + exp2_sum(s, j, z);
       m[j] = mx;
     }
+  }
+  // The max as the exponent's reference: 0 while every score so far is masked (-inf), so p = 0.
+  static __device__ __forceinline__ float reference(float mx) { return mx == -__int_as_float(0x7f800000) ? 0.f : mx; }
+  // p = 2^(s - z) in place for head column j of NT tiles; returns their sum.
+  template <int NT>
+  static __device__ __forceinline__ float exp2_sum(float (&s)[NT][4], int j, float z) {
+    float sum = 0.f;
+#pragma unroll
+    for (int u = 0; u < NT; ++u) {
+      s[u][j] = cs_exp2(s[u][j] - z);
+      s[u][2 + j] = cs_exp2(s[u][2 + j] - z);
+      sum += s[u][j] + s[u][2 + j];
+    }
+    return sum;
   }
   // NT tiles: masks rows r0 / r1 of tile u (ok[u][0] / ok[u][1]), steps, and rescales the output
   // accumulators o. Returns whether a max moved in the warp (alpha != 1 somewhere), i.e. whether other
@@ -510,15 +517,7 @@ struct Softmax {
     if (!__any_sync(FULL, over)) {
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
-        const float z = m[j] == neg_inf ? 0.f : m[j];  // all scores masked so far: p = 0
-        float sum = 0.f;
-#pragma unroll
-        for (int u = 0; u < NT; ++u) {
-          s[u][j] = cs_exp2(s[u][j] - z);
-          s[u][2 + j] = cs_exp2(s[u][2 + j] - z);
-          sum += s[u][j] + s[u][2 + j];
-        }
-        l[j] += sum;
+        l[j] += exp2_sum(s, j, reference(m[j]));
         alpha[j] = 1.f;
       }
       return false;
