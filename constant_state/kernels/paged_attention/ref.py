@@ -75,6 +75,9 @@ class QuantKV:
     ``[N, bs, H, D/4]``; keys per channel over the block's tokens, scale/zero ``[N, H, D]``;
     values per token, scale/zero ``[N, bs, H, D/G]``; the newest tokens of each sequence, up to
     ``residual`` of them, live in per-row full-precision buffers instead, see :func:`kivi_write_ref`).
+    Shapes are logical: the storages (``cache/quant.py``) allocate the per-token tensors as
+    :func:`head_major` views and int4 / kivi2 value codes as :func:`token_contiguous` views; code here
+    indexes them by (block, token) and kernels take their strides.
     """
 
     kind: str
