@@ -13,7 +13,7 @@ Each argument is a format followed by ``:``-separated switches:
 - ``bsN``: blocks of N tokens (default: bench_kv_decode.block_size);
 - ``sN``: N splits over the context (default: the launch heuristic);
 - ``cuda`` / ``triton``: the quantized decode backend (``decode.DECODE_BACKEND``; default: the
-  ``CONSTANT_STATE_DECODE`` setting, ``triton`` if unset): the CUDA warp-per-split kernel of
+  ``CONSTANT_STATE_DECODE`` setting, ``auto`` if unset): the CUDA warp-per-split kernel of
   ``cuda_decode`` (fp8, int8, int4, kivi2) or the Triton one;
 - ``st``: the CUDA kernel's variant that stages tiles through shared memory by cp.async
   (``cuda_decode.STAGED``; its depth ``CONSTANT_STATE_DECODE_STAGES`` is compiled in: one per run);
@@ -36,7 +36,7 @@ from bench_kv_decode import D, HKV, HQ, backend_of, bench_graph, block_size, pri
 from constant_state.cache.formats import get_format
 from constant_state.kernels.paged_attention import cuda_decode, decode_quant
 from constant_state.kernels.paged_attention.decode import paged_attention
-from constant_state.kernels.paged_attention.ref import is_head_major, token_contiguous
+from constant_state.kernels.paged_attention.ref import as_token_major, token_contiguous
 
 
 def run_sdpa(batch: int, ctx: int, q: torch.Tensor) -> dict:
@@ -62,11 +62,7 @@ def run_variant(spec: str, batch: int, ctx: int, q: torch.Tensor, seq: torch.Ten
               else torch.empty(v.shape, dtype=v.dtype, device=v.device))
         st.cache.v = nv.copy_(v)
     if "kt" in switches:
-        c = st.cache
-        for name in ("k", "v", "k_scale", "v_scale", "k_zero", "v_zero"):
-            t = getattr(c, name)
-            if t is not None and t.dim() == 4 and is_head_major(t):
-                setattr(c, name, t.contiguous())
+        as_token_major(st.cache)
     saved = (decode_quant.OFFSET_KEYS, decode_quant.OFFSET_VALUES, decode_quant.ASM_FORMATS, cuda_decode.STAGED)
     backend = next((s for s in switches if s in ("cuda", "triton")), "")
     if "nooff" in switches:

@@ -15,8 +15,8 @@ from helpers import KIVI2_DECODE_CASES, KIVI2_DECODE_IDS, kivi2_decode_case
 from constant_state.cache.formats import get_format
 from constant_state.kernels.paged_attention import cuda_decode
 from constant_state.kernels.paged_attention.decode import _cache_args
-from constant_state.kernels.paged_attention.ref import (is_head_major, merge_splits_ref, quant_paged_attention_ref,
-                                                         quant_write_ref)
+from constant_state.kernels.paged_attention.ref import (as_token_major, is_head_major, merge_splits_ref,
+                                                         quant_paged_attention_ref, quant_write_ref)
 
 TIGHT = {torch.bfloat16: 1e-2, torch.float16: 2e-3}  # output rounding and fp16 operands
 
@@ -49,12 +49,8 @@ def run(fmt, lens, gqa, d, bs, window=None, sinks=0, qdtype=torch.bfloat16, num_
     q = torch.randn(b, 1, hkv * gqa, d, generator=gen).to(qdtype)
     seq = torch.tensor(lens, dtype=torch.int32)
     if token_major:  # the storage's head-major codes and scales as contiguous [N, BS, Hkv, ...] copies
-        c = st.cache
-        for name in ("k", "v", "k_scale", "v_scale", "k_zero", "v_zero"):
-            x = getattr(c, name)
-            if x is not None and is_head_major(x):
-                setattr(c, name, x.contiguous())
-        assert c.k.is_contiguous() and not is_head_major(c.k)
+        as_token_major(st.cache)
+        assert st.cache.k.is_contiguous() and not is_head_major(st.cache.k)
     kind, _, group, tensors = _cache_args(st.cache)
     assert cuda_decode.KINDS[kind]
     assert cuda_decode.staged_for(kind, tensors[2], tensors[3], staged) == staged

@@ -122,6 +122,16 @@ def is_head_major(x: torch.Tensor) -> bool:
     return x.stride() == (h * bs * w, w, bs * w, 1)
 
 
+def as_token_major(cache: "QuantKV") -> None:
+    """Replace ``cache``'s head-major tensors (codes, per-token scales and zeros) by contiguous
+    ``[N, bs, H, width]`` copies, the layout before head-major storage (A/B runs and tests: kernels
+    take either by strides)."""
+    for name in ("k", "v", "k_scale", "v_scale", "k_zero", "v_zero"):
+        x = getattr(cache, name)
+        if x is not None and x.dim() == 4 and is_head_major(x):
+            setattr(cache, name, x.contiguous())
+
+
 def is_token_contiguous(codes: torch.Tensor) -> bool:
     """Whether ``codes [N, bs, H, width]`` has the layout of :func:`token_contiguous`."""
     n, bs, h, w = codes.shape
