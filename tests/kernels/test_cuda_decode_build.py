@@ -46,7 +46,7 @@ def test_build_error_names_the_compiler_output(tmp_path, monkeypatch):
 def test_cpu_tensors_are_not_served():
     q = torch.zeros(1, 1, 8, 128, dtype=torch.bfloat16)
     k = torch.zeros(4, 16, 2, 128, dtype=torch.uint8)
-    assert not cuda_decode.supports("fp8", 128, q, k, k, 2)
+    assert not cuda_decode.supports("fp8", 128, q, (k, k, None, None, None, None), 2)
 
 
 def test_backend_cuda_without_the_kernel_is_a_clear_error(monkeypatch):

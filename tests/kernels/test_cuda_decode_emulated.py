@@ -78,10 +78,27 @@ def test_emulated_cuda_decode(fmt, case, staged):
 
 
 @pytest.mark.parametrize("fmt", ["fp8", "int8", "int4"])
-def test_emulated_cuda_decode_token_major(fmt):
-    """The storage is head-major (cache/quant.py); the kernel takes strides, so contiguous token-major
-    codes and scales decode the same."""
-    run(fmt, lens=[300, 65], gqa=4, d=128, bs=16, num_splits=3, token_major=True)
+def test_emulated_cuda_decode_token_major_is_refused(fmt):
+    """The kernel is compiled for the storage's in-block layout (head-major codes and scales, constant
+    strides inside a block): contiguous token-major copies are refused by name, and ``supports`` sends
+    them to the Triton kernel."""
+    with pytest.raises(ValueError, match="not head-major"):
+        run(fmt, lens=[300, 65], gqa=4, d=128, bs=16, num_splits=3, token_major=True)
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "int4", "kivi2"])
+def test_layout_error_names_the_tensor(fmt):
+    st = get_format(fmt).make_storage(6, 32, 2, 128, "cpu")
+    kind, _, group, tensors = _cache_args(st.cache)
+    res = [torch.zeros(1, 64, 2, 128, dtype=torch.float16) for _ in range(2)]
+    assert cuda_decode.layout_error(kind, group, tensors, *res) is None
+    k, v, ks, vs, kz, vz = tensors
+    assert "key codes" in cuda_decode.layout_error(kind, group, (k.contiguous(), v, ks, vs, kz, vz), *res)
+    assert "scales" in cuda_decode.layout_error(kind, group, (k, v, ks, vs.contiguous(), kz, vz.contiguous()), *res)
+    shifted = [x[1:] for x in tensors]  # blocks from the second on: still aligned
+    assert cuda_decode.layout_error(kind, group, shifted, *res) is None
+    if fmt == "kivi2":
+        assert "residual" in cuda_decode.layout_error(kind, group, tensors, res[0].float(), res[1])
 
 
 @pytest.mark.parametrize("fmt", ["fp8", "int8", "int4", "kivi2"])

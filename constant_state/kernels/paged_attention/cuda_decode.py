@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from .ref import is_token_contiguous
+from .ref import is_head_major, is_token_contiguous
 
 SOURCE = Path(__file__).with_name("csrc") / "paged_decode.cu"
 EMULATION = SOURCE.with_name("warp_emulation.h")  # CPU twin of its warp primitives (CS_EMULATE)
@@ -182,26 +182,53 @@ def available(device_index: int) -> bool:
     return True
 
 
-def supports(kind: str, group: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hkv: int,
+def layout_error(kind: str, group: int, tensors, res_k: torch.Tensor | None = None,
+                 res_v: torch.Tensor | None = None) -> str | None:
+    """Why the cache tensors ``(k, v, ks, vs, kz, vz)`` are not in the storage layout the kernel is
+    compiled for, or None. Inside a block the kernel's strides are constants: codes and per-token
+    scales head-major (``ref.head_major``: a head's tokens one contiguous run), int4 / kivi2 value
+    codes token-contiguous (``ref.token_contiguous``), 16-byte aligned (vector loads); the blocks'
+    and heads' strides are free (< 2^31 bytes per block). cache/quant.py stores exactly this."""
+    k, v, ks, vs, kz, vz = tensors
+    bs = k.shape[1]
+    if kind not in KINDS:
+        return f"format {kind!r} (the kernel serves {', '.join(KINDS)})"
+    if not is_head_major(k):
+        return "key codes are not head-major (ref.head_major)"
+    if kind in ("int4", "kivi2"):
+        if not is_token_contiguous(v):
+            return "value codes are not token-contiguous (ref.token_contiguous)"
+        groups = INT4_GROUPS if kind == "int4" else KIVI2_GROUPS
+        if group not in groups or bs not in BLOCK_SIZES[kind]:
+            return f"{kind}: group {group} / block size {bs} not compiled (groups {groups}, blocks {BLOCK_SIZES[kind]})"
+    elif v.stride() != k.stride():
+        return "value codes are not in the keys' layout"
+    scales = (vs, vz) if kind == "kivi2" else (ks, vs, kz, vz) if kind == "int4" else (ks, vs)
+    if not all(x.dim() == 4 and is_head_major(x) for x in scales):
+        return "per-token scales / zero points are not head-major (ref.head_major)"
+    if kind == "kivi2" and not all(x is not None and x.dtype == torch.float16 and x.is_contiguous()
+                                   and x.shape[2:] == k.shape[2:3] + (k.shape[3] * 4,) for x in (res_k, res_v)):
+        return "kivi2: residual windows must be contiguous fp16 [B, R, Hkv, D]"
+    used = [k, v, *scales] + ([ks] if kind == "kivi2" else [])
+    if any(x.data_ptr() % 16 or (x.stride(0) * x.element_size()) % 16 for x in used):
+        return "cache tensors must be 16-byte aligned, blocks a multiple of 16 bytes"
+    if max(k.stride(0), v.stride(0)) >= 2 ** 31:
+        return "blocks of >= 2^31 bytes"
+    return None
+
+
+def supports(kind: str, group: int, q: torch.Tensor, tensors, hkv: int,
              res_k: torch.Tensor | None = None, res_v: torch.Tensor | None = None) -> bool:
     """Shapes and dtypes this kernel serves (else the Triton kernel does): one query token in bf16 or
     fp16, head dim 64 or 128, at most 8 query heads per KV head, blocks of a power of two >= 16 tokens
-    of < 2^31 bytes (int4: 16, 32 or 64 tokens; kivi2: 32 or 64, ``BLOCK_SIZES``); value codes in the
-    keys' layout (fp8, int8) or token-contiguous (int4, groups of 32 or 64 dims; kivi2, groups of 32 to
-    128, with contiguous fp16 residual windows ``[B, R, Hkv, D]``)."""
+    (int4: 16, 32 or 64 tokens; kivi2: 32 or 64, ``BLOCK_SIZES``), and the cache tensors ``tensors`` in
+    the storage layout (:func:`layout_error`; int4 groups of 32 or 64 dims, kivi2 32 to 128)."""
     b, t, hq, d = q.shape
-    if kind == "int4":
-        layout_ok = is_token_contiguous(v) and group in INT4_GROUPS and k.shape[1] in BLOCK_SIZES[kind]
-    elif kind == "kivi2":
-        layout_ok = (is_token_contiguous(v) and group in KIVI2_GROUPS and k.shape[1] in BLOCK_SIZES[kind]
-                     and all(x is not None and x.dtype == torch.float16 and x.is_contiguous()
-                             and x.shape[0] == b and x.shape[2:] == (hkv, d) for x in (res_k, res_v)))
-    else:
-        layout_ok = v.stride() == k.stride()
-    bs = k.shape[1]
+    bs = tensors[0].shape[1]
     return (kind in KINDS and q.is_cuda and t == 1 and q.dtype in (torch.float16, torch.bfloat16)
             and d in HEAD_DIMS and hq // hkv <= MAX_GROUP and bs % TILE == 0 and bs & (bs - 1) == 0
-            and max(k.stride(0), v.stride(0)) < 2 ** 31 and layout_ok and available(q.device.index or 0))
+            and (kind != "kivi2" or res_k is not None and res_k.shape[0] == b)
+            and layout_error(kind, group, tensors, res_k, res_v) is None and available(q.device.index or 0))
 
 
 @functools.lru_cache(maxsize=64)
@@ -280,6 +307,9 @@ def decode_emulated(q, kind, group, tensors, block_tables, seq_lens, scale, slid
     :func:`staged_for` takes it."""
     from .ref import merge_splits_ref
 
+    why = layout_error(kind, group, tensors, res_k, res_v)
+    if why is not None:
+        raise ValueError(f"emulated decode: {why}")
     d = q.shape[-1]
     p, out, part, ml, splits = _params(q, kind, group, tensors, block_tables, seq_lens, scale, sliding_window,
                                        sinks, num_splits, lambda: 4 * WARPS * 3, res_k, res_v,  # 4 emulated SMs

@@ -502,7 +502,7 @@ def paged_attention(q: torch.Tensor, cache, block_tables: torch.Tensor, seq_lens
     if t == 1 and kind != "dense" and config is None and cuda_wanted:
         from . import cuda_decode
 
-        if not _INTERPRET and cuda_decode.supports(kind, group, q, k, v, hkv, res_k, res_v):
+        if not _INTERPRET and cuda_decode.supports(kind, group, q, (k, v, ks, vs, kz, vz), hkv, res_k, res_v):
             return cuda_decode.decode(q, kind, group, (k, v, ks, vs, kz, vz), block_tables, seq_lens, scale,
                                       sliding_window, sinks, num_splits, res_k, res_v)
         if DECODE_BACKEND == "cuda":

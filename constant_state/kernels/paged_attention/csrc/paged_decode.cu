@@ -216,11 +216,19 @@ template <int N> struct Halves {  // N consecutive fp16 of one load
     } else if constexpr (N == 2) {
       const __half2 x = __ldg(reinterpret_cast<const __half2*>(p));
       h[0] = x.x; h[1] = x.y;
-    } else {
+    } else if constexpr (N == 4) {
       const uint2 x = __ldg(reinterpret_cast<const uint2*>(p));
-      const __half2 a = *reinterpret_cast<const __half2*>(&x.x), b = *reinterpret_cast<const __half2*>(&x.y);
-      h[0] = a.x; h[1] = a.y; h[2] = b.x; h[3] = b.y;
+      set_pair(0, x.x); set_pair(1, x.y);
+    } else {
+      static_assert(N == 8, "Halves: 1, 2, 4 or 8 fp16 (one load)");
+      const uint4 x = __ldg(reinterpret_cast<const uint4*>(p));
+      set_pair(0, x.x); set_pair(1, x.y); set_pair(2, x.z); set_pair(3, x.w);
     }
+  }
+  __device__ __forceinline__ void set_pair(int i, uint32_t w) {
+    const __half2 x = *reinterpret_cast<const __half2*>(&w);
+    h[2 * i] = x.x;
+    h[2 * i + 1] = x.y;
   }
   __device__ __forceinline__ float operator[](int i) const { return __half2float(h[i]); }
 };
@@ -314,11 +322,7 @@ template <int M, int N> __device__ __forceinline__ void fetch(Halves<N>& dst, co
       uint32_t w[N / 2];
       read_words<2 * N>(sm, w);
 #pragma unroll
-      for (int i = 0; i < N / 2; ++i) {
-        const __half2 x = *reinterpret_cast<const __half2*>(&w[i]);
-        dst.h[2 * i] = x.x;
-        dst.h[2 * i + 1] = x.y;
-      }
+      for (int i = 0; i < N / 2; ++i) dst.set_pair(i, w[i]);
     }
   }
 }
@@ -690,29 +694,37 @@ template <> struct Codes8<2> {
 };
 
 template <int D> struct Tile8 {
+  static constexpr int ST = D;  // head-major codes: bytes between a head's tokens (scales: 1 element)
   Words<D / 16> k0, k1;  // key bytes [t D/4, (t+1) D/4) of tokens g, g+8
   Words<D / 32> v[4];    // value bytes [g D/8, (g+1) D/8) of tokens 2t, 2t+1, 2t+8, 2t+9
   __half ks0, ks1, vs0, vs1;  // scales of tokens g, g+8
   static constexpr int LANE_BYTES = D + 16;  // staged: bytes per lane (four 2-byte scales as words)
 
+  // Per lane: offsets inside a block of its first key byte, value byte and scales (token 0 of the tile).
+  struct Lane {
+    int k, v, ks, vs;
+    __device__ __forceinline__ Lane(const DecodeParams& p, int h, int g, int t)
+        : k(h * p.k_sh + t * (D / 4) + g * ST), v(h * p.v_sh + g * (D / 8) + 2 * t * ST), ks(h * p.ks_sh + g),
+          vs(h * p.vs_sh + g) {}
+  };
+
   template <int M = FETCH_LOAD>
-  __device__ __forceinline__ void load(const DecodeParams& p, int h, int blk, int tb, int g, int t, Slot s = Slot()) {
-    // A pointer per lane and tile (one wide multiply-add), then offsets from it (32-bit offsets added
-    // before the pointer would be recomputed per load: unsigned sums may wrap).
-    const uint8_t* kp = p.k + int64_t(blk) * p.k_sb + (h * p.k_sh + t * (D / 4) + (tb + g) * p.k_st);
+  __device__ __forceinline__ void load(const DecodeParams& p, const Lane& ln, int blk, int tb, Slot s = Slot()) {
+    // A pointer per tensor and tile (one wide multiply-add), the rest immediate offsets from it.
+    const uint8_t* kp = p.k + (int64_t(blk) * p.k_sb + (ln.k + tb * ST));
     fetch<M>(k0, kp, s);
-    fetch<M>(k1, kp + 8 * p.k_st, s);
-    const uint8_t* vp = p.v + int64_t(blk) * p.v_sb + (h * p.v_sh + g * (D / 8) + (tb + 2 * t) * p.v_st);
+    fetch<M>(k1, kp + 8 * ST, s);
+    const uint8_t* vp = p.v + (int64_t(blk) * p.v_sb + (ln.v + tb * ST));
     fetch<M>(v[0], vp, s);
-    fetch<M>(v[1], vp + p.v_st, s);
-    fetch<M>(v[2], vp + 8 * p.v_st, s);
-    fetch<M>(v[3], vp + 9 * p.v_st, s);
-    const __half* ksp = p.ks + (int64_t(blk) * p.ks_sb + (h * p.ks_sh + (tb + g) * p.ks_st));
-    const __half* vsp = p.vs + (int64_t(blk) * p.vs_sb + (h * p.vs_sh + (tb + g) * p.vs_st));
+    fetch<M>(v[1], vp + ST, s);
+    fetch<M>(v[2], vp + 8 * ST, s);
+    fetch<M>(v[3], vp + 9 * ST, s);
+    const __half* ksp = p.ks + (int64_t(blk) * p.ks_sb + (ln.ks + tb));
+    const __half* vsp = p.vs + (int64_t(blk) * p.vs_sb + (ln.vs + tb));
     fetch<M>(ks0, ksp, s);
-    fetch<M>(ks1, ksp + 8 * p.ks_st, s);
+    fetch<M>(ks1, ksp + 8, s);
     fetch<M>(vs0, vsp, s);
-    fetch<M>(vs1, vsp + 8 * p.vs_st, s);
+    fetch<M>(vs1, vsp + 8, s);
     cs_check(s.off <= LANE_BYTES);
   }
 };
@@ -766,8 +778,9 @@ __global__ void __launch_bounds__(128, 3) decode8_kernel(const DecodeParams p) {
   using Tile = Tile8<D>;
   Tile tile_a, tile_b;
   TileFeed<ST, Tile::LANE_BYTES> feed(p, w);
+  const typename Tile::Lane lane(p, h, g, t);
   auto load = [&](Tile& x, auto mode, int blk, int start, Slot sl) {
-    x.template load<decltype(mode)::value>(p, h, blk, start & (p.bs - 1), g, t, sl);
+    x.template load<decltype(mode)::value>(p, lane, blk, start & (p.bs - 1), sl);
   };
   feed.begin(tile_a, load);
   auto step = [&](Tile& cur, Tile& nxt, const int i) {
@@ -864,36 +877,38 @@ __device__ __forceinline__ uint32_t fp16_codes(uint32_t w, uint32_t mask) { retu
 
 template <int D, int GP, int BS> struct Tile4 {  // BS: tokens per block (value byte stride)
   using S = Int4Shape<D, GP>;
+  static constexpr int KST = D / 2;   // head-major key codes: bytes between a head's tokens
+  static constexpr int SST = S::NG;   // head-major scales: elements between a head's tokens
   Words<S::CW> k0[S::NG], k1[S::NG];  // key words of group gi, tokens r0 = rho(g), r0 + 1
   uint32_t v[S::MT];                  // value byte 8 mi + g, tokens 4t..4t+3
-  Halves<S::NG> ks0, ks1, kz0, kz1, vs0, vs1, vz0, vz1;
-  // staged: bytes per lane (a 2-byte Halves<1> as a word)
-  static constexpr int LANE_BYTES = 8 * S::NG * S::CW + 4 * S::MT + 8 * (S::NG == 1 ? 4 : 2 * S::NG);
+  Halves<2 * S::NG> ks, kz, vs, vz;   // groups of tokens r0 (gi) and r0 + 1 (NG + gi): adjacent rows
+  static constexpr int LANE_BYTES = 8 * S::NG * S::CW + 4 * S::MT + 16 * S::NG;  // staged: bytes per lane
+
+  // Per lane: offsets inside a block of its first key byte, value byte and scale (token 0 of the tile).
+  struct Lane {
+    int k, v, s, vs;
+    __device__ __forceinline__ Lane(const DecodeParams& p, int h, int r0, int g, int t)
+        : k(h * p.k_sh + t * (GP / 4) + r0 * KST), v(h * p.v_sh + 4 * t + g * BS), s(h * p.ks_sh + r0 * SST),
+          vs(h * p.vs_sh + r0 * SST) {}
+  };
 
   template <int M = FETCH_LOAD>
-  __device__ __forceinline__ void load(const DecodeParams& p, int h, int blk, int tb, int r0, int g, int t,
-                                       Slot s = Slot()) {
-    const uint8_t* k0p = p.k + int64_t(blk) * p.k_sb + (h * p.k_sh + t * (GP / 4) + (tb + r0) * p.k_st);
-    const uint8_t* k1p = k0p + p.k_st;
+  __device__ __forceinline__ void load(const DecodeParams& p, const Lane& ln, int blk, int tb, Slot s = Slot()) {
+    const uint8_t* k0p = p.k + (int64_t(blk) * p.k_sb + (ln.k + tb * KST));
 #pragma unroll
     for (int gi = 0; gi < S::NG; ++gi) {
       fetch<M>(k0[gi], k0p + gi * GP, s);
-      fetch<M>(k1[gi], k1p + gi * GP, s);
+      fetch<M>(k1[gi], k0p + KST + gi * GP, s);
     }
-    const uint8_t* vp = p.v + int64_t(blk) * p.v_sb + (h * p.v_sh + tb + 4 * t + g * BS);  // token-contiguous
+    const uint8_t* vp = p.v + (int64_t(blk) * p.v_sb + (ln.v + tb));  // token-contiguous
 #pragma unroll
     for (int mi = 0; mi < S::MT; ++mi) fetch<M>(v[mi], vp + 8 * mi * BS, s);
-    const int64_t kso = int64_t(blk) * p.ks_sb + (h * p.ks_sh + (tb + r0) * p.ks_st);
-    const int64_t vso = int64_t(blk) * p.vs_sb + (h * p.vs_sh + (tb + r0) * p.vs_st);
-    const __half *ksp = p.ks + kso, *kzp = p.kz + kso, *vsp = p.vs + vso, *vzp = p.vz + vso;
-    fetch<M>(ks0, ksp, s);
-    fetch<M>(ks1, ksp + p.ks_st, s);
-    fetch<M>(kz0, kzp, s);
-    fetch<M>(kz1, kzp + p.ks_st, s);
-    fetch<M>(vs0, vsp, s);
-    fetch<M>(vs1, vsp + p.vs_st, s);
-    fetch<M>(vz0, vzp, s);
-    fetch<M>(vz1, vzp + p.vs_st, s);
+    const int64_t kso = int64_t(blk) * p.ks_sb + (ln.s + tb * SST);
+    const int64_t vso = int64_t(blk) * p.vs_sb + (ln.vs + tb * SST);
+    fetch<M>(ks, p.ks + kso, s);
+    fetch<M>(kz, p.kz + kso, s);
+    fetch<M>(vs, p.vs + vso, s);
+    fetch<M>(vz, p.vz + vso, s);
     cs_check(s.off <= LANE_BYTES);
   }
 };
@@ -959,8 +974,10 @@ __global__ void __launch_bounds__(128, 3) decode4_kernel(const DecodeParams p) {
   using Tile = Tile4<D, GP, BS>;
   Tile tile_a, tile_b;
   TileFeed<ST, Tile::LANE_BYTES> feed(p, w);
+  const typename Tile::Lane lane(p, h, r0, g, t);
   auto load = [&](Tile& x, auto mode, int blk, int start, Slot sl) {
-    x.template load<decltype(mode)::value>(p, h, blk, start & (p.bs - 1), r0, g, t, sl);
+    // a tile's first token inside its block (tiles start at multiples of 16)
+    x.template load<decltype(mode)::value>(p, lane, blk, BS == 16 ? 0 : start & (BS - 1), sl);
   };
   feed.begin(tile_a, load);
   auto step = [&](Tile& cur, Tile& nxt, const int i) {
@@ -987,8 +1004,8 @@ __global__ void __launch_bounds__(128, 3) decode4_kernel(const DecodeParams p) {
     for (int gi = 0; gi < NG; ++gi) {
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
-        s[j] += cur.ks0[gi] * (sg[gi][j] - off[gi][j]) + cur.kz0[gi] * qs[gi][j];
-        s[2 + j] += cur.ks1[gi] * (sg[gi][2 + j] - off[gi][j]) + cur.kz1[gi] * qs[gi][j];
+        s[j] += cur.ks[gi] * (sg[gi][j] - off[gi][j]) + cur.kz[gi] * qs[gi][j];
+        s[2 + j] += cur.ks[NG + gi] * (sg[gi][2 + j] - off[gi][j]) + cur.kz[NG + gi] * qs[gi][j];
       }
     }
     float alpha[2];
@@ -996,8 +1013,8 @@ __global__ void __launch_bounds__(128, 3) decode4_kernel(const DecodeParams p) {
 #pragma unroll
     for (int gi = 0; gi < NG; ++gi) {
       uint32_t pb0, pb1;
-      sums.operand(gi, s, ok0 ? cur.vs0[gi] : 0.f, ok1 ? cur.vs1[gi] : 0.f, ok0 ? cur.vz0[gi] : 0.f,
-                   ok1 ? cur.vz1[gi] : 0.f, pb0, pb1);
+      sums.operand(gi, s, ok0 ? cur.vs[gi] : 0.f, ok1 ? cur.vs[NG + gi] : 0.f, ok0 ? cur.vz[gi] : 0.f,
+                   ok1 ? cur.vz[NG + gi] : 0.f, pb0, pb1);
 #pragma unroll
       for (int mi = gi * GP / 8; mi < (gi + 1) * GP / 8; ++mi) {
         const uint32_t w = cur.v[mi], w8 = w >> 8;
@@ -1061,24 +1078,29 @@ __device__ __forceinline__ uint32_t odd_halves(uint32_t x, uint32_t y) { return 
 
 template <int D, int GP, int BS> struct Step2 {  // one 32-token step of codes and value scales; BS as Tile4
   using S = Kivi2Shape<D, GP>;
-  Words<S::KW> k[2][2];              // [tile][row g / g + 8]: key words of tokens 2g, 2g + 1
-  uint32_t v[2][S::MB];              // [tile][byte block]: byte 8 mb + g of tokens 4t..4t+3
-  Halves<S::NG> vs[2][2], vz[2][2];  // [tile][row]
+  static constexpr int KST = D / 4;   // head-major key codes: bytes between a head's tokens
+  static constexpr int SST = S::NG;   // head-major value scales: elements between a head's tokens
+  Words<S::KW> k[2][2];               // [tile][row g / g + 8]: key words of tokens 2g, 2g + 1
+  uint32_t v[2][S::MB];               // [tile][byte block]: byte 8 mb + g of tokens 4t..4t+3
+  Halves<2 * S::NG> vs[2], vz[2];     // [tile]: groups of tokens 2g (gi) and 2g + 1 (NG + gi), adjacent
 
-  __device__ __forceinline__ void load(const DecodeParams& p, int h, int blk, int tb, int g, int t) {
+  struct Lane {  // per lane: offsets inside a block (token 0 of the step)
+    int k, v, s;
+    __device__ __forceinline__ Lane(const DecodeParams& p, int h, int g, int t)
+        : k(h * p.k_sh + t * S::CH + 2 * g * KST), v(h * p.v_sh + 4 * t + g * BS), s(h * p.vs_sh + 2 * g * SST) {}
+  };
+
+  __device__ __forceinline__ void load(const DecodeParams& p, const Lane& ln, int blk, int tb) {
     Slot none;  // direct loads
-    const uint8_t* kp = p.k + int64_t(blk) * p.k_sb + (h * p.k_sh + t * S::CH + (tb + 2 * g) * p.k_st);
-    const uint8_t* vp = p.v + int64_t(blk) * p.v_sb + (h * p.v_sh + tb + 4 * t + g * BS);  // token-contiguous
-    const int64_t so = int64_t(blk) * p.vs_sb + (h * p.vs_sh + (tb + 2 * g) * p.vs_st);
-    const __half *vsp = p.vs + so, *vzp = p.vz + so;
+    const uint8_t* kp = p.k + (int64_t(blk) * p.k_sb + (ln.k + tb * KST));
+    const uint8_t* vp = p.v + (int64_t(blk) * p.v_sb + (ln.v + tb));  // token-contiguous
+    const int64_t so = int64_t(blk) * p.vs_sb + (ln.s + tb * SST);
 #pragma unroll
     for (int u = 0; u < 2; ++u) {
 #pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        fetch<FETCH_LOAD>(k[u][r], kp + (16 * u + r) * p.k_st, none);
-        fetch<FETCH_LOAD>(vs[u][r], vsp + (16 * u + r) * p.vs_st, none);
-        fetch<FETCH_LOAD>(vz[u][r], vzp + (16 * u + r) * p.vs_st, none);
-      }
+      for (int r = 0; r < 2; ++r) fetch<FETCH_LOAD>(k[u][r], kp + (16 * u + r) * KST, none);
+      fetch<FETCH_LOAD>(vs[u], p.vs + so + 16 * u * SST, none);
+      fetch<FETCH_LOAD>(vz[u], p.vz + so + 16 * u * SST, none);
 #pragma unroll
       for (int mb = 0; mb < S::MB; ++mb) fetch<FETCH_LOAD>(v[u][mb], vp + (16 * u + 8 * mb * BS), none);
     }
@@ -1193,12 +1215,13 @@ __global__ void __launch_bounds__(128, Kivi2Shape<D, GP>::MIN_BLOCKS) decode2_ke
   uint32_t qf[KW][4][2];
   float cblk[2] = {0.f, 0.f};
   Step2<D, GP, BS> tile_a, tile_b;
+  const typename Step2<D, GP, BS>::Lane lane(p, h, g, t);
   KeyScales<D, GP> kscale;
   int col = -1, blk_next = 0;
   if (nq > 0) {
     const int s0 = tiles.start(0);
     const int blk = bt_row[s0 >> p.bs_shift];
-    tile_a.load(p, h, blk, s0 & (p.bs - 1), g, t);
+    tile_a.load(p, lane, blk, s0 & (BS - 1));
     kscale.load(p, blk, h, t);
     kscale.fold(qh, qf, cblk);
     col = s0 >> p.bs_shift;
@@ -1209,7 +1232,7 @@ __global__ void __launch_bounds__(128, Kivi2Shape<D, GP>::MIN_BLOCKS) decode2_ke
     const bool more = i + 1 < nq;
     const int col_next = more ? tiles.start(i + 1) >> p.bs_shift : col;
     const int blk_after = i + 2 < nq ? bt_row[tiles.start(i + 2) >> p.bs_shift] : 0;
-    if (more) nxt.load(p, h, blk_next, tiles.start(i + 1) & (p.bs - 1), g, t);
+    if (more) nxt.load(p, lane, blk_next, tiles.start(i + 1) & (BS - 1));
     if (col_next != col) kscale.prefetch(p, blk_next, h, t);
 
     float s[2][4];
@@ -1239,8 +1262,8 @@ __global__ void __launch_bounds__(128, Kivi2Shape<D, GP>::MIN_BLOCKS) decode2_ke
 #pragma unroll
       for (int gi = 0; gi < NG; ++gi) {
         uint32_t pb0, pb1;
-        sums.operand(gi, s[u], ok[u][0] ? cur.vs[u][0][gi] : 0.f, ok[u][1] ? cur.vs[u][1][gi] : 0.f,
-                     ok[u][0] ? cur.vz[u][0][gi] : 0.f, ok[u][1] ? cur.vz[u][1][gi] : 0.f, pb0, pb1);
+        sums.operand(gi, s[u], ok[u][0] ? cur.vs[u][gi] : 0.f, ok[u][1] ? cur.vs[u][NG + gi] : 0.f,
+                     ok[u][0] ? cur.vz[u][gi] : 0.f, ok[u][1] ? cur.vz[u][NG + gi] : 0.f, pb0, pb1);
 #pragma unroll
         for (int mb = gi * GP / 8; mb < (gi + 1) * GP / 8; ++mb) {
 #pragma unroll
