@@ -584,22 +584,19 @@ __device__ __forceinline__ void store_head(const DecodeParams& p, int b, int h, 
   }
 }
 
-// Value groups of the packed formats (int4, kivi2), head columns 2t + j: per group gi the sum of P'_gi
-// as rounded into the operand (for the 1024 code offset) and of p z_v,gi, over this lane's rows.
+// Value groups of the packed formats (int4, kivi2), head columns 2t + j: per group gi the sum of
+// p z_v,gi over this lane's rows (the zero points' share of the output).
 template <int NG> struct GroupSums {
-  float psum[NG][2], zacc[NG][2];
+  float zacc[NG][2];
   __device__ __forceinline__ GroupSums() {
 #pragma unroll
-    for (int gi = 0; gi < NG; ++gi) psum[gi][0] = psum[gi][1] = zacc[gi][0] = zacc[gi][1] = 0.f;
+    for (int gi = 0; gi < NG; ++gi) zacc[gi][0] = zacc[gi][1] = 0.f;
   }
   __device__ __forceinline__ void rescale(const float (&alpha)[2]) {
 #pragma unroll
     for (int gi = 0; gi < NG; ++gi) {
 #pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        psum[gi][j] *= alpha[j];
-        zacc[gi][j] *= alpha[j];
-      }
+      for (int j = 0; j < 2; ++j) zacc[gi][j] *= alpha[j];
     }
   }
   // Group gi's B operand (pb0, pb1) of the value product, P' = p s_v of rows r0 / r1 (s[0..1] / s[2..3];
@@ -607,9 +604,6 @@ template <int NG> struct GroupSums {
   __device__ __forceinline__ void operand(int gi, const float (&s)[4], float v0s, float v1s, float v0z, float v1z,
                                           uint32_t& pb0, uint32_t& pb1) {
     const uint32_t top = pack_half2(s[0] * v0s, s[1] * v0s), bot = pack_half2(s[2] * v1s, s[3] * v1s);
-    const float2 rt = unpack_half2(top), rb = unpack_half2(bot);
-    psum[gi][0] += rt.x + rb.x;
-    psum[gi][1] += rt.y + rb.y;
     zacc[gi][0] += s[0] * v0z + s[2] * v1z;
     zacc[gi][1] += s[1] * v0z + s[3] * v1z;
     pb0 = cs_transpose8x8(top);
@@ -617,9 +611,8 @@ template <int NG> struct GroupSums {
   }
 };
 
-// Outputs of the packed formats (int4, kivi2), head 2t + j: rows of O^T less the code offset 1024 sum P'
-// of their value group, divided by the factor their codes were read with, plus the zero-point term,
-// over l. group(mi): m-tile mi's value group; factor(mi, r): the factor of its rows g (r = 0) and g + 8
+// Outputs of the packed formats (int4, kivi2), head 2t + j: rows of O^T divided by the factor their
+// codes were read with (SUBNORMAL x the code's bit position), plus the zero-point term, over l. group(mi): m-tile mi's value group; factor(mi, r): the factor of its rows g (r = 0) and g + 8
 // (r = 1); dim(e): the head dim of this lane's value e (store_head).
 template <int D, int MT, int NG, class Group, class Factor, class Dim>
 __device__ __forceinline__ void store_packed(const DecodeParams& p, int b, int h, int split, int g, int t,
@@ -628,12 +621,9 @@ __device__ __forceinline__ void store_packed(const DecodeParams& p, int b, int h
 #pragma unroll
   for (int j = 0; j < 2; ++j) {
     const float l = xor_sum_g(sm.l[j]);
-    float ps[NG], zs[NG];
+    float zs[NG];
 #pragma unroll
-    for (int gi = 0; gi < NG; ++gi) {
-      ps[gi] = 1024.f * xor_sum_g(sums.psum[gi][j]);
-      zs[gi] = xor_sum_g(sums.zacc[gi][j]);
-    }
+    for (int gi = 0; gi < NG; ++gi) zs[gi] = xor_sum_g(sums.zacc[gi][j]);
     const int head = 2 * t + j;
     if (head >= p.g) continue;
     const float inv = l > 0.f ? 1.f / l : 0.f;
@@ -641,8 +631,8 @@ __device__ __forceinline__ void store_packed(const DecodeParams& p, int b, int h
 #pragma unroll
     for (int mi = 0; mi < MT; ++mi) {
       const int gi = group(mi);
-      val[2 * mi] = ((o[mi][j] - ps[gi]) * (1.f / factor(mi, 0)) + zs[gi]) * inv;
-      val[2 * mi + 1] = ((o[mi][2 + j] - ps[gi]) * (1.f / factor(mi, 1)) + zs[gi]) * inv;
+      val[2 * mi] = (o[mi][j] * (1.f / factor(mi, 0)) + zs[gi]) * inv;
+      val[2 * mi + 1] = (o[mi][2 + j] * (1.f / factor(mi, 1)) + zs[gi]) * inv;
     }
     store_head<D / 8>(p, b, h, split, head, val, sm.m[j], l, g, dim);
   }
@@ -850,8 +840,8 @@ __global__ void __launch_bounds__(128, 3) decode8_kernel(const DecodeParams p) {
 // ------------------------------------------------------------------------------------------------
 // int4: codes c in [0, 15], x = c s + z with fp16 scale s and zero z per token and group of G dims;
 // byte i holds dims lo(i) = (i / GP) G + i % GP (low nibble) and lo(i) + GP (high nibble), GP = G / 2
-// (ref.pack_order). Nibbles decode without shifts as fp16 bits: (w & 0x000F000F) | 0x64006400 is
-// (1024 + c) for bytes 0 and 2 of word w, mask 0x00F000F0 gives (1024 + 16 c); w >> 8 bytes 1 and 3.
+// (ref.pack_order). Nibbles decode without shifts as fp16 subnormals (subnormal_codes): w & 0x000F000F
+// is c 2^-24 for bytes 0 and 2 of word w, mask 0x00F000F0 gives 16 c 2^-24; w >> 8 bytes 1 and 3.
 //
 // Token order: S^T row r < 8 is token 2 r of the tile, row r + 8 token 2 r + 1, so
 // that the value operand's k pairs (2t, 2t+1) and (2t+8, 2t+9) are tokens (4t, 4t+2) and (4t+1, 4t+3):
@@ -859,11 +849,11 @@ __global__ void __launch_bounds__(128, 3) decode8_kernel(const DecodeParams p) {
 //
 // Keys: thread (g, t) loads bytes [gi GP + t GP/4, + GP/4) of each group gi of its two tokens; a word
 // gives two k-steps (low and high nibbles), both inside group gi, which accumulate into the group's
-// own S^T fragment. Per row: S = sum_gi s_gi (S_gi - OFF_gi) + z_gi QS_gi, with QS_gi the group's sum
-// of (scaled) queries and OFF_gi = 1024 x the sum of the B operand (high-nibble queries are / 16).
+// own S^T fragment. Per row: S = sum_gi 2^24 s_gi S_gi + z_gi QS_gi, with QS_gi the group's sum of
+// (scaled) queries (high-nibble queries are / 16 in the B operand).
 // Values: m-tile mi rows g / g+8 are the low / high nibble of byte 8 mi + g (group 8 mi / GP), one
-// word of tokens 4t..4t+3 per m-tile; the B operand of group gi is P'_gi = p s_v,gi. O rows gain
-// 1024 sum P'_gi (removed at the end, with the rounded P' summed as used) and high rows are x 16.
+// word of tokens 4t..4t+3 per m-tile; the B operand of group gi is P'_gi = p s_v,gi. O rows are
+// x 2^-24, high rows x 16 2^-24.
 
 template <int D, int GP> struct Int4Shape {
   static constexpr int NG = D / (2 * GP);  // groups per token
@@ -874,6 +864,13 @@ template <int D, int GP> struct Int4Shape {
 
 // fp16 pairs 1024 + (bits of w under mask, bytes 0 and 2), exact for masks of at most 10 low bits per half.
 __device__ __forceinline__ uint32_t fp16_codes(uint32_t w, uint32_t mask) { return cs_and_or(w, mask, 0x64006400u); }
+
+// The same bits read as fp16 subnormals: mantissa bits alone (exponent field 0) are the value
+// bits x 2^-24 exactly, with no offset to take off afterwards; the tensor cores multiply subnormal
+// operands exactly (the GPU tests hold the kernel to the reference at fp16 rounding). The products
+// carry the factor SUBNORMAL into fp32 accumulators, far from fp32's underflow (2^-126).
+constexpr float SUBNORMAL = 1.f / 16777216.f;  // 2^-24: fp16 with mantissa bits 1
+__device__ __forceinline__ uint32_t subnormal_codes(uint32_t w, uint32_t mask) { return w & mask; }
 
 template <int D, int GP, int BS> struct Tile4 {  // BS: tokens per block (value byte stride)
   using S = Int4Shape<D, GP>;
@@ -927,12 +924,12 @@ __global__ void __launch_bounds__(128, 3) decode4_kernel(const DecodeParams p) {
   // Queries: k-step (gi, wi, hh) pairs bytes (i, i+2) [reg0] and (i+1, i+3) [reg1] of word wi of this
   // thread's chunk of group gi, i = gi GP + t GP/4 + 4 wi; hh = 1: high-nibble dims, queries / 16.
   uint32_t qf[NG][CW][2][2];
-  float off_g[NG], qs_g[NG];  // this thread's share for head g
+  float qs_g[NG];  // this thread's share for head g
   {
     const QueryRow qv(p, b, h, g, D);
 #pragma unroll
     for (int gi = 0; gi < NG; ++gi) {
-      off_g[gi] = qs_g[gi] = 0.f;
+      qs_g[gi] = 0.f;
 #pragma unroll
       for (int wi = 0; wi < CW; ++wi) {
         const int i = gi * GP + t * (GP / 4) + 4 * wi;  // byte; dims lo(i + e) = gi G + (i + e) % GP
@@ -946,7 +943,6 @@ __global__ void __launch_bounds__(128, 3) decode4_kernel(const DecodeParams p) {
 #pragma unroll
           for (int r = 0; r < 2; ++r) {
             const float2 x = unpack_half2(qf[gi][wi][hh][r]);
-            off_g[gi] += 1024.f * (x.x + x.y);
             qs_g[gi] += (x.x + x.y) * (hh ? 16.f : 1.f);
           }
         }
@@ -954,15 +950,12 @@ __global__ void __launch_bounds__(128, 3) decode4_kernel(const DecodeParams p) {
     }
   }
   // Per column (head 2t + j): the group sums of that head (lanes 4 (2t + j) hold head 2t + j).
-  float off[NG][2], qs[NG][2];
+  float qs[NG][2];
 #pragma unroll
   for (int gi = 0; gi < NG; ++gi) {
-    const float a = xor_sum_t(off_g[gi]), c = xor_sum_t(qs_g[gi]);
+    const float c = xor_sum_t(qs_g[gi]);
 #pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      off[gi][j] = __shfl_sync(FULL, a, 4 * (2 * t + j));
-      qs[gi][j] = __shfl_sync(FULL, c, 4 * (2 * t + j));
-    }
+    for (int j = 0; j < 2; ++j) qs[gi][j] = __shfl_sync(FULL, c, 4 * (2 * t + j));
   }
 
   float o[MT][4];
@@ -992,10 +985,12 @@ __global__ void __launch_bounds__(128, 3) decode4_kernel(const DecodeParams p) {
       for (int wi = 0; wi < CW; ++wi) {
         const uint32_t a = cur.k0[gi].w[wi], c = cur.k1[gi].w[wi];
         const uint32_t a8 = a >> 8, c8 = c >> 8;
-        cs_mma16816(sg[gi], fp16_codes(a, 0x000F000Fu), fp16_codes(c, 0x000F000Fu), fp16_codes(a8, 0x000F000Fu),
-                 fp16_codes(c8, 0x000F000Fu), qf[gi][wi][0][0], qf[gi][wi][0][1]);
-        cs_mma16816(sg[gi], fp16_codes(a, 0x00F000F0u), fp16_codes(c, 0x00F000F0u), fp16_codes(a8, 0x00F000F0u),
-                 fp16_codes(c8, 0x00F000F0u), qf[gi][wi][1][0], qf[gi][wi][1][1]);
+        cs_mma16816(sg[gi], subnormal_codes(a, 0x000F000Fu), subnormal_codes(c, 0x000F000Fu),
+                    subnormal_codes(a8, 0x000F000Fu), subnormal_codes(c8, 0x000F000Fu), qf[gi][wi][0][0],
+                    qf[gi][wi][0][1]);
+        cs_mma16816(sg[gi], subnormal_codes(a, 0x00F000F0u), subnormal_codes(c, 0x00F000F0u),
+                    subnormal_codes(a8, 0x00F000F0u), subnormal_codes(c8, 0x00F000F0u), qf[gi][wi][1][0],
+                    qf[gi][wi][1][1]);
       }
     }
     const bool ok0 = visible(p, start + r0, seq_len), ok1 = visible(p, start + r0 + 1, seq_len);
@@ -1004,8 +999,8 @@ __global__ void __launch_bounds__(128, 3) decode4_kernel(const DecodeParams p) {
     for (int gi = 0; gi < NG; ++gi) {
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
-        s[j] += cur.ks[gi] * (sg[gi][j] - off[gi][j]) + cur.kz[gi] * qs[gi][j];
-        s[2 + j] += cur.ks[NG + gi] * (sg[gi][2 + j] - off[gi][j]) + cur.kz[NG + gi] * qs[gi][j];
+        s[j] += (cur.ks[gi] * (1.f / SUBNORMAL)) * sg[gi][j] + cur.kz[gi] * qs[gi][j];
+        s[2 + j] += (cur.ks[NG + gi] * (1.f / SUBNORMAL)) * sg[gi][2 + j] + cur.kz[NG + gi] * qs[gi][j];
       }
     }
     float alpha[2];
@@ -1018,8 +1013,8 @@ __global__ void __launch_bounds__(128, 3) decode4_kernel(const DecodeParams p) {
 #pragma unroll
       for (int mi = gi * GP / 8; mi < (gi + 1) * GP / 8; ++mi) {
         const uint32_t w = cur.v[mi], w8 = w >> 8;
-        cs_mma16816(o[mi], fp16_codes(w, 0x000F000Fu), fp16_codes(w, 0x00F000F0u), fp16_codes(w8, 0x000F000Fu),
-                 fp16_codes(w8, 0x00F000F0u), pb0, pb1);
+        cs_mma16816(o[mi], subnormal_codes(w, 0x000F000Fu), subnormal_codes(w, 0x00F000F0u),
+                    subnormal_codes(w8, 0x000F000Fu), subnormal_codes(w8, 0x00F000F0u), pb0, pb1);
       }
     }
     feed.after(i, nxt, load);
@@ -1028,7 +1023,7 @@ __global__ void __launch_bounds__(128, 3) decode4_kernel(const DecodeParams p) {
 
   // Head 2t + j: o[mi][j] is dim lo(8 mi + g), o[mi][2 + j] dim lo(8 mi + g) + GP (x 16).
   store_packed<D>(p, b, h, split, g, t, sm, o, sums, [](int mi) { return 8 * mi / GP; },
-                  [](int, int r) { return r ? 16.f : 1.f; }, [&](int e) {
+                  [](int, int r) { return (r ? 16.f : 1.f) * SUBNORMAL; }, [&](int e) {
     const int byte = 8 * (e >> 1) + g;
     return (byte / GP) * 2 * GP + byte % GP + (e & 1) * GP;
   });
@@ -1039,9 +1034,10 @@ __global__ void __launch_bounds__(128, 3) decode4_kernel(const DecodeParams p) {
 // s GP + i % GP in slots s = 0..3 (bits 2s, 2s + 1), GP = G / 4 (ref.pack_order). Keys per channel over
 // each block: K = c ks + kz, ks / kz [N, Hkv, D]; values per token and group of G dims: V = c vs + vz.
 // A row's newest tokens [F, n), F = n - n % R, are fp16 in its residual window res_k / res_v [B, R, Hkv, D].
-// Slots decode in place as fp16 bits like int4's nibbles: (w & slot_mask(s)) | 0x64006400 is 1024 + 4^s c
-// of slot s of bytes 0 and 2 (the code lands in mantissa bits 2s, 2s + 1); w >> 8 bytes 1 and 3. The
-// factor 4^s goes into the queries (keys) or comes off at the end (values).
+// Slots decode in place as fp16 bits: keys (w & slot_mask(s)) | 0x64006400 is 1024 + 4^s c of slot s of
+// bytes 0 and 2 (the code lands in mantissa bits 2s, 2s + 1), values w & slot_mask(s) the subnormal
+// 4^s c 2^-24 (subnormal_codes); w >> 8 bytes 1 and 3. The factor 4^s goes into the queries (keys) or
+// comes off at the end with the 2^-24 (values).
 //
 // A warp step is 32 tokens: two 16-token tiles u, inside one block (blocks of a multiple of 32 tokens),
 // rows as for int4 (row r < 8 is token 2 r of the tile, row r + 8 token 2 r + 1).
@@ -1051,11 +1047,11 @@ __global__ void __launch_bounds__(128, 3) decode4_kernel(const DecodeParams p) {
 // block's constant C = sum_d q_d kz_d - 1024 sum_k B_k per head comes from products whose A operand is
 // the zero points (rows alike) and -1024, and starts the tiles' score accumulators.
 // Values: thread (g, t) loads byte 8 mb + g of tokens 4t..4t+3 (one word) per byte block mb; m-tile
-// (mb, hh) has slots 2 hh / 2 hh + 1 as rows g / g + 8 (rows x 4^slot), in group 8 mb / GP; P'_gi =
-// p vs_gi as for int4. Residual steps load fp16 keys and values into the same fragments (their value
-// rows added x 4^slot to match).
+// (mb, hh) has slots 2 hh / 2 hh + 1 as rows g / g + 8 (rows x 4^slot 2^-24), in group 8 mb / GP;
+// P'_gi = p vs_gi as for int4. Residual steps load fp16 keys and values into the same fragments (their
+// value rows added x 4^slot 2^-24 to match).
 
-// kivi2 slot s of bytes 0 and 2 of a word, read in place (no shift) as fp16 1024 + 4^s c: mask and factor.
+// kivi2 slot s of bytes 0 and 2 of a word, read in place (no shift): mask, and factor 4^s.
 __device__ __forceinline__ constexpr uint32_t slot_mask(int s) { return 0x00030003u << (2 * s); }
 __device__ __forceinline__ constexpr float slot_factor(int s) { return float(1 << (2 * s)); }
 
@@ -1269,8 +1265,8 @@ __global__ void __launch_bounds__(128, Kivi2Shape<D, GP>::MIN_BLOCKS) decode2_ke
 #pragma unroll
           for (int hh = 0; hh < 2; ++hh) {
             const uint32_t x = cur.v[u][mb], m0 = slot_mask(2 * hh), m1 = slot_mask(2 * hh + 1);
-            cs_mma16816(o[2 * mb + hh], fp16_codes(x, m0), fp16_codes(x, m1), fp16_codes(x >> 8, m0),
-                        fp16_codes(x >> 8, m1), pb0, pb1);
+            cs_mma16816(o[2 * mb + hh], subnormal_codes(x, m0), subnormal_codes(x, m1),
+                        subnormal_codes(x >> 8, m0), subnormal_codes(x >> 8, m1), pb0, pb1);
           }
         }
       }
@@ -1320,7 +1316,7 @@ __global__ void __launch_bounds__(128, Kivi2Shape<D, GP>::MIN_BLOCKS) decode2_ke
           cs_mma16816(c, pack_bits(at(0, da), at(2, da)), pack_bits(at(0, db), at(2, db)),
                       pack_bits(at(1, da), at(3, da)), pack_bits(at(1, db), at(3, db)), pb0, pb1);
           float(&acc)[4] = o[2 * mb + hh];
-          const float f0 = slot_factor(2 * hh), f1 = slot_factor(2 * hh + 1);  // as the codes are read
+          const float f0 = slot_factor(2 * hh) * SUBNORMAL, f1 = slot_factor(2 * hh + 1) * SUBNORMAL;  // as codes
           acc[0] += f0 * c[0];
           acc[1] += f0 * c[1];
           acc[2] += f1 * c[2];
@@ -1332,7 +1328,7 @@ __global__ void __launch_bounds__(128, Kivi2Shape<D, GP>::MIN_BLOCKS) decode2_ke
 
   // Head 2t + j: o[mt][j] is dim(8 mb + g, 2 hh), o[mt][2 + j] dim(8 mb + g, 2 hh + 1) (x 4), mt = 2 mb + hh.
   store_packed<D>(p, b, h, split, g, t, sm, o, sums, [](int mt) { return 8 * (mt >> 1) / GP; },
-                  [](int mt, int r) { return slot_factor(2 * (mt & 1) + r); },
+                  [](int mt, int r) { return slot_factor(2 * (mt & 1) + r) * SUBNORMAL; },
                   [&](int e) {
                     const int mt = e >> 1;
                     return S::dim(8 * (mt >> 1) + g, 2 * (mt & 1) + (e & 1));
