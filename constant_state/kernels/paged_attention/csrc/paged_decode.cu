@@ -115,6 +115,11 @@ __device__ __forceinline__ void cs_prefetch_l1(const void* ptr) {
   asm volatile("prefetch.global.L1 [%0];" : : "l"(ptr));
 }
 
+// The 128-byte line holding ptr fetched into L2 (no registers held; each lane its own line).
+__device__ __forceinline__ void cs_prefetch_l2(const void* ptr) {
+  asm volatile("prefetch.global.L2 [%0];" : : "l"(ptr));
+}
+
 // cp.async of N bytes (4, 8, 16) from global to this lane's shared memory, committed in groups; wait<N>
 // returns when at most N of this thread's groups are still in flight. .ca (through L1) for all sizes:
 // with .cg (L2 only) the two 16-byte halves of a lane's 32-byte sector were two L2 requests (H200, fp8:
@@ -208,29 +213,14 @@ template <> struct Words<8> {
   }
 };
 
-template <int N> struct Halves {  // N consecutive fp16 of one load
-  __half h[N];
-  __device__ __forceinline__ void load(const __half* p) {
-    if constexpr (N == 1) {
-      h[0] = p[0];
-    } else if constexpr (N == 2) {
-      const __half2 x = __ldg(reinterpret_cast<const __half2*>(p));
-      h[0] = x.x; h[1] = x.y;
-    } else if constexpr (N == 4) {
-      const uint2 x = __ldg(reinterpret_cast<const uint2*>(p));
-      set_pair(0, x.x); set_pair(1, x.y);
-    } else {
-      static_assert(N == 8, "Halves: 1, 2, 4 or 8 fp16 (one load)");
-      const uint4 x = __ldg(reinterpret_cast<const uint4*>(p));
-      set_pair(0, x.x); set_pair(1, x.y); set_pair(2, x.z); set_pair(3, x.w);
-    }
+template <int N> struct Halves {  // N consecutive fp16 (N = 2, 4, 8) of one load, kept as N / 2 words
+  static_assert(N == 2 || N == 4 || N == 8, "Halves: 2, 4 or 8 fp16 (one load)");
+  Words<N / 2> x;
+  __device__ __forceinline__ void load(const __half* p) { x.load(reinterpret_cast<const uint8_t*>(p)); }
+  __device__ __forceinline__ float operator[](int i) const {  // converted from its half of the word
+    const __half2 h = *reinterpret_cast<const __half2*>(&x.w[i >> 1]);
+    return __half2float((i & 1) ? h.y : h.x);
   }
-  __device__ __forceinline__ void set_pair(int i, uint32_t w) {
-    const __half2 x = *reinterpret_cast<const __half2*>(&w);
-    h[2 * i] = x.x;
-    h[2 * i + 1] = x.y;
-  }
-  __device__ __forceinline__ float operator[](int i) const { return __half2float(h[i]); }
 };
 
 // fetch<M>(dst, src, slot): a tile's item (dst <- src). FETCH_LOAD: loaded into registers now. Staged
@@ -310,21 +300,7 @@ template <int M> __device__ __forceinline__ void fetch(__half& dst, const __half
 }
 
 template <int M, int N> __device__ __forceinline__ void fetch(Halves<N>& dst, const __half* src, Slot& s) {
-  if constexpr (M == FETCH_LOAD) {
-    dst.load(src);
-  } else if constexpr (N == 1) {
-    fetch<M>(dst.h[0], src, s);
-  } else {
-    uint8_t* sm = s.take<2 * N>();
-    if constexpr (M == FETCH_ASYNC) {
-      cs_cp_async<2 * N>(sm, src);
-    } else {
-      uint32_t w[N / 2];
-      read_words<2 * N>(sm, w);
-#pragma unroll
-      for (int i = 0; i < N / 2; ++i) dst.set_pair(i, w[i]);
-    }
-  }
+  fetch<M>(dst.x, reinterpret_cast<const uint8_t*>(src), s);
 }
 
 template <int M> struct Mode { static constexpr int value = M; };
@@ -380,21 +356,56 @@ template <int STEP = 16> struct WarpWork {
 #define CS_DYNAMIC_SMEM(name) extern __shared__ __align__(16) uint8_t name[]
 #endif
 
+// L2 look-ahead (direct loads of the packed formats): CS_L2_AHEAD tiles before a tile's loads are
+// issued, its 128-byte lines are prefetched into L2 (prefetch.global.L2, a line per lane, one or two
+// instructions per tile, no registers held), so that the loads, one tile ahead of their use, find them
+// there. H200, batch 32 / 32k (tenth session): int4 402 -> 382 us, int4-g32 502 -> 421; fp8 and int8,
+// whose loads already keep DRAM 82% busy, got slower (534 -> 585 us), so their tiles take none
+// (Tile8::L2_AHEAD). 0: off.
+#ifndef CS_L2_AHEAD
+#define CS_L2_AHEAD 1
+#endif
+static_assert(CS_L2_AHEAD >= 0 && CS_L2_AHEAD <= 3, "CS_L2_AHEAD: 0 to 3 tiles");
+
+// One line of a tile's bytes, this lane's (Tile::l2_line; none: base null): its address at block 0 and
+// token 0, bytes between blocks and between tokens; per_block: a line of the block's token-contiguous
+// value codes, prefetched with the block's first tile only.
+struct L2Line {
+  const uint8_t* base = nullptr;
+  int sb = 0, tst = 0;
+  bool per_block = false;
+  __device__ __forceinline__ L2Line() = default;
+  __device__ __forceinline__ L2Line(const void* b, int64_t off, int sb_, int tst_, bool pb = false)
+      : base(static_cast<const uint8_t*>(b) + off), sb(sb_), tst(tst_), per_block(pb) {}
+  __device__ __forceinline__ void issue(int blk, int tb) const {
+    if (base != nullptr && !(per_block && tb != 0)) cs_prefetch_l2(base + (int64_t(blk) * sb + tb * tst));
+  }
+};
+
 // A split's tiles into registers: tile i + 1 is in registers while tile i is computed, loaded there
 // directly (ST false) or read from a shared-memory ring of CS_STAGES stages that cp.async fills
 // CS_STAGES - 1 tiles ahead (ST). load(tile, Mode<M>, block id, first token, slot) loads one tile;
 // the block id of a tile is read from the block table one step before its loads are issued.
-template <bool ST, int LANE_BYTES> struct TileFeed {
+template <bool ST, int LANE_BYTES, int L2N = 1, int L2_AHEAD = CS_L2_AHEAD>  // L2N: lines per tile / 32
+struct TileFeed {
   static constexpr int S = CS_STAGES;
+  static constexpr int A = ST ? 0 : L2_AHEAD;  // L2 look-ahead of the direct loads (tiles)
   const SplitTiles<16>& tiles;
   const int32_t* bt_row;
-  int bs_shift;
+  int bs_shift, bs_mask;
   int lane;
   uint8_t* ring;  // this warp's stages (ST)
-  int blk_next = 0, blk_after = 0;
+  L2Line l2[2];   // this lane's lines of a tile (A > 0): lines lane and 32 + lane
+  int blk_next = 0, blk_after = 0;  // ST: block ids of tiles i + S, i + S + 1
+  int nb[A + 2] = {};               // direct: block ids of tiles i + 1 .. i + A + 2
 
-  __device__ __forceinline__ TileFeed(const DecodeParams& p, const WarpWork<>& w)
-      : tiles(w.tiles), bt_row(w.bt_row), bs_shift(p.bs_shift), lane(threadIdx.x & 31) {
+  template <class Lines>
+  __device__ __forceinline__ TileFeed(const DecodeParams& p, const WarpWork<>& w, Lines&& lines)
+      : tiles(w.tiles), bt_row(w.bt_row), bs_shift(p.bs_shift), bs_mask(p.bs - 1), lane(threadIdx.x & 31) {
+    if constexpr (A > 0) {
+      l2[0] = lines(lane);
+      l2[1] = lines(32 + lane);
+    }
     CS_DYNAMIC_SMEM(smem);
     ring = smem + (threadIdx.x >> 5) * (S * 32 * LANE_BYTES);
   }
@@ -406,6 +417,11 @@ template <bool ST, int LANE_BYTES> struct TileFeed {
     return s;
   }
   __device__ __forceinline__ int block(int i) const { return bt_row[tiles.start(i) >> bs_shift]; }
+  __device__ __forceinline__ void prefetch(int blk, int i) const {
+    const int tb = tiles.start(i) & bs_mask;
+    l2[0].issue(blk, tb);
+    if (L2N > 1) l2[1].issue(blk, tb);
+  }
 
   template <class Tile, class Load> __device__ __forceinline__ void begin(Tile& a, Load&& load) {
     const int n = tiles.n;
@@ -419,11 +435,16 @@ template <bool ST, int LANE_BYTES> struct TileFeed {
       cs_cp_async_wait<S - 1>();
       if (n > 0) load(a, Mode<FETCH_READ>(), 0, tiles.start(0), slot(0));
     } else {
+#pragma unroll
+      for (int j = 0; j <= A; ++j) nb[j] = j + 1 < n ? block(j + 1) : 0;
       if (n > 0) load(a, Mode<FETCH_LOAD>(), block(0), tiles.start(0), Slot());
-      if (n > 1) blk_next = block(1);
+#pragma unroll
+      for (int j = 1; j <= A; ++j) {
+        if (j < n) prefetch(nb[j - 1], j);
+      }
     }
   }
-  // Before tile i is computed: tile i + 1 into nxt.
+  // Before tile i is computed: tile i + 1 into nxt (direct: tile i + 1 + A prefetched into L2).
   template <class Tile, class Load> __device__ __forceinline__ void before(int i, Tile& nxt, Load&& load) {
     const int n = tiles.n;
     if constexpr (ST) {
@@ -431,8 +452,9 @@ template <bool ST, int LANE_BYTES> struct TileFeed {
       cs_cp_async_wait<S - 2>();
       if (i + 1 < n) load(nxt, Mode<FETCH_READ>(), 0, tiles.start(i + 1), slot(i + 1));
     } else {
-      blk_after = i + 2 < n ? block(i + 2) : 0;
-      if (i + 1 < n) load(nxt, Mode<FETCH_LOAD>(), blk_next, tiles.start(i + 1), Slot());
+      nb[A + 1] = i + A + 2 < n ? block(i + A + 2) : 0;
+      if (A > 0 && i + A + 1 < n) prefetch(nb[A], i + A + 1);
+      if (i + 1 < n) load(nxt, Mode<FETCH_LOAD>(), nb[0], tiles.start(i + 1), Slot());
     }
   }
   // After tile i is computed (its stage is free): tile i + S requested into that stage.
@@ -440,8 +462,11 @@ template <bool ST, int LANE_BYTES> struct TileFeed {
     if constexpr (ST) {
       if (i + S < tiles.n) load(nxt, Mode<FETCH_ASYNC>(), blk_next, tiles.start(i + S), slot(i));
       cs_cp_async_commit();
+      blk_next = blk_after;
+    } else {
+#pragma unroll
+      for (int j = 0; j <= A; ++j) nb[j] = nb[j + 1];
     }
-    blk_next = blk_after;
   }
 };
 
@@ -698,6 +723,20 @@ template <int D> struct Tile8 {
           vs(h * p.vs_sh + g) {}
   };
 
+  // Line j of a tile's bytes (TileFeed): key codes, value codes (16 ST / 128 lines each), key scales,
+  // value scales (a line each: 32 bytes inside one).
+  static constexpr int CODE_LINES = 16 * ST / 128;
+  static constexpr int L2N = (2 * CODE_LINES + 2 + 31) / 32;
+  static constexpr int L2_AHEAD = 0;  // measured slower for the 8-bit formats (CS_L2_AHEAD)
+  static __device__ __forceinline__ L2Line l2_line(const DecodeParams& p, int h, int j) {
+    constexpr int C = CODE_LINES;
+    if (j < C) return L2Line(p.k, int64_t(h) * p.k_sh + 128 * j, p.k_sb, ST);
+    if (j < 2 * C) return L2Line(p.v, int64_t(h) * p.v_sh + 128 * (j - C), p.v_sb, ST);
+    if (j == 2 * C) return L2Line(p.ks, 2 * int64_t(h) * p.ks_sh, 2 * p.ks_sb, 2);
+    if (j == 2 * C + 1) return L2Line(p.vs, 2 * int64_t(h) * p.vs_sh, 2 * p.vs_sb, 2);
+    return L2Line();
+  }
+
   template <int M = FETCH_LOAD>
   __device__ __forceinline__ void load(const DecodeParams& p, const Lane& ln, int blk, int tb, Slot s = Slot()) {
     // A pointer per tensor and tile (one wide multiply-add), the rest immediate offsets from it.
@@ -767,7 +806,8 @@ __global__ void __launch_bounds__(128, 3) decode8_kernel(const DecodeParams p) {
 
   using Tile = Tile8<D>;
   Tile tile_a, tile_b;
-  TileFeed<ST, Tile::LANE_BYTES> feed(p, w);
+  TileFeed<ST, Tile::LANE_BYTES, Tile::L2N, Tile::L2_AHEAD> feed(p, w,
+                                                                 [&](int j) { return Tile::l2_line(p, h, j); });
   const typename Tile::Lane lane(p, h, g, t);
   auto load = [&](Tile& x, auto mode, int blk, int start, Slot sl) {
     x.template load<decltype(mode)::value>(p, lane, blk, start & (p.bs - 1), sl);
@@ -889,6 +929,22 @@ template <int D, int GP, int BS> struct Tile4 {  // BS: tokens per block (value 
           vs(h * p.vs_sh + r0 * SST) {}
   };
 
+  // Line j of a tile's bytes (TileFeed): key codes, the block's value codes (with its first tile), key
+  // scales, zero points, value scales, zero points (32 SST bytes each, inside one line).
+  static constexpr int KEY_LINES = 16 * KST / 128, VALUE_LINES = BS * KST / 128;
+  static constexpr int L2N = (KEY_LINES + VALUE_LINES + 4 + 31) / 32;
+  static __device__ __forceinline__ L2Line l2_line(const DecodeParams& p, int h, int j) {
+    constexpr int K = KEY_LINES, V = K + VALUE_LINES;
+    if (j < K) return L2Line(p.k, int64_t(h) * p.k_sh + 128 * j, p.k_sb, KST);
+    if (j < V) return L2Line(p.v, int64_t(h) * p.v_sh + 128 * (j - K), p.v_sb, 0, true);
+    const int64_t ko = 2 * int64_t(h) * p.ks_sh, vo = 2 * int64_t(h) * p.vs_sh;
+    if (j == V) return L2Line(p.ks, ko, 2 * p.ks_sb, 2 * SST);
+    if (j == V + 1) return L2Line(p.kz, ko, 2 * p.ks_sb, 2 * SST);
+    if (j == V + 2) return L2Line(p.vs, vo, 2 * p.vs_sb, 2 * SST);
+    if (j == V + 3) return L2Line(p.vz, vo, 2 * p.vs_sb, 2 * SST);
+    return L2Line();
+  }
+
   template <int M = FETCH_LOAD>
   __device__ __forceinline__ void load(const DecodeParams& p, const Lane& ln, int blk, int tb, Slot s = Slot()) {
     const uint8_t* k0p = p.k + (int64_t(blk) * p.k_sb + (ln.k + tb * KST));
@@ -966,7 +1022,7 @@ __global__ void __launch_bounds__(128, 3) decode4_kernel(const DecodeParams p) {
 
   using Tile = Tile4<D, GP, BS>;
   Tile tile_a, tile_b;
-  TileFeed<ST, Tile::LANE_BYTES> feed(p, w);
+  TileFeed<ST, Tile::LANE_BYTES, Tile::L2N> feed(p, w, [&](int j) { return Tile::l2_line(p, h, j); });
   const typename Tile::Lane lane(p, h, r0, g, t);
   auto load = [&](Tile& x, auto mode, int blk, int start, Slot sl) {
     // a tile's first token inside its block (tiles start at multiples of 16)
