@@ -386,11 +386,13 @@ struct L2Line {
 // directly (ST false) or read from a shared-memory ring of CS_STAGES stages that cp.async fills
 // CS_STAGES - 1 tiles ahead (ST). load(tile, Mode<M>, block id, first token, slot) loads one tile;
 // the block id of a tile is read from the block table one step before its loads are issued.
-template <bool ST, int LANE_BYTES, int L2N = 1, int L2_AHEAD = CS_L2_AHEAD>  // L2N: lines per tile / 32
+// STEP: tokens per tile (kivi2: 32-token steps, direct only); L2N: lines per tile / 32.
+template <bool ST, int LANE_BYTES, int L2N = 1, int L2_AHEAD = CS_L2_AHEAD, int STEP = 16>
 struct TileFeed {
   static constexpr int S = CS_STAGES;
   static constexpr int A = ST ? 0 : L2_AHEAD;  // L2 look-ahead of the direct loads (tiles)
-  const SplitTiles<16>& tiles;
+  const SplitTiles<STEP>& tiles;
+  int n;  // tiles fed: the split's first n (default all)
   const int32_t* bt_row;
   int bs_shift, bs_mask;
   int lane;
@@ -400,8 +402,9 @@ struct TileFeed {
   int nb[A + 2] = {};               // direct: block ids of tiles i + 1 .. i + A + 2
 
   template <class Lines>
-  __device__ __forceinline__ TileFeed(const DecodeParams& p, const WarpWork<>& w, Lines&& lines)
-      : tiles(w.tiles), bt_row(w.bt_row), bs_shift(p.bs_shift), bs_mask(p.bs - 1), lane(threadIdx.x & 31) {
+  __device__ __forceinline__ TileFeed(const DecodeParams& p, const WarpWork<STEP>& w, Lines&& lines, int count = -1)
+      : tiles(w.tiles), n(count < 0 ? w.tiles.n : count), bt_row(w.bt_row), bs_shift(p.bs_shift), bs_mask(p.bs - 1),
+        lane(threadIdx.x & 31) {
     if constexpr (A > 0) {
       l2[0] = lines(lane);
       l2[1] = lines(32 + lane);
@@ -424,7 +427,6 @@ struct TileFeed {
   }
 
   template <class Tile, class Load> __device__ __forceinline__ void begin(Tile& a, Load&& load) {
-    const int n = tiles.n;
     if constexpr (ST) {
 #pragma unroll
       for (int j = 0; j < S; ++j) {
@@ -446,7 +448,6 @@ struct TileFeed {
   }
   // Before tile i is computed: tile i + 1 into nxt (direct: tile i + 1 + A prefetched into L2).
   template <class Tile, class Load> __device__ __forceinline__ void before(int i, Tile& nxt, Load&& load) {
-    const int n = tiles.n;
     if constexpr (ST) {
       blk_after = i + S + 1 < n ? block(i + S + 1) : 0;
       cs_cp_async_wait<S - 2>();
@@ -460,7 +461,7 @@ struct TileFeed {
   // After tile i is computed (its stage is free): tile i + S requested into that stage.
   template <class Tile, class Load> __device__ __forceinline__ void after(int i, Tile& nxt, Load&& load) {
     if constexpr (ST) {
-      if (i + S < tiles.n) load(nxt, Mode<FETCH_ASYNC>(), blk_next, tiles.start(i + S), slot(i));
+      if (i + S < n) load(nxt, Mode<FETCH_ASYNC>(), blk_next, tiles.start(i + S), slot(i));
       cs_cp_async_commit();
       blk_next = blk_after;
     } else {
@@ -768,7 +769,6 @@ __global__ void __launch_bounds__(128, 3) decode8_kernel(const DecodeParams p) {
   if (!w.valid) return;
   const int g = w.g, t = w.t, b = w.b, h = w.h, split = w.split, seq_len = w.seq_len;
   const auto& tiles = w.tiles;
-  const int32_t* bt_row = w.bt_row;
 
   // Queries (B operand of S^T): head g, dims t D/4 + 4 kk + {0, 1} and {2, 3}, times scale * log2(e).
   uint32_t qf[KW][2];
@@ -974,7 +974,6 @@ __global__ void __launch_bounds__(128, 3) decode4_kernel(const DecodeParams p) {
   if (!w.valid) return;
   const int g = w.g, t = w.t, b = w.b, h = w.h, split = w.split, seq_len = w.seq_len;
   const auto& tiles = w.tiles;
-  const int32_t* bt_row = w.bt_row;
   const int r0 = 2 * g;  // this lane's tokens in a tile: rows g (r0) and g+8 (r0 + 1)
 
   // Queries: k-step (gi, wi, hh) pairs bytes (i, i+2) [reg0] and (i+1, i+3) [reg1] of word wi of this
@@ -1142,6 +1141,23 @@ template <int D, int GP, int BS> struct Step2 {  // one 32-token step of codes a
         : k(h * p.k_sh + t * S::CH + 2 * g * KST), v(h * p.v_sh + 4 * t + g * BS), s(h * p.vs_sh + 2 * g * SST) {}
   };
 
+  // Line j of a step's bytes (TileFeed): key codes, the block's value codes (with its first step), value
+  // scales, zero points (64 NG bytes each), the block's key channel scales and zero points (2 D bytes each).
+  static constexpr int KEY_LINES = 32 * KST / 128, VALUE_LINES = BS * KST / 128;
+  static constexpr int VS_LINES = (64 * S::NG + 127) / 128, KS_LINES = 2 * D / 128;
+  static constexpr int L2N = (KEY_LINES + VALUE_LINES + 2 * VS_LINES + 2 * KS_LINES + 31) / 32;
+  static __device__ __forceinline__ L2Line l2_line(const DecodeParams& p, int h, int j) {
+    constexpr int K = KEY_LINES, V = K + VALUE_LINES, VS = V + VS_LINES, VZ = VS + VS_LINES, KS = VZ + KS_LINES;
+    if (j < K) return L2Line(p.k, int64_t(h) * p.k_sh + 128 * j, p.k_sb, KST);
+    if (j < V) return L2Line(p.v, int64_t(h) * p.v_sh + 128 * (j - K), p.v_sb, 0, true);
+    const int64_t vo = 2 * int64_t(h) * p.vs_sh, ko = 2 * int64_t(h) * p.ks_sh;
+    if (j < VS) return L2Line(p.vs, vo + 128 * (j - V), 2 * p.vs_sb, 2 * SST);
+    if (j < VZ) return L2Line(p.vz, vo + 128 * (j - VS), 2 * p.vs_sb, 2 * SST);
+    if (j < KS) return L2Line(p.ks, ko + 128 * (j - VZ), 2 * p.ks_sb, 0, true);
+    if (j < KS + KS_LINES) return L2Line(p.kz, ko + 128 * (j - KS), 2 * p.ks_sb, 0, true);
+    return L2Line();
+  }
+
   __device__ __forceinline__ void load(const DecodeParams& p, const Lane& ln, int blk, int tb) {
     Slot none;  // direct loads
     const uint8_t* kp = p.k + (int64_t(blk) * p.k_sb + (ln.k + tb * KST));
@@ -1227,7 +1243,6 @@ __global__ void __launch_bounds__(128, Kivi2Shape<D, GP>::MIN_BLOCKS) decode2_ke
   if (!w.valid) return;
   const int g = w.g, t = w.t, b = w.b, h = w.h, split = w.split, seq_len = w.seq_len;
   const auto& tiles = w.tiles;
-  const int32_t* bt_row = w.bt_row;
   const int f_res = seq_len - seq_len % p.r;  // tokens from here on are in the residual window
   const int nq = tiles.below(f_res);         // quantized steps first, then residual ones
 
@@ -1269,22 +1284,21 @@ __global__ void __launch_bounds__(128, Kivi2Shape<D, GP>::MIN_BLOCKS) decode2_ke
   Step2<D, GP, BS> tile_a, tile_b;
   const typename Step2<D, GP, BS>::Lane lane(p, h, g, t);
   KeyScales<D, GP> kscale;
-  int col = -1, blk_next = 0;
+  using Step = Step2<D, GP, BS>;
+  TileFeed<false, 0, Step::L2N, CS_L2_AHEAD, 32> feed(p, w, [&](int j) { return Step::l2_line(p, h, j); }, nq);
+  auto load = [&](Step& x, auto, int blk, int start, Slot) { x.load(p, lane, blk, start & (BS - 1)); };
+  int col = -1;
   if (nq > 0) {
-    const int s0 = tiles.start(0);
-    const int blk = bt_row[s0 >> p.bs_shift];
-    tile_a.load(p, lane, blk, s0 & (BS - 1));
-    kscale.load(p, blk, h, t);
+    feed.begin(tile_a, load);
+    kscale.load(p, feed.block(0), h, t);
     kscale.fold(qh, qf, cblk);
-    col = s0 >> p.bs_shift;
+    col = tiles.start(0) >> p.bs_shift;
   }
-  if (nq > 1) blk_next = bt_row[tiles.start(1) >> p.bs_shift];
-  auto step = [&](Step2<D, GP, BS>& cur, Step2<D, GP, BS>& nxt, const int i) {
+  auto step = [&](Step& cur, Step& nxt, const int i) {
     const int start = tiles.start(i);
-    const bool more = i + 1 < nq;
-    const int col_next = more ? tiles.start(i + 1) >> p.bs_shift : col;
-    const int blk_after = i + 2 < nq ? bt_row[tiles.start(i + 2) >> p.bs_shift] : 0;
-    if (more) nxt.load(p, lane, blk_next, tiles.start(i + 1) & (BS - 1));
+    const int blk_next = feed.nb[0];  // step i + 1's block
+    const int col_next = i + 1 < nq ? tiles.start(i + 1) >> p.bs_shift : col;
+    feed.before(i, nxt, load);
     if (col_next != col) kscale.prefetch(p, blk_next, h, t);
 
     float s[2][4];
@@ -1327,7 +1341,7 @@ __global__ void __launch_bounds__(128, Kivi2Shape<D, GP>::MIN_BLOCKS) decode2_ke
         }
       }
     }
-    blk_next = blk_after;
+    feed.after(i, nxt, load);
   };
   tile_loop<S::PINGPONG>(nq, tile_a, tile_b, step);
 
