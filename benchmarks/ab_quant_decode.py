@@ -6,7 +6,8 @@ Each argument is a format followed by ``:``-separated switches:
 - ``vt`` / ``tm``: value codes token-contiguous within a block / token-major (default: the format's
   storage, ``cache/quant.py``);
 - ``kt``: codes and per-token scales token-major, contiguous ``[N, BS, Hkv, ...]`` (the storage is
-  head-major since the ninth session, ``ref.head_major``; the kernels take either by strides);
+  head-major since the ninth session, ``ref.head_major``; the Triton kernel takes either by strides,
+  the CUDA kernel is compiled for head-major blocks, so ``kt`` runs on Triton);
 - ``nooff``: no code offsets kept in the fp16 products; ``voff``: the format's values keep them
   (``decode_quant.OFFSET_KEYS / OFFSET_VALUES``);
 - ``noptx``: no inline-PTX decoding of packed codes (``decode_quant.ASM_FORMATS``);

@@ -12,9 +12,11 @@
 // probabilities take the order of the keys' rows), so each thread loads whole vectors and decodes
 // them in place. The probabilities go from the accumulator layout of S^T to the B operand of the
 // second product by two movmatrix transposes. Scales multiply the rows of S^T or fold into P'.
-// The next tile's codes and scales, and the block id two tiles ahead, are loaded before the current
-// tile is used, into the second of two register buffers used in turn (tile_loop; copied where the
-// unrolled loop would spill). Blocks of 4 warps (work items (row, KV head, split) in order), at least 3
+// The next tile's codes and scales are loaded before the current tile is used, into the second of two
+// register buffers used in turn (tile_loop; copied where the unrolled loop would spill), from block ids
+// read from the block table ahead; int4 and kivi2 tiles are also prefetched into L2 a tile earlier
+// (TileFeed, CS_L2_AHEAD). Inside a block the strides are constants of the storage layout (codes and
+// per-token scales head-major, int4 / kivi2 value codes token-contiguous; cuda_decode.layout_error). Blocks of 4 warps (work items (row, KV head, split) in order), at least 3
 // resident per SM: 12 warps, at most 168 registers (kivi2 with groups of 32: 2 blocks). The staged
 // variant (ST, fp8 / int8 / int4) fills a per-lane shared-memory ring by cp.async instead (TileFeed).
 // `benchmarks/offline_sass.py --cuda` counts the main loops' instructions.
@@ -38,7 +40,7 @@ struct DecodeParams {
   void* out;          // [B, Hq, D], q's dtype (one split)
   float* part;        // [B * Hq * splits, D] normalised partial outputs (several splits)
   float* ml;          // [B * Hq * splits, 2] (max in log2 units, sum)
-  const uint8_t* k;   // key codes [N, BS, Hkv, D / per byte] (strides in bytes below)
+  const uint8_t* k;   // key codes [N, BS, Hkv, D / per byte], stored head-major (strides in bytes below)
   const uint8_t* v;   // value codes, same shape (8-bit: the keys' layout; int4: tokens contiguous)
   const __half* ks;   // scales [N, BS, Hkv, groups] (strides in elements; kivi2 keys [N, Hkv, D], ks_st 0)
   const __half* vs;
@@ -49,6 +51,8 @@ struct DecodeParams {
   const __half* rk;   // kivi2: fp16 residual keys / values [B, R, Hkv, D] (rows' newest tokens)
   const __half* rv;
   // Strides (32-bit: offsets inside one block fit; block ids times block strides are taken in 64 bits).
+  // The kernels use the block (_sb) and head (_sh) strides; the token strides (_st, v_sc) are those of
+  // the storage layout they are compiled for (cuda_decode.layout_error checks), passed for the record.
   int32_t k_sb, k_st, k_sh;
   int32_t v_sb, v_st, v_sh;
   int32_t ks_sb, ks_st, ks_sh;
