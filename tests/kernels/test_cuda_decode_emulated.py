@@ -97,6 +97,9 @@ def test_layout_error_names_the_tensor(fmt):
     assert "scales" in cuda_decode.layout_error(kind, group, (k, v, ks, vs.contiguous(), kz, vz.contiguous()), *res)
     shifted = [x[1:] for x in tensors]  # blocks from the second on: still aligned
     assert cuda_decode.layout_error(kind, group, shifted, *res) is None
+    flat = torch.zeros(k.numel() + 16, dtype=k.dtype)
+    unaligned = flat[1:1 + k.numel()].as_strided(k.shape, k.stride())  # head-major strides, odd address
+    assert "aligned" in cuda_decode.layout_error(kind, group, (unaligned, v, ks, vs, kz, vz), *res)
     if fmt == "kivi2":
         assert "residual" in cuda_decode.layout_error(kind, group, tensors, res[0].float(), res[1])
 
