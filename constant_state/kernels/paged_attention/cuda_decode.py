@@ -225,7 +225,7 @@ def supports(kind: str, group: int, q: torch.Tensor, tensors, hkv: int,
     the storage layout (:func:`layout_error`; int4 groups of 32 or 64 dims, kivi2 32 to 128)."""
     b, t, hq, d = q.shape
     bs = tensors[0].shape[1]
-    return (kind in KINDS and q.is_cuda and t == 1 and q.dtype in (torch.float16, torch.bfloat16)
+    return (q.is_cuda and t == 1 and q.dtype in (torch.float16, torch.bfloat16)
             and d in HEAD_DIMS and hq // hkv <= MAX_GROUP and bs % TILE == 0 and bs & (bs - 1) == 0
             and (kind != "kivi2" or res_k is not None and res_k.shape[0] == b)
             and layout_error(kind, group, tensors, res_k, res_v) is None and available(q.device.index or 0))

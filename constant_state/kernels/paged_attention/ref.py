@@ -124,8 +124,9 @@ def is_head_major(x: torch.Tensor) -> bool:
 
 def as_token_major(cache: "QuantKV") -> None:
     """Replace ``cache``'s head-major tensors (codes, per-token scales and zeros) by contiguous
-    ``[N, bs, H, width]`` copies, the layout before head-major storage (A/B runs and tests: kernels
-    take either by strides)."""
+    ``[N, bs, H, width]`` copies, the layout before head-major storage (A/B runs and tests: the Triton
+    kernels take either by strides; the CUDA kernel is compiled for head-major blocks and refuses them,
+    ``cuda_decode.layout_error``)."""
     for name in ("k", "v", "k_scale", "v_scale", "k_zero", "v_zero"):
         x = getattr(cache, name)
         if x is not None and x.dim() == 4 and is_head_major(x):

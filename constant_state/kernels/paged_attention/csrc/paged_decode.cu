@@ -389,12 +389,14 @@ struct L2Line {
 // A split's tiles into registers: tile i + 1 is in registers while tile i is computed, loaded there
 // directly (ST false) or read from a shared-memory ring of CS_STAGES stages that cp.async fills
 // CS_STAGES - 1 tiles ahead (ST). load(tile, Mode<M>, block id, first token, slot) loads one tile;
-// the block id of a tile is read from the block table one step before its loads are issued.
+// the block id of a tile is read from the block table one step before it is first used (its L2
+// prefetch, else its loads or cp.async requests).
 // STEP: tokens per tile (kivi2: 32-token steps, direct only); L2N: lines per tile / 32.
 template <bool ST, int LANE_BYTES, int L2N = 1, int L2_AHEAD = CS_L2_AHEAD, int STEP = 16>
 struct TileFeed {
   static constexpr int S = CS_STAGES;
   static constexpr int A = ST ? 0 : L2_AHEAD;  // L2 look-ahead of the direct loads (tiles)
+  static constexpr int R = ST ? S : 1;         // tile i + R is requested while tile i is computed
   const SplitTiles<STEP>& tiles;
   int n;  // tiles fed: the split's first n (default all)
   const int32_t* bt_row;
@@ -402,8 +404,7 @@ struct TileFeed {
   int lane;
   uint8_t* ring;  // this warp's stages (ST)
   L2Line l2[2];   // this lane's lines of a tile (A > 0): lines lane and 32 + lane
-  int blk_next = 0, blk_after = 0;  // ST: block ids of tiles i + S, i + S + 1
-  int nb[A + 2] = {};               // direct: block ids of tiles i + 1 .. i + A + 2
+  int nb[A + 2] = {};  // block ids of tiles i + R .. i + R + A + 1
 
   template <class Lines>
   __device__ __forceinline__ TileFeed(const DecodeParams& p, const WarpWork<STEP>& w, Lines&& lines, int count = -1)
@@ -427,22 +428,21 @@ struct TileFeed {
   __device__ __forceinline__ void prefetch(int blk, int i) const {
     const int tb = tiles.start(i) & bs_mask;
     l2[0].issue(blk, tb);
-    if (L2N > 1) l2[1].issue(blk, tb);
+    if constexpr (L2N > 1) l2[1].issue(blk, tb);
   }
 
   template <class Tile, class Load> __device__ __forceinline__ void begin(Tile& a, Load&& load) {
+#pragma unroll
+    for (int j = 0; j <= A; ++j) nb[j] = R + j < n ? block(R + j) : 0;
     if constexpr (ST) {
 #pragma unroll
       for (int j = 0; j < S; ++j) {
         if (j < n) load(a, Mode<FETCH_ASYNC>(), block(j), tiles.start(j), slot(j));
         cs_cp_async_commit();
       }
-      if (S < n) blk_next = block(S);
       cs_cp_async_wait<S - 1>();
       if (n > 0) load(a, Mode<FETCH_READ>(), 0, tiles.start(0), slot(0));
     } else {
-#pragma unroll
-      for (int j = 0; j <= A; ++j) nb[j] = j + 1 < n ? block(j + 1) : 0;
       if (n > 0) load(a, Mode<FETCH_LOAD>(), block(0), tiles.start(0), Slot());
 #pragma unroll
       for (int j = 1; j <= A; ++j) {
@@ -452,12 +452,11 @@ struct TileFeed {
   }
   // Before tile i is computed: tile i + 1 into nxt (direct: tile i + 1 + A prefetched into L2).
   template <class Tile, class Load> __device__ __forceinline__ void before(int i, Tile& nxt, Load&& load) {
+    nb[A + 1] = i + R + A + 1 < n ? block(i + R + A + 1) : 0;
     if constexpr (ST) {
-      blk_after = i + S + 1 < n ? block(i + S + 1) : 0;
       cs_cp_async_wait<S - 2>();
       if (i + 1 < n) load(nxt, Mode<FETCH_READ>(), 0, tiles.start(i + 1), slot(i + 1));
     } else {
-      nb[A + 1] = i + A + 2 < n ? block(i + A + 2) : 0;
       if (A > 0 && i + A + 1 < n) prefetch(nb[A], i + A + 1);
       if (i + 1 < n) load(nxt, Mode<FETCH_LOAD>(), nb[0], tiles.start(i + 1), Slot());
     }
@@ -465,13 +464,11 @@ struct TileFeed {
   // After tile i is computed (its stage is free): tile i + S requested into that stage.
   template <class Tile, class Load> __device__ __forceinline__ void after(int i, Tile& nxt, Load&& load) {
     if constexpr (ST) {
-      if (i + S < n) load(nxt, Mode<FETCH_ASYNC>(), blk_next, tiles.start(i + S), slot(i));
+      if (i + S < n) load(nxt, Mode<FETCH_ASYNC>(), nb[0], tiles.start(i + S), slot(i));
       cs_cp_async_commit();
-      blk_next = blk_after;
-    } else {
-#pragma unroll
-      for (int j = 0; j <= A; ++j) nb[j] = nb[j + 1];
     }
+#pragma unroll
+    for (int j = 0; j <= A; ++j) nb[j] = nb[j + 1];
   }
 };
 
