@@ -53,3 +53,19 @@ def test_wave_splits_is_the_cheapest_count(work, n_tiles, slots):
     assert all(_cost(work, n_tiles, slots, c) > best for c in range(1, s))
     if work * n_tiles <= slots:  # everything fits one wave: one tile per program
         assert -(-n_tiles // s) == 1
+
+
+@pytest.mark.parametrize("work, n_tiles, expected", [
+    (256, 2048, 6),   # batch 32 / 32k: one wave of 1536 warps (37 splits in 6 waves: fp8 534 -> 513 us)
+    (64, 2048, 24),   # batch 8 / 32k
+    (64, 8192, 24),   # batch 8 / 128k (74 splits: int4 413 -> 373 us)
+    (8, 256, 128),    # batch 1 / 4k: two tiles per split
+])
+def test_cuda_kernel_split_count(work, n_tiles, expected):
+    """The CUDA decode kernel's splits (cuda_decode.SPLIT_OVERHEAD_TILES per split) at the benchmark's
+    H200 shapes, 1584 warp slots (132 SMs x 3 blocks x 4 warps)."""
+    from constant_state.kernels.paged_attention import cuda_decode
+
+    assert wave_splits(work, n_tiles, 1584, cuda_decode.SPLIT_OVERHEAD_TILES) == expected
+    assert wave_splits(work, n_tiles, 1584, cuda_decode.SPLIT_OVERHEAD_TILES) <= wave_splits(work, n_tiles, 1584)
+

@@ -54,6 +54,12 @@ def _env_int(name: str, default: str, allowed) -> int:
 # Environment: CONSTANT_STATE_DECODE_STAGED (0/1) and CONSTANT_STATE_DECODE_STAGES (compiled in, >= 2).
 STAGED = _env_int("CONSTANT_STATE_DECODE_STAGED", "0", ("0", "1"))
 STAGES = _env_int("CONSTANT_STATE_DECODE_STAGES", "4", tuple(str(n) for n in range(2, 9)))
+# Per-split cost besides its tiles for decode.wave_splits, in 16-token tiles: a warp's prologue (queries,
+# the first tiles' latency), its partial, its share of the merge. 8 (not Triton's 1) keeps one wave
+# where a near-tie of the tile counts offered several. H200 (docs/benchmarks.md, eleventh session),
+# batch 32 / 32k: 37 splits in 6 waves -> 6 in one, fp8 534 -> 513 us, int8 546 -> 542, int4 391 ->
+# 377; batch 8 / 128k, 74 -> 24 splits: int4 413 -> 373, int8 533 -> 525.
+SPLIT_OVERHEAD_TILES = 8
 WARPS = 4  # warps (work items) per block: the kernels' __launch_bounds__(128, 3) in paged_decode.cu
 
 
@@ -263,7 +269,7 @@ def _params(q, kind, group, tensors, block_tables, seq_lens, scale, sliding_wind
     step = STEPS.get(kind, TILE)
     n_tiles = -(-(m * bs) // step)
     if num_splits is None:
-        num_splits = wave_splits(b * hkv, n_tiles, slots())
+        num_splits = wave_splits(b * hkv, n_tiles, slots(), SPLIT_OVERHEAD_TILES * TILE / step)
     chunk, num_splits = _split_chunks(n_tiles, step, m * bs, num_splits)
     out = torch.empty_like(q)
     part, ml = _split_buffers(out, b * hq, num_splits)

@@ -404,18 +404,18 @@ SPLIT_OVERHEAD_TILES = 1.0
 
 
 @functools.lru_cache(maxsize=4096)
-def wave_splits(work: int, n_tiles: int, slots: int) -> int:
+def wave_splits(work: int, n_tiles: int, slots: int, overhead: float = SPLIT_OVERHEAD_TILES) -> int:
     """Splits over the context for ``work`` programs (batch x KV heads) of ``n_tiles`` tiles each, with
     ``slots`` programs resident at once: the fewest splits minimising ``waves x (tiles per program +
-    SPLIT_OVERHEAD_TILES)``, ``waves = ceil(work x splits / slots)``. Programs run in waves of the
-    GPU's slots, so a split count whose last wave is part-empty wastes that part (H200, int4, batch
-    32 / 32k, 528 slots: 2 splits 587 us, 3 splits 684, 5 splits 649)."""
+    overhead)``, ``waves = ceil(work x splits / slots)``. Programs run in waves of the GPU's slots, so
+    a split count whose last wave is part-empty wastes that part (H200, int4, batch 32 / 32k, 528
+    slots: 2 splits 587 us, 3 splits 684, 5 splits 649)."""
     best, best_cost = 1, float("inf")
     for s in range(1, min(n_tiles, 1024) + 1):
         chunk = -(-n_tiles // s)
         if -(-n_tiles // chunk) != s:
             continue  # the same chunks as a smaller count
-        cost = -(-work * s // slots) * (chunk + SPLIT_OVERHEAD_TILES)
+        cost = -(-work * s // slots) * (chunk + overhead)
         if cost < best_cost:
             best, best_cost = s, cost
     return best
