@@ -20,6 +20,8 @@ Each argument is a format followed by ``:``-separated switches:
   (``cuda_decode.STAGED``; its depth ``CONSTANT_STATE_DECODE_STAGES`` is compiled in: one per run);
 - ``seqbt``: each row's blocks consecutive in the pool (default: a random permutation, as
   bench_kv_decode.py);
+- ``cu=PATH``: the CUDA kernel built from another copy of ``csrc/paged_decode.cu`` (a variant under
+  test), in the same process, so it reads the same cache as the other variants;
 - ``BLOCK_N,warps,stages[,maxnreg]``: a tile config.
 
 ``sdpa`` alone is the baseline of the same run: ``scaled_dot_product_attention`` on a contiguous bf16 cache.
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import re
+from pathlib import Path
 
 import bench_kv_decode
 import torch
@@ -85,7 +88,13 @@ def run_variant(spec: str, batch: int, ctx: int, q: torch.Tensor, seq: torch.Ten
     layout = tuple(sorted(s for s in switches if s in ("vt", "tm", "kt", "seqbt")))
     st, extra, bt = cached_storage(fmt, bs, batch, ctx, layout, q.device)
     kind = st.cache.kind
-    saved = (decode_quant.OFFSET_KEYS, decode_quant.OFFSET_VALUES, decode_quant.ASM_FORMATS, cuda_decode.STAGED)
+    saved = (decode_quant.OFFSET_KEYS, decode_quant.OFFSET_VALUES, decode_quant.ASM_FORMATS, cuda_decode.STAGED,
+             cuda_decode.SOURCE)
+    sources = [Path(s[3:]) for s in switches if s.startswith("cu=")]
+    if sources:
+        cuda_decode.SOURCE = sources[0].resolve()
+        cuda_decode._library.cache_clear()
+        cuda_decode.warp_slots.cache_clear()
     backend = next((s for s in switches if s in ("cuda", "triton")), "")
     if "nooff" in switches:
         decode_quant.OFFSET_KEYS, decode_quant.OFFSET_VALUES = set(), set()
@@ -103,7 +112,11 @@ def run_variant(spec: str, batch: int, ctx: int, q: torch.Tensor, seq: torch.Ten
         with backend_of(f"{fmt}:{backend}"):
             us = bench_graph(lambda: paged_attention(q, st.cache, bt, seq, D ** -0.5, config=cfg, **extra))
     finally:
-        decode_quant.OFFSET_KEYS, decode_quant.OFFSET_VALUES, decode_quant.ASM_FORMATS, cuda_decode.STAGED = saved
+        (decode_quant.OFFSET_KEYS, decode_quant.OFFSET_VALUES, decode_quant.ASM_FORMATS, cuda_decode.STAGED,
+         cuda_decode.SOURCE) = saved
+        if sources:
+            cuda_decode._library.cache_clear()
+            cuda_decode.warp_slots.cache_clear()
     nbytes = batch * m * get_format(fmt).page_bytes(bs, HKV, D)
     return dict(variant=spec, batch=batch, context=ctx, us=us, tb_s=nbytes / us / 1e6)
 
