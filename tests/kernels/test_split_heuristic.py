@@ -68,4 +68,3 @@ def test_cuda_kernel_split_count(work, n_tiles, expected):
 
     assert wave_splits(work, n_tiles, 1584, cuda_decode.SPLIT_OVERHEAD_TILES) == expected
     assert wave_splits(work, n_tiles, 1584, cuda_decode.SPLIT_OVERHEAD_TILES) <= wave_splits(work, n_tiles, 1584)
-
