@@ -32,6 +32,7 @@ Each argument is a format followed by ``:``-separated switches:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
 from pathlib import Path
 
@@ -78,6 +79,26 @@ def cached_storage(fmt: str, bs: int, batch: int, ctx: int, layout: tuple[str, .
     return _CACHES[key]
 
 
+@contextlib.contextmanager
+def kernel_source(path: str | None):
+    """The CUDA kernel built from ``path`` (a copy of csrc/paged_decode.cu) inside the block; None: as is."""
+    if path is None:
+        yield
+        return
+    saved = cuda_decode.SOURCE
+
+    def use(source: Path) -> None:
+        cuda_decode.SOURCE = source
+        cuda_decode._library.cache_clear()  # the library and its occupancy are per source
+        cuda_decode.warp_slots.cache_clear()
+
+    use(Path(path).resolve())
+    try:
+        yield
+    finally:
+        use(saved)
+
+
 def run_variant(spec: str, batch: int, ctx: int, q: torch.Tensor, seq: torch.Tensor) -> dict:
     if spec == "sdpa":
         return run_sdpa(batch, ctx, q)
@@ -88,13 +109,8 @@ def run_variant(spec: str, batch: int, ctx: int, q: torch.Tensor, seq: torch.Ten
     layout = tuple(sorted(s for s in switches if s in ("vt", "tm", "kt", "seqbt")))
     st, extra, bt = cached_storage(fmt, bs, batch, ctx, layout, q.device)
     kind = st.cache.kind
-    saved = (decode_quant.OFFSET_KEYS, decode_quant.OFFSET_VALUES, decode_quant.ASM_FORMATS, cuda_decode.STAGED,
-             cuda_decode.SOURCE)
-    sources = [Path(s[3:]) for s in switches if s.startswith("cu=")]
-    if sources:
-        cuda_decode.SOURCE = sources[0].resolve()
-        cuda_decode._library.cache_clear()
-        cuda_decode.warp_slots.cache_clear()
+    saved = (decode_quant.OFFSET_KEYS, decode_quant.OFFSET_VALUES, decode_quant.ASM_FORMATS, cuda_decode.STAGED)
+    source = next((s[3:] for s in switches if s.startswith("cu=")), None)
     backend = next((s for s in switches if s in ("cuda", "triton")), "")
     if "nooff" in switches:
         decode_quant.OFFSET_KEYS, decode_quant.OFFSET_VALUES = set(), set()
@@ -109,14 +125,10 @@ def run_variant(spec: str, batch: int, ctx: int, q: torch.Tensor, seq: torch.Ten
     if splits:
         extra = dict(extra, num_splits=splits[0])
     try:
-        with backend_of(f"{fmt}:{backend}"):
+        with backend_of(f"{fmt}:{backend}"), kernel_source(source):
             us = bench_graph(lambda: paged_attention(q, st.cache, bt, seq, D ** -0.5, config=cfg, **extra))
     finally:
-        (decode_quant.OFFSET_KEYS, decode_quant.OFFSET_VALUES, decode_quant.ASM_FORMATS, cuda_decode.STAGED,
-         cuda_decode.SOURCE) = saved
-        if sources:
-            cuda_decode._library.cache_clear()
-            cuda_decode.warp_slots.cache_clear()
+        decode_quant.OFFSET_KEYS, decode_quant.OFFSET_VALUES, decode_quant.ASM_FORMATS, cuda_decode.STAGED = saved
     nbytes = batch * m * get_format(fmt).page_bytes(bs, HKV, D)
     return dict(variant=spec, batch=batch, context=ctx, us=us, tb_s=nbytes / us / 1e6)
 
