@@ -22,6 +22,9 @@ Each argument is a format followed by ``:``-separated switches:
   bench_kv_decode.py);
 - ``cu=PATH``: the CUDA kernel built from another copy of ``csrc/paged_decode.cu`` (a variant under
   test), in the same process, so it reads the same cache as the other variants;
+- ``nomem``: the CUDA kernel built with ``CS_COMPUTE_ONLY`` (and no L2 look-ahead): its loads of codes
+  and per-token scales return words made from their addresses, so the time is its arithmetic's
+  (block tables, kivi2's per-block key scales and residual window are still read; output meaningless);
 - ``BLOCK_N,warps,stages[,maxnreg]``: a tile config.
 
 ``sdpa`` alone is the baseline of the same run: ``scaled_dot_product_attention`` on a contiguous bf16 cache.
@@ -99,6 +102,14 @@ def kernel_source(path: str | None):
         use(saved)
 
 
+def compute_only_source(path: Path) -> Path:
+    """A copy of the kernel source ``path`` built as the compute-only diagnostic (``nomem``)."""
+    out = cuda_decode.cache_dir() / f"compute_only_{path.stem}.cu"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("#define CS_COMPUTE_ONLY\n#define CS_L2_AHEAD 0\n" + path.read_text())
+    return out
+
+
 def run_variant(spec: str, batch: int, ctx: int, q: torch.Tensor, seq: torch.Tensor) -> dict:
     if spec == "sdpa":
         return run_sdpa(batch, ctx, q)
@@ -111,6 +122,8 @@ def run_variant(spec: str, batch: int, ctx: int, q: torch.Tensor, seq: torch.Ten
     kind = st.cache.kind
     saved = (decode_quant.OFFSET_KEYS, decode_quant.OFFSET_VALUES, decode_quant.ASM_FORMATS, cuda_decode.STAGED)
     source = next((s[3:] for s in switches if s.startswith("cu=")), None)
+    if "nomem" in switches:
+        source = str(compute_only_source(Path(source).resolve() if source else cuda_decode.SOURCE))
     backend = next((s for s in switches if s in ("cuda", "triton")), "")
     if "nooff" in switches:
         decode_quant.OFFSET_KEYS, decode_quant.OFFSET_VALUES = set(), set()

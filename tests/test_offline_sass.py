@@ -49,3 +49,20 @@ def test_stream_probe_compiles_for_sm90(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert out.stat().st_size > 0
+
+
+@pytest.mark.parametrize("define", ["CS_TIMELINE", "CS_COMPUTE_ONLY"])
+def test_decode_diagnostic_builds_compile_for_sm90(tmp_path, define):
+    """The decode kernel's diagnostic builds (benchmarks/warp_timeline.py, ab_quant_decode.py's `nomem`)
+    compile for sm_90 as the H200 runs them."""
+    from constant_state.kernels.paged_attention import cuda_decode
+
+    nvcc = cuda_decode._nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc not installed")
+    out = tmp_path / "diag.so"
+    proc = subprocess.run([nvcc, "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", f"-D{define}",
+                           "-gencode=arch=compute_90,code=sm_90", str(cuda_decode.SOURCE), "-o", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert out.stat().st_size > 0

@@ -355,3 +355,30 @@ def test_generate_with_eviction_on_gpu(kv):
     with torch.inference_mode():
         st.release()
     assert pool.num_free == pool.num_blocks
+
+
+def test_warp_timeline_diagnostic():
+    """benchmarks/warp_timeline.py: the CS_TIMELINE build records every warp of a launch (runs within the
+    span, on real SMs) beside the graph time."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from constant_state.kernels.paged_attention import cuda_decode
+
+    if not cuda_decode.available(0):
+        pytest.skip("CUDA decode kernel unavailable")
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "warp_timeline.py", "fp8", "int4", "--shapes", "2x4096"],
+                          cwd=root / "benchmarks", capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": f"{root}:{root / 'benchmarks'}"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if line.startswith(("| fp8", "| int4"))]
+    assert len(rows) == 2, proc.stdout
+    header = [h.strip() for h in next(x for x in proc.stdout.splitlines() if x.startswith("| format")).split("|")[1:-1]]
+    for r in rows:
+        row = dict(zip(header, (c.strip() for c in r)))
+        assert 0 < float(row["span_us"]) < 2 * float(row["graph_us"]), row  # one launch vs the graph's median
+        assert float(row["run_min"]) <= float(row["run_max"]) <= float(row["span_us"]), row
+        assert 0 < int(row["sms"]) <= torch.cuda.get_device_properties(0).multi_processor_count, row

@@ -264,9 +264,23 @@ template <int SZ> __device__ __forceinline__ void read_words(const uint8_t* sm, 
   }
 }
 
+// CS_COMPUTE_ONLY (a diagnostic build, ab_quant_decode.py's `nomem`, with CS_L2_AHEAD 0): the direct
+// loads of codes and scales return words made from their addresses instead (fp16 halves 2^-7 .. 2^-6:
+// sane scales, varied codes), so a launch times the kernel's arithmetic without its memory traffic.
+#ifdef CS_COMPUTE_ONLY
+__device__ __forceinline__ uint32_t cs_fake_word(const void* src, int i) {
+  return 0x1C001C00u | ((uint32_t(reinterpret_cast<uintptr_t>(src)) + 4 * i) & 0x00FF00FFu);
+}
+#endif
+
 template <int M, int NW> __device__ __forceinline__ void fetch(Words<NW>& dst, const uint8_t* src, Slot& s) {
   if constexpr (M == FETCH_LOAD) {
+#ifdef CS_COMPUTE_ONLY
+#pragma unroll
+    for (int i = 0; i < NW; ++i) dst.w[i] = cs_fake_word(src, i);
+#else
     dst.load(src);
+#endif
   } else {
     constexpr int SZ = NW * 4 >= 16 ? 16 : NW * 4;
 #pragma unroll
@@ -280,7 +294,11 @@ template <int M, int NW> __device__ __forceinline__ void fetch(Words<NW>& dst, c
 
 template <int M> __device__ __forceinline__ void fetch(uint32_t& dst, const uint8_t* src, Slot& s) {
   if constexpr (M == FETCH_LOAD) {
+#ifdef CS_COMPUTE_ONLY
+    dst = cs_fake_word(src, 0);
+#else
     dst = __ldg(reinterpret_cast<const uint32_t*>(src));
+#endif
   } else {
     uint8_t* sm = s.take<4>();
     if constexpr (M == FETCH_ASYNC) cs_cp_async<4>(sm, src);
@@ -290,7 +308,11 @@ template <int M> __device__ __forceinline__ void fetch(uint32_t& dst, const uint
 
 template <int M> __device__ __forceinline__ void fetch(__half& dst, const __half* src, Slot& s) {
   if constexpr (M == FETCH_LOAD) {
+#ifdef CS_COMPUTE_ONLY
+    dst = __ushort_as_half(uint16_t(cs_fake_word(src, 0)));
+#else
     dst = src[0];
+#endif
   } else {
     uint8_t* sm = s.take<4>();
     const uintptr_t a = reinterpret_cast<uintptr_t>(src);
@@ -341,12 +363,43 @@ template <int STEP> struct SplitTiles {
 // have valid false.
 __device__ __forceinline__ int warp_item() { return int(blockIdx.x) * int(blockDim.x >> 5) + int(threadIdx.x >> 5); }
 
+// CS_TIMELINE (a diagnostic build, benchmarks/warp_timeline.py): each valid warp's lane 0 records its
+// work item's start and end (%globaltimer, ns) and SM in cs_timeline, read back by cs_timeline_read.
+#if defined(CS_TIMELINE) && !defined(CS_EMULATE)
+constexpr int TIMELINE_ITEMS = 1 << 16;
+__device__ unsigned long long cs_timeline[TIMELINE_ITEMS][3];
+__device__ __forceinline__ unsigned long long cs_globaltimer() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+struct Timeline {
+  int item;
+  bool on;
+  unsigned long long t0;
+  __device__ __forceinline__ Timeline(int item_, bool valid)
+      : item(item_), on(valid && (threadIdx.x & 31) == 0 && item_ < TIMELINE_ITEMS), t0(cs_globaltimer()) {}
+  __device__ __forceinline__ ~Timeline() {
+    if (!on) return;
+    unsigned sm;
+    asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+    cs_timeline[item][0] = t0;
+    cs_timeline[item][1] = cs_globaltimer();
+    cs_timeline[item][2] = sm;
+  }
+};
+#define CS_TIMELINE_MEMBER Timeline clock{item, valid};
+#else
+#define CS_TIMELINE_MEMBER
+#endif
+
 template <int STEP = 16> struct WarpWork {
   int g, t, item, split, bh, b, h;
   bool valid;
   int seq_len;
   const int32_t* bt_row;
   SplitTiles<STEP> tiles;
+  CS_TIMELINE_MEMBER
   __device__ __forceinline__ explicit WarpWork(const DecodeParams& p)
       : g((threadIdx.x & 31) >> 2), t(threadIdx.x & 3), item(min(warp_item(), p.items - 1)), split(item % p.splits),
         bh(item / p.splits), b(bh / p.hkv), h(bh - b * p.hkv), valid(warp_item() < p.items), seq_len(p.seq[b]),
@@ -1515,3 +1568,11 @@ extern "C" int cs_decode_occupancy(int kind, int d, int group, int bs, int stage
 }
 
 extern "C" int cs_decode_params_size() { return int(sizeof(DecodeParams)); }
+
+#if defined(CS_TIMELINE) && !defined(CS_EMULATE)
+// The first n work items' (start ns, end ns, SM) of the last launch (CS_TIMELINE builds only).
+extern "C" int cs_timeline_read(void* dst, int n) {
+  if (n < 0 || n > TIMELINE_ITEMS) return kInvalidValue;
+  return int(cudaMemcpyFromSymbol(dst, cs_timeline, size_t(n) * sizeof(cs_timeline[0])));
+}
+#endif
