@@ -568,7 +568,7 @@ struct Softmax {
   // p = 2^(s - z) in place for head column j of NT tiles; returns their sum.
   template <int NT>
   static __device__ __forceinline__ float exp2_sum(float (&s)[NT][4], int j, float z) {
-    float sum = 0.f;
+    float sum = -0.f;  // -0: x + -0 is x, so the first add folds away (0 + x does not: x may be -0)
 #pragma unroll
     for (int u = 0; u < NT; ++u) {
       s[u][j] = cs_exp2(s[u][j] - z);
@@ -684,8 +684,8 @@ template <int NG> struct GroupSums {
   __device__ __forceinline__ void operand(int gi, const float (&s)[4], float v0s, float v1s, float v0z, float v1z,
                                           uint32_t& pb0, uint32_t& pb1) {
     const uint32_t top = pack_half2(s[0] * v0s, s[1] * v0s), bot = pack_half2(s[2] * v1s, s[3] * v1s);
-    zacc[gi][0] += s[0] * v0z + s[2] * v1z;
-    zacc[gi][1] += s[1] * v0z + s[3] * v1z;
+    zacc[gi][0] = fmaf(s[2], v1z, fmaf(s[0], v0z, zacc[gi][0]));  // two FFMA (a product and two adds: 3)
+    zacc[gi][1] = fmaf(s[3], v1z, fmaf(s[1], v0z, zacc[gi][1]));
     pb0 = cs_transpose8x8(top);
     pb1 = cs_transpose8x8(bot);
   }
@@ -1103,13 +1103,13 @@ __global__ void __launch_bounds__(128, 3) decode4_kernel(const DecodeParams p) {
       }
     }
     const bool ok0 = visible(p, start + r0, seq_len), ok1 = visible(p, start + r0 + 1, seq_len);
-    float s[4] = {0.f, 0.f, 0.f, 0.f};
+    float s[4] = {-0.f, -0.f, -0.f, -0.f};  // -0: the first group's adds fold away (Softmax::exp2_sum)
 #pragma unroll
     for (int gi = 0; gi < NG; ++gi) {
 #pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        s[j] += (cur.ks[gi] * (1.f / SUBNORMAL)) * sg[gi][j] + cur.kz[gi] * qs[gi][j];
-        s[2 + j] += (cur.ks[NG + gi] * (1.f / SUBNORMAL)) * sg[gi][2 + j] + cur.kz[NG + gi] * qs[gi][j];
+      for (int j = 0; j < 2; ++j) {  // chained FFMA (no separate product and add)
+        s[j] = fmaf(cur.ks[gi] * (1.f / SUBNORMAL), sg[gi][j], fmaf(cur.kz[gi], qs[gi][j], s[j]));
+        s[2 + j] = fmaf(cur.ks[NG + gi] * (1.f / SUBNORMAL), sg[gi][2 + j], fmaf(cur.kz[NG + gi], qs[gi][j], s[2 + j]));
       }
     }
     float alpha[2];
