@@ -265,7 +265,7 @@ template <int SZ> __device__ __forceinline__ void read_words(const uint8_t* sm, 
 }
 
 // CS_COMPUTE_ONLY (a diagnostic build, ab_quant_decode.py's `nomem`, with CS_L2_AHEAD 0): the direct
-// loads of codes and scales return words made from their addresses instead (fp16 halves 2^-7 .. 2^-6:
+// loads of codes and scales return words made from their addresses instead (fp16 halves 2^-8 .. 1.25 x 2^-8:
 // sane scales, varied codes), so a launch times the kernel's arithmetic without its memory traffic.
 #ifdef CS_COMPUTE_ONLY
 __device__ __forceinline__ uint32_t cs_fake_word(const void* src, int i) {
