@@ -83,31 +83,28 @@ def cached_storage(fmt: str, bs: int, batch: int, ctx: int, layout: tuple[str, .
 
 
 @contextlib.contextmanager
-def kernel_source(path: str | None):
-    """The CUDA kernel built from ``path`` (a copy of csrc/paged_decode.cu) inside the block; None: as is."""
-    if path is None:
+def kernel_source(path: str | None, defines: tuple[str, ...] = ()):
+    """The CUDA kernel built from ``path`` (a copy of csrc/paged_decode.cu; None: the source itself) with
+    the extra macros ``defines`` (``cuda_decode.DEFINES``) inside the block; neither: as is."""
+    if path is None and not defines:
         yield
         return
-    saved = cuda_decode.SOURCE
+    saved = cuda_decode.SOURCE, cuda_decode.DEFINES
 
-    def use(source: Path) -> None:
-        cuda_decode.SOURCE = source
-        cuda_decode._library.cache_clear()  # the library and its occupancy are per source
+    def use(source: Path, macros: tuple[str, ...]) -> None:
+        cuda_decode.SOURCE, cuda_decode.DEFINES = source, macros
+        cuda_decode._library.cache_clear()  # the library and its occupancy are per build
         cuda_decode.warp_slots.cache_clear()
 
-    use(Path(path).resolve())
+    use(Path(path).resolve() if path else saved[0], defines)
     try:
         yield
     finally:
-        use(saved)
+        use(*saved)
 
 
-def compute_only_source(path: Path) -> Path:
-    """A copy of the kernel source ``path`` built as the compute-only diagnostic (``nomem``)."""
-    out = cuda_decode.cache_dir() / f"compute_only_{path.stem}.cu"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("#define CS_COMPUTE_ONLY\n#define CS_L2_AHEAD 0\n" + path.read_text())
-    return out
+# The compute-only diagnostic build (``nomem``): loads replaced by address-made words, no L2 look-ahead.
+COMPUTE_ONLY = ("CS_COMPUTE_ONLY", "CS_L2_AHEAD=0")
 
 
 def run_variant(spec: str, batch: int, ctx: int, q: torch.Tensor, seq: torch.Tensor) -> dict:
@@ -122,8 +119,7 @@ def run_variant(spec: str, batch: int, ctx: int, q: torch.Tensor, seq: torch.Ten
     kind = st.cache.kind
     saved = (decode_quant.OFFSET_KEYS, decode_quant.OFFSET_VALUES, decode_quant.ASM_FORMATS, cuda_decode.STAGED)
     source = next((s[3:] for s in switches if s.startswith("cu=")), None)
-    if "nomem" in switches:
-        source = str(compute_only_source(Path(source).resolve() if source else cuda_decode.SOURCE))
+    defines = COMPUTE_ONLY if "nomem" in switches else ()
     backend = next((s for s in switches if s in ("cuda", "triton")), "")
     if "nooff" in switches:
         decode_quant.OFFSET_KEYS, decode_quant.OFFSET_VALUES = set(), set()
@@ -138,7 +134,7 @@ def run_variant(spec: str, batch: int, ctx: int, q: torch.Tensor, seq: torch.Ten
     if splits:
         extra = dict(extra, num_splits=splits[0])
     try:
-        with backend_of(f"{fmt}:{backend}"), kernel_source(source):
+        with backend_of(f"{fmt}:{backend}"), kernel_source(source, defines):
             us = bench_graph(lambda: paged_attention(q, st.cache, bt, seq, D ** -0.5, config=cfg, **extra))
     finally:
         decode_quant.OFFSET_KEYS, decode_quant.OFFSET_VALUES, decode_quant.ASM_FORMATS, cuda_decode.STAGED = saved

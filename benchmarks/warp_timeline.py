@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import subprocess
 
 import torch
-from ab_quant_decode import cached_storage
+from ab_quant_decode import cached_storage, kernel_source
 from bench_kv_decode import D, HQ, bench_graph, block_size, print_rows
 
 from constant_state.kernels.paged_attention import cuda_decode, decode
@@ -25,16 +24,8 @@ from constant_state.kernels.paged_attention.decode import paged_attention
 
 
 def timeline_library(arch: str) -> ctypes.CDLL:
-    nvcc = cuda_decode._nvcc()
-    if nvcc is None:
-        raise SystemExit("nvcc not found (set CUDA_HOME)")
-    version = subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=True).stdout
-    cmd = [nvcc, "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-DCS_TIMELINE",
-           f"-DCS_STAGES={cuda_decode.STAGES}", f"-gencode=arch=compute_{arch},code=sm_{arch}",
-           str(cuda_decode.SOURCE), "-o"]
-    path = cuda_decode._cached_build(f"paged_decode_timeline_sm{arch}", [arch.encode(), version.encode(), b"timeline"],
-                                     cmd, "nvcc")
-    lib = cuda_decode._load(path)
+    """The CS_TIMELINE build, which every launch then goes through (inside ``kernel_source``)."""
+    lib = cuda_decode._library(arch)
     lib.cs_timeline_read.argtypes = [ctypes.c_void_p, ctypes.c_int]
     return lib
 
@@ -100,16 +91,16 @@ def main() -> None:
     a = p.parse_args()
     dev = torch.device("cuda")
     major, minor = torch.cuda.get_device_capability(dev)
-    lib = timeline_library(f"{major}{minor}")
-    cuda_decode._library = lambda arch: lib  # every launch (and the occupancy query) through the timeline build
     cuda_decode._params = recording_params
     decode.DECODE_BACKEND = "cuda"
     rows = []
-    for shape in a.shapes.split(","):
-        batch, ctx = (int(x) for x in shape.split("x"))
-        for fmt in a.formats:
-            rows.append(probe(fmt, batch, ctx, lib))
-            torch.cuda.empty_cache()
+    with kernel_source(None, ("CS_TIMELINE",)):  # every launch (and the occupancy query) through it
+        lib = timeline_library(f"{major}{minor}")
+        for shape in a.shapes.split(","):
+            batch, ctx = (int(x) for x in shape.split("x"))
+            for fmt in a.formats:
+                rows.append(probe(fmt, batch, ctx, lib))
+                torch.cuda.empty_cache()
     print_rows(rows, list(rows[0]))
     x = torch.zeros(1, device=dev)
     print(f"\nA graph of one tiny kernel (x.add_(1)): {bench_graph(lambda: x.add_(1)):.1f} us")

@@ -60,6 +60,9 @@ STAGES = _env_int("CONSTANT_STATE_DECODE_STAGES", "4", tuple(str(n) for n in ran
 # batch 32 / 32k: 37 splits in 6 waves -> 6 in one, fp8 534 -> 513 us, int8 546 -> 542, int4 391 ->
 # 377; batch 8 / 128k, 74 -> 24 splits: int4 413 -> 373, int8 533 -> 525.
 SPLIT_OVERHEAD_TILES = 8
+# Extra -D macros of the build behind :func:`_library`: the source's diagnostic builds (CS_TIMELINE,
+# benchmarks/warp_timeline.py; CS_COMPUTE_ONLY, ab_quant_decode.py's ``nomem``). Empty for real use.
+DEFINES: tuple[str, ...] = ()
 WARPS = 4  # warps (work items) per block: the kernels' __launch_bounds__(128, 3) in paged_decode.cu
 
 
@@ -105,15 +108,17 @@ def _cached_build(name: str, key_parts: list[bytes], cmd: list[str], what: str) 
     return out
 
 
-def build(arch: str, nvcc: str | None = None) -> Path:
-    """Compile the kernel for ``arch`` (e.g. ``"90"``) and return the shared library's path (cached)."""
+def build(arch: str, nvcc: str | None = None, defines: tuple[str, ...] = ()) -> Path:
+    """Compile the kernel for ``arch`` (e.g. ``"90"``) and return the shared library's path (cached);
+    ``defines``: extra macros (``"NAME"`` or ``"NAME=VALUE"``, :data:`DEFINES`)."""
     nvcc = nvcc or _nvcc()
     if nvcc is None:
         raise RuntimeError("nvcc not found (set CUDA_HOME): the CUDA decode kernel cannot be built")
     version = subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=True).stdout
     cmd = [nvcc, "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-lineinfo", f"-DCS_STAGES={STAGES}",
-           f"-gencode=arch=compute_{arch},code=sm_{arch}", str(SOURCE), "-o"]
-    return _cached_build(f"paged_decode_sm{arch}", [arch.encode(), version.encode(), b"%d" % STAGES], cmd, "nvcc")
+           *(f"-D{d}" for d in defines), f"-gencode=arch=compute_{arch},code=sm_{arch}", str(SOURCE), "-o"]
+    return _cached_build(f"paged_decode_sm{arch}", [arch.encode(), version.encode(), b"%d" % STAGES,
+                                                    " ".join(defines).encode()], cmd, "nvcc")
 
 
 def cuda_include() -> Path | None:
@@ -153,7 +158,7 @@ def _load(path: Path) -> ctypes.CDLL:
 
 @functools.lru_cache(maxsize=None)
 def _library(arch: str) -> ctypes.CDLL:
-    return _load(build(arch))
+    return _load(build(arch, defines=DEFINES))
 
 
 @functools.lru_cache(maxsize=None)
