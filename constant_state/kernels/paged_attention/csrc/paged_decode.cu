@@ -1229,29 +1229,26 @@ template <int D, int GP, int BS> struct Step2 {  // one 32-token step of codes a
   }
 };
 
-template <int D, int GP> struct KeyScales {  // a block's channel scales and zero points at this thread's dims
+// A block's channel scales and zero points at this thread's dims. After the first block's (loaded
+// directly), each block's are copied by cp.async into one of two per-warp shared-memory buffers two
+// steps before the step that folds them (Kivi2Feed), so the fold reads them at shared-memory latency.
+template <int D, int GP> struct KeyScales {
   using S = Kivi2Shape<D, GP>;
   Words<S::CH / 2> sc[4], zp[4];  // slot s: fp16 pairs of dims dim(t CH, s) + 0 .. CH - 1
+  static constexpr int LANE_BYTES = 8 * 2 * S::CH;  // one buffer: bytes per lane
+  static constexpr int Q_BYTES = 32 * S::KW;        // the queries' B operand qh: bytes per lane
+  static constexpr int SMEM_PER_WARP = 32 * (2 * LANE_BYTES + Q_BYTES);
 
-  // Into L1 only (no registers held): loaded after the step's key products, folded at once.
-  __device__ __forceinline__ void prefetch(const DecodeParams& p, int blk, int h, int t) const {
+  template <int M = FETCH_LOAD>
+  __device__ __forceinline__ void fetch_all(const DecodeParams& p, int blk, int h, int t, Slot sl = Slot()) {
     const int64_t off = int64_t(blk) * p.ks_sb + h * p.ks_sh;
 #pragma unroll
     for (int s = 0; s < 4; ++s) {
       const int d = S::dim(t * S::CH, s);
-      cs_prefetch_l1(p.ks + off + d);
-      cs_prefetch_l1(p.kz + off + d);
+      fetch<M>(sc[s], reinterpret_cast<const uint8_t*>(p.ks + off + d), sl);
+      fetch<M>(zp[s], reinterpret_cast<const uint8_t*>(p.kz + off + d), sl);
     }
-  }
-
-  __device__ __forceinline__ void load(const DecodeParams& p, int blk, int h, int t) {
-    const int64_t off = int64_t(blk) * p.ks_sb + h * p.ks_sh;
-#pragma unroll
-    for (int s = 0; s < 4; ++s) {
-      const int d = S::dim(t * S::CH, s);
-      sc[s].load(reinterpret_cast<const uint8_t*>(p.ks + off + d));
-      zp[s].load(reinterpret_cast<const uint8_t*>(p.kz + off + d));
-    }
+    cs_check(sl.off <= LANE_BYTES);
   }
 
   // The block's B operands qf = q ks (odd slots / 4) and constant per head 2t + j.
@@ -1337,23 +1334,67 @@ __global__ void __launch_bounds__(128, Kivi2Shape<D, GP>::MIN_BLOCKS) decode2_ke
   float cblk[2] = {0.f, 0.f};
   Step2<D, GP, BS> tile_a, tile_b;
   const typename Step2<D, GP, BS>::Lane lane(p, h, g, t);
-  KeyScales<D, GP> kscale;
+  using KS = KeyScales<D, GP>;
+  KS kscale;
   using Step = Step2<D, GP, BS>;
   TileFeed<false, 0, Step::L2N, CS_L2_AHEAD, 32> feed(p, w, [&](int j) { return Step::l2_line(p, h, j); }, nq);
   auto load = [&](Step& x, auto, int blk, int start, Slot) { x.load(p, lane, blk, start & (BS - 1)); };
+  // Block column of step j (its block table entry); the channel-scale buffers: the next copy and the next
+  // fold alternate between the two, in the order of the blocks.
+  auto column = [&](int j) { return tiles.start(j) >> p.bs_shift; };
+  CS_DYNAMIC_SMEM(smem);
+  uint8_t* const kbuf = smem + (threadIdx.x >> 5) * KS::SMEM_PER_WARP;
+  int copy_buf = 0, fold_buf = 0;
+  auto kslot = [&](int buf) {
+    Slot sl;
+    sl.base = kbuf + buf * (32 * KS::LANE_BYTES);
+    sl.lane = threadIdx.x & 31;
+    return sl;
+  };
+  // The queries' B operand waits in shared memory (this lane's share) and is read by each fold, so its
+  // registers are not held through the steps.
+  uint8_t* const qbuf = kbuf + 2 * 32 * KS::LANE_BYTES + 16 * (threadIdx.x & 31);
+  auto q_store = [&] {
+#pragma unroll
+    for (int wi = 0; wi < KW; ++wi)
+#pragma unroll
+      for (int s2 = 0; s2 < 2; ++s2)
+        *reinterpret_cast<uint4*>(qbuf + 32 * 16 * (2 * wi + s2)) =
+            make_uint4(qh[wi][2 * s2][0], qh[wi][2 * s2][1], qh[wi][2 * s2 + 1][0], qh[wi][2 * s2 + 1][1]);
+  };
+  auto q_read = [&](uint32_t (&q)[KW][4][2]) {
+#pragma unroll
+    for (int wi = 0; wi < KW; ++wi)
+#pragma unroll
+      for (int s2 = 0; s2 < 2; ++s2) {
+        const uint4 x = *reinterpret_cast<const uint4*>(qbuf + 32 * 16 * (2 * wi + s2));
+        q[wi][2 * s2][0] = x.x; q[wi][2 * s2][1] = x.y; q[wi][2 * s2 + 1][0] = x.z; q[wi][2 * s2 + 1][1] = x.w;
+      }
+  };
+  q_store();
   int col = -1;
   if (nq > 0) {
     feed.begin(tile_a, load);
-    kscale.load(p, feed.block(0), h, t);
+    kscale.fetch_all(p, feed.block(0), h, t);
     kscale.fold(qh, qf, cblk);
-    col = tiles.start(0) >> p.bs_shift;
+    col = column(0);
+    if (nq > 1 && column(1) != col) {  // step 1's block (nb[0]: block of step 1)
+      kscale.template fetch_all<FETCH_ASYNC>(p, feed.nb[0], h, t, kslot(copy_buf));
+      copy_buf ^= 1;
+    }
+    cs_cp_async_commit();
   }
   auto step = [&](Step& cur, Step& nxt, const int i) {
     const int start = tiles.start(i);
-    const int blk_next = feed.nb[0];  // step i + 1's block
-    const int col_next = i + 1 < nq ? tiles.start(i + 1) >> p.bs_shift : col;
+    const int col_next = i + 1 < nq ? column(i + 1) : col;
     feed.before(i, nxt, load);
-    if (col_next != col) kscale.prefetch(p, blk_next, h, t);
+    // Step i + 2's block (nb[1] after before()) when it starts one: its channel scales copied now, folded
+    // in step i + 1. One group per step (empty or not), so wait<1> below leaves only this one in flight.
+    if (i + 2 < nq && column(i + 2) != col_next) {
+      kscale.template fetch_all<FETCH_ASYNC>(p, feed.nb[1], h, t, kslot(copy_buf));
+      copy_buf ^= 1;
+    }
+    cs_cp_async_commit();
 
     float s[2][4];
 #pragma unroll
@@ -1371,8 +1412,12 @@ __global__ void __launch_bounds__(128, Kivi2Shape<D, GP>::MIN_BLOCKS) decode2_ke
       }
     }
     if (col_next != col) {  // the next step's block: its queries and constant (this step's are used)
-      kscale.load(p, blk_next, h, t);
-      kscale.fold(qh, qf, cblk);
+      cs_cp_async_wait<1>();
+      kscale.template fetch_all<FETCH_READ>(p, 0, h, t, kslot(fold_buf));
+      fold_buf ^= 1;
+      uint32_t qr[KW][4][2];
+      q_read(qr);
+      kscale.fold(qr, qf, cblk);
       col = col_next;
     }
     bool ok[2][2];
@@ -1400,6 +1445,7 @@ __global__ void __launch_bounds__(128, Kivi2Shape<D, GP>::MIN_BLOCKS) decode2_ke
   tile_loop<S::PINGPONG>(nq, tile_a, tile_b, step);
 
   // ---- residual steps: fp16 keys and values of the row's window ----
+  q_read(qh);
   const int64_t res_tok = int64_t(p.hkv) * D;  // elements between a window's tokens
   const int64_t res_base = (int64_t(b) * p.r * p.hkv + h) * D - f_res * res_tok;  // + token * res_tok
   const uint16_t* rk = reinterpret_cast<const uint16_t*>(p.rk) + res_base;
@@ -1487,9 +1533,12 @@ template <bool ST, int BS> Variant select_packed(int kind, int d, int group) {
     if (kind != 4) return {};
     if (d == 128) {
       return {group == 32 ? decode2_kernel<128, 8, BS> : group == 64 ? decode2_kernel<128, 16, BS>
-            : group == 128 ? decode2_kernel<128, 32, BS> : nullptr};
+            : group == 128 ? decode2_kernel<128, 32, BS> : nullptr, KeyScales<128, 8>::SMEM_PER_WARP};
     }
-    if (d == 64) return {group == 32 ? decode2_kernel<64, 8, BS> : group == 64 ? decode2_kernel<64, 16, BS> : nullptr};
+    if (d == 64) {
+      return {group == 32 ? decode2_kernel<64, 8, BS> : group == 64 ? decode2_kernel<64, 16, BS> : nullptr,
+              KeyScales<64, 8>::SMEM_PER_WARP};
+    }
   }
   if constexpr (ST) {
     if (kind == 4) return select_packed<false, BS>(kind, d, group);
