@@ -94,14 +94,8 @@ __device__ __forceinline__ float cs_exp2(float x) {
   return y;
 }
 
-// (a & b) | c and (a & b) ^ c as one lop3 each (written in C, the compiler splits them in two when b and c
-// are both constants: a LOP3 takes one immediate).
-__device__ __forceinline__ uint32_t cs_and_or(uint32_t a, uint32_t b, uint32_t c) {
-  uint32_t d;
-  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
-  return d;
-}
-
+// (a & b) ^ c as one lop3 (written in C, the compiler splits it in two when b and c are both constants:
+// a LOP3 takes one immediate).
 __device__ __forceinline__ uint32_t cs_and_xor(uint32_t a, uint32_t b, uint32_t c) {
   uint32_t d;
   asm("lop3.b32 %0, %1, %2, %3, 0x6A;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
@@ -956,10 +950,7 @@ template <int D, int GP> struct Int4Shape {
   static constexpr bool PINGPONG = D == 64 || GP == 32;  // tile_loop (head dim 128, groups of 32: spills)
 };
 
-// fp16 pairs 1024 + (bits of w under mask, bytes 0 and 2), exact for masks of at most 10 low bits per half.
-__device__ __forceinline__ uint32_t fp16_codes(uint32_t w, uint32_t mask) { return cs_and_or(w, mask, 0x64006400u); }
-
-// The same bits read as fp16 subnormals: mantissa bits alone (exponent field 0) are the value
+// Bits of w under mask (bytes 0 and 2, at most 10 low bits per half) read as fp16 subnormals: mantissa bits alone (exponent field 0) are the value
 // bits x 2^-24 exactly, with no offset to take off afterwards; the tensor cores multiply subnormal
 // operands exactly (the GPU tests hold the kernel to the reference at fp16 rounding). The products
 // carry the factor SUBNORMAL into fp32 accumulators, far from fp32's underflow (2^-126).
@@ -1143,18 +1134,19 @@ __global__ void __launch_bounds__(128, 3) decode4_kernel(const DecodeParams p) {
 // s GP + i % GP in slots s = 0..3 (bits 2s, 2s + 1), GP = G / 4 (ref.pack_order). Keys per channel over
 // each block: K = c ks + kz, ks / kz [N, Hkv, D]; values per token and group of G dims: V = c vs + vz.
 // A row's newest tokens [F, n), F = n - n % R, are fp16 in its residual window res_k / res_v [B, R, Hkv, D].
-// Slots decode in place as fp16 bits: keys (w & slot_mask(s)) | 0x64006400 is 1024 + 4^s c of slot s of
-// bytes 0 and 2 (the code lands in mantissa bits 2s, 2s + 1), values w & slot_mask(s) the subnormal
-// 4^s c 2^-24 (subnormal_codes); w >> 8 bytes 1 and 3. The factor 4^s goes into the queries (keys) or
-// comes off at the end with the 2^-24 (values).
+// Slots decode in place as fp16 subnormals (subnormal_codes): w & slot_mask(s) is 4^s c 2^-24 for slot
+// s of bytes 0 and 2 (the code lands in mantissa bits 2s, 2s + 1); w >> 8 bytes 1 and 3. The factor 4^s
+// goes into the queries (keys) or comes off at the end (values), the 2^-24 comes off the scores and
+// the outputs.
 //
 // A warp step is 32 tokens: two 16-token tiles u, inside one block (blocks of a multiple of 32 tokens),
 // rows as for int4 (row r < 8 is token 2 r of the tile, row r + 8 token 2 r + 1).
 // Keys: thread (g, t) loads bytes [t D/16, (t+1) D/16) of its tokens; k-step (wi, s) is slot s of word
 // wi, whose dims are d .. d + 3, d = dim(t D/16 + 4 wi, s): A pairs (d, d + 2) and (d + 1, d + 3). The
-// block's channel scales fold into the queries, B = q ks / 4^s, recomputed per block; the
-// block's constant C = sum_d q_d kz_d - 1024 sum_k B_k per head comes from products whose A operand is
-// the zero points (rows alike) and -1024, and starts the tiles' score accumulators.
+// block's channel scales fold into the queries, B = q ks / 4^s, recomputed per block from the queries
+// and the scales in shared memory (KeyScales); the block's constant C = sum_d q_d kz_d per head comes
+// from products whose A operand is the zero points (rows alike) and starts the tiles' score
+// accumulators (x 2^-24, the unit of the key products).
 // Values: thread (g, t) loads byte 8 mb + g of tokens 4t..4t+3 (one word) per byte block mb; m-tile
 // (mb, hh) has slots 2 hh / 2 hh + 1 as rows g / g + 8 (rows x 4^slot 2^-24), in group 8 mb / GP;
 // P'_gi = p vs_gi as for int4. Residual steps load fp16 keys and values into the same fragments (their
@@ -1251,12 +1243,10 @@ template <int D, int GP> struct KeyScales {
     cs_check(sl.off <= LANE_BYTES);
   }
 
-  // The block's B operands qf = q ks (odd slots / 4) and constant per head 2t + j.
+  // The block's B operands qf = q ks / 4^s (slot s) and constant per head 2t + j (x 2^-24).
   __device__ __forceinline__ void fold(const uint32_t (&qh)[S::KW][4][2], uint32_t (&qf)[S::KW][4][2],
                                        float (&cblk)[2]) const {
-
-    constexpr uint32_t neg1024 = 0xE400E400u;
-    float c[4] = {0.f, 0.f, 0.f, 0.f};
+    float c[4] = {-0.f, -0.f, -0.f, -0.f};
 #pragma unroll
     for (int wi = 0; wi < S::KW; ++wi) {
 #pragma unroll
@@ -1276,11 +1266,10 @@ template <int D, int GP> struct KeyScales {
         qf[wi][s][1] = *reinterpret_cast<uint32_t*>(&f1);
         // Rows g + 8 of A are not read (c[2], c[3]): left undefined rather than filled by copies.
         cs_mma16816(c, z0, cs_undefined(), z1, cs_undefined(), qh[wi][s][0], qh[wi][s][1]);  // sum q kz
-        cs_mma16816(c, neg1024, cs_undefined(), neg1024, cs_undefined(), qf[wi][s][0], qf[wi][s][1]);  // -1024 sum B
       }
     }
-    cblk[0] = c[0];
-    cblk[1] = c[1];
+    cblk[0] = c[0] * SUBNORMAL;  // in the key products' unit
+    cblk[1] = c[1] * SUBNORMAL;
   }
 };
 
@@ -1406,10 +1395,12 @@ __global__ void __launch_bounds__(128, Kivi2Shape<D, GP>::MIN_BLOCKS) decode2_ke
 #pragma unroll
         for (int sl = 0; sl < 4; ++sl) {
           const uint32_t a = cur.k[u][0].w[wi], c = cur.k[u][1].w[wi], m = slot_mask(sl);
-          cs_mma16816(s[u], fp16_codes(a, m), fp16_codes(c, m), fp16_codes(a >> 8, m), fp16_codes(c >> 8, m),
-                      qf[wi][sl][0], qf[wi][sl][1]);
+          cs_mma16816(s[u], subnormal_codes(a, m), subnormal_codes(c, m), subnormal_codes(a >> 8, m),
+                      subnormal_codes(c >> 8, m), qf[wi][sl][0], qf[wi][sl][1]);
         }
       }
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[u][e] *= 1.f / SUBNORMAL;
     }
     if (col_next != col) {  // the next step's block: its queries and constant (this step's are used)
       cs_cp_async_wait<1>();

@@ -201,7 +201,6 @@ inline uint32_t cs_transpose8x8(uint32_t x) {
 
 inline float cs_exp2(float x) { return std::exp2(x); }
 
-inline uint32_t cs_and_or(uint32_t a, uint32_t b, uint32_t c) { return (a & b) | c; }
 inline uint32_t cs_and_xor(uint32_t a, uint32_t b, uint32_t c) { return (a & b) ^ c; }
 
 // cp.async: copies are queued per lane and done at the cp.async.wait_group that covers their group (the
