@@ -87,7 +87,7 @@ def loop_body(sass: str) -> list[str]:
 # unrolled by two (tile_loop's PINGPONG) has twice the HMMA and covers twice the tokens.
 CUDA_KERNELS = {"fp8": ("decode8_kernelILi128ELi1E", 16, 16), "int8": ("decode8_kernelILi128ELi2E", 16, 16),
                 "int4": ("decode4_kernelILi128ELi32E", 16, 16), "int4-g32": ("decode4_kernelILi128ELi16E", 16, 16),
-                "kivi2": ("decode2_kernelILi128ELi16E", 32, 48)}
+                "kivi2": ("decode2_kernelILi128ELi16E", 32, 40)}
 
 
 def loops(sass: str, innermost: bool = False) -> list[list[str]]:
