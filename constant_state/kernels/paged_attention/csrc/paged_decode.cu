@@ -18,7 +18,8 @@
 // (TileFeed, CS_L2_AHEAD). Inside a block the strides are constants of the storage layout (codes and
 // per-token scales head-major, int4 / kivi2 value codes token-contiguous; cuda_decode.layout_error). Blocks of 4 warps (work items (row, KV head, split) in order), at least 3
 // resident per SM: 12 warps, at most 168 registers (kivi2 with groups of 32: 2 blocks). The staged
-// variant (ST, fp8 / int8 / int4) fills a per-lane shared-memory ring by cp.async instead (TileFeed).
+// variant (ST, fp8 / int8 / int4) fills a per-lane shared-memory ring by cp.async instead (TileFeed);
+// kivi2's per-block channel scales come the same way, two steps ahead (KeyScales).
 // `benchmarks/offline_sass.py --cuda` counts the main loops' instructions.
 //
 // mma.sync m16n8k16 fragments, lane = 4 g + t: A reg0 (row g, k 2t..2t+1), reg1 (row g+8, same k),
@@ -107,10 +108,6 @@ __device__ __forceinline__ uint32_t cs_undefined() {
   uint32_t x;
   asm volatile("" : "=r"(x));
   return x;
-}
-
-__device__ __forceinline__ void cs_prefetch_l1(const void* ptr) {
-  asm volatile("prefetch.global.L1 [%0];" : : "l"(ptr));
 }
 
 // The 128-byte line holding ptr fetched into L2 (no registers held; each lane its own line).
@@ -950,8 +947,8 @@ template <int D, int GP> struct Int4Shape {
   static constexpr bool PINGPONG = D == 64 || GP == 32;  // tile_loop (head dim 128, groups of 32: spills)
 };
 
-// Bits of w under mask (bytes 0 and 2, at most 10 low bits per half) read as fp16 subnormals: mantissa bits alone (exponent field 0) are the value
-// bits x 2^-24 exactly, with no offset to take off afterwards; the tensor cores multiply subnormal
+// Bits of w under mask (bytes 0 and 2, at most 10 low bits per half) read as fp16 subnormals: mantissa
+// bits alone (exponent field 0) are the value bits x 2^-24 exactly, with no offset to take off afterwards; the tensor cores multiply subnormal
 // operands exactly (the GPU tests hold the kernel to the reference at fp16 rounding). The products
 // carry the factor SUBNORMAL into fp32 accumulators, far from fp32's underflow (2^-126).
 constexpr float SUBNORMAL = 1.f / 16777216.f;  // 2^-24: fp16 with mantissa bits 1
@@ -1223,7 +1220,7 @@ template <int D, int GP, int BS> struct Step2 {  // one 32-token step of codes a
 
 // A block's channel scales and zero points at this thread's dims. After the first block's (loaded
 // directly), each block's are copied by cp.async into one of two per-warp shared-memory buffers two
-// steps before the step that folds them (Kivi2Feed), so the fold reads them at shared-memory latency.
+// steps before the step that folds them (decode2_kernel), so the fold reads them at shared-memory latency.
 template <int D, int GP> struct KeyScales {
   using S = Kivi2Shape<D, GP>;
   Words<S::CH / 2> sc[4], zp[4];  // slot s: fp16 pairs of dims dim(t CH, s) + 0 .. CH - 1

@@ -237,7 +237,6 @@ template <int N> inline void cs_cp_async_wait() {
   }
 }
 
-inline void cs_prefetch_l1(const void*) {}
 inline void cs_prefetch_l2(const void*) {}
 inline uint32_t cs_undefined() { return 0x7E007E00u; }  // NaN halves: a row that is read would show it
 
