@@ -16,9 +16,10 @@
 // register buffers used in turn (tile_loop; copied where the unrolled loop would spill), from block ids
 // read from the block table ahead; int4 and kivi2 tiles are also prefetched into L2 a tile earlier
 // (TileFeed, CS_L2_AHEAD). Inside a block the strides are constants of the storage layout (codes and
-// per-token scales head-major, int4 / kivi2 value codes token-contiguous; cuda_decode.layout_error). Blocks of 4 warps (work items (row, KV head, split) in order), at least 3
-// resident per SM: 12 warps, at most 168 registers (kivi2 with groups of 32: 2 blocks). The staged
-// variant (ST, fp8 / int8 / int4) fills a per-lane shared-memory ring by cp.async instead (TileFeed);
+// per-token scales head-major, int4 / kivi2 value codes token-contiguous; cuda_decode.layout_error).
+// Blocks of 4 warps (work items (row, KV head, split) in order), at least 3 resident per SM: 12 warps,
+// at most 168 registers (kivi2 with groups of 32: 2 blocks). The staged variant (ST, fp8 / int8 /
+// int4) fills a per-lane shared-memory ring by cp.async instead (TileFeed);
 // kivi2's per-block channel scales come the same way, two steps ahead (KeyScales).
 // `benchmarks/offline_sass.py --cuda` counts the main loops' instructions.
 //
@@ -236,6 +237,8 @@ struct Slot {  // this lane's share of one stage
   uint8_t* base = nullptr;  // the warp's stage
   int lane = 0;
   int off = 0;              // bytes per lane taken so far
+  Slot() = default;
+  __device__ __forceinline__ Slot(uint8_t* base_, int lane_) : base(base_), lane(lane_) {}
   template <int SZ> __device__ __forceinline__ uint8_t* take() {
     uint8_t* r = base + 32 * off + SZ * lane;
     off += SZ;
@@ -462,12 +465,7 @@ struct TileFeed {
     ring = smem + (threadIdx.x >> 5) * (S * 32 * LANE_BYTES);
   }
 
-  __device__ __forceinline__ Slot slot(int i) const {
-    Slot s;
-    s.base = ring + (i % S) * (32 * LANE_BYTES);
-    s.lane = lane;
-    return s;
-  }
+  __device__ __forceinline__ Slot slot(int i) const { return Slot(ring + (i % S) * (32 * LANE_BYTES), lane); }
   __device__ __forceinline__ int block(int i) const { return bt_row[tiles.start(i) >> bs_shift]; }
   __device__ __forceinline__ void prefetch(int blk, int i) const {
     const int tb = tiles.start(i) & bs_mask;
@@ -948,8 +946,8 @@ template <int D, int GP> struct Int4Shape {
 };
 
 // Bits of w under mask (bytes 0 and 2, at most 10 low bits per half) read as fp16 subnormals: mantissa
-// bits alone (exponent field 0) are the value bits x 2^-24 exactly, with no offset to take off afterwards; the tensor cores multiply subnormal
-// operands exactly (the GPU tests hold the kernel to the reference at fp16 rounding). The products
+// bits alone (exponent field 0) are the value bits x 2^-24 exactly, with no offset to take off
+// afterwards; the tensor cores multiply subnormal operands exactly (the GPU tests hold the kernel to the reference at fp16 rounding). The products
 // carry the factor SUBNORMAL into fp32 accumulators, far from fp32's underflow (2^-126).
 constexpr float SUBNORMAL = 1.f / 16777216.f;  // 2^-24: fp16 with mantissa bits 1
 __device__ __forceinline__ uint32_t subnormal_codes(uint32_t w, uint32_t mask) { return w & mask; }
@@ -1331,31 +1329,24 @@ __global__ void __launch_bounds__(128, Kivi2Shape<D, GP>::MIN_BLOCKS) decode2_ke
   CS_DYNAMIC_SMEM(smem);
   uint8_t* const kbuf = smem + (threadIdx.x >> 5) * KS::SMEM_PER_WARP;
   int copy_buf = 0, fold_buf = 0;
-  auto kslot = [&](int buf) {
-    Slot sl;
-    sl.base = kbuf + buf * (32 * KS::LANE_BYTES);
-    sl.lane = threadIdx.x & 31;
-    return sl;
-  };
-  // The queries' B operand waits in shared memory (this lane's share) and is read by each fold, so its
-  // registers are not held through the steps.
-  uint8_t* const qbuf = kbuf + 2 * 32 * KS::LANE_BYTES + 16 * (threadIdx.x & 31);
+  auto kslot = [&](int buf) { return Slot(kbuf + buf * (32 * KS::LANE_BYTES), threadIdx.x & 31); };
+  // The queries' B operand waits in shared memory (this lane's share, after the two buffers) and is read
+  // by each fold, so its registers are not held through the steps.
   auto q_store = [&] {
+    Slot sl = kslot(2);
 #pragma unroll
     for (int wi = 0; wi < KW; ++wi)
 #pragma unroll
       for (int s2 = 0; s2 < 2; ++s2)
-        *reinterpret_cast<uint4*>(qbuf + 32 * 16 * (2 * wi + s2)) =
+        *reinterpret_cast<uint4*>(sl.take<16>()) =
             make_uint4(qh[wi][2 * s2][0], qh[wi][2 * s2][1], qh[wi][2 * s2 + 1][0], qh[wi][2 * s2 + 1][1]);
   };
   auto q_read = [&](uint32_t (&q)[KW][4][2]) {
+    Slot sl = kslot(2);
 #pragma unroll
     for (int wi = 0; wi < KW; ++wi)
 #pragma unroll
-      for (int s2 = 0; s2 < 2; ++s2) {
-        const uint4 x = *reinterpret_cast<const uint4*>(qbuf + 32 * 16 * (2 * wi + s2));
-        q[wi][2 * s2][0] = x.x; q[wi][2 * s2][1] = x.y; q[wi][2 * s2 + 1][0] = x.z; q[wi][2 * s2 + 1][1] = x.w;
-      }
+      for (int s2 = 0; s2 < 2; ++s2) read_words<16>(sl.take<16>(), &q[wi][2 * s2][0]);
   };
   q_store();
   int col = -1;
