@@ -18,6 +18,8 @@ Each argument is a format followed by ``:``-separated switches:
   ``cuda_decode`` (fp8, int8, int4, kivi2) or the Triton one;
 - ``st``: the CUDA kernel's variant that stages tiles through shared memory by cp.async
   (``cuda_decode.STAGED``; its depth ``CONSTANT_STATE_DECODE_STAGES`` is compiled in: one per run);
+- ``np``: the one-tile loop where the paired one would serve (``cuda_decode.PAIRED`` off; int4 with at
+  most 4 query heads per KV head runs two tiles per step by default);
 - ``seqbt``: each row's blocks consecutive in the pool (default: a random permutation, as
   bench_kv_decode.py);
 - ``cu=PATH``: the CUDA kernel built from another copy of ``csrc/paged_decode.cu`` (a variant under
@@ -117,7 +119,8 @@ def run_variant(spec: str, batch: int, ctx: int, q: torch.Tensor, seq: torch.Ten
     layout = tuple(sorted(s for s in switches if s in ("vt", "tm", "kt", "seqbt")))
     st, extra, bt = cached_storage(fmt, bs, batch, ctx, layout, q.device)
     kind = st.cache.kind
-    saved = (decode_quant.OFFSET_KEYS, decode_quant.OFFSET_VALUES, decode_quant.ASM_FORMATS, cuda_decode.STAGED)
+    saved = (decode_quant.OFFSET_KEYS, decode_quant.OFFSET_VALUES, decode_quant.ASM_FORMATS, cuda_decode.STAGED,
+             cuda_decode.PAIRED)
     source = next((s[3:] for s in switches if s.startswith("cu=")), None)
     defines = COMPUTE_ONLY if "nomem" in switches else ()
     backend = next((s for s in switches if s in ("cuda", "triton")), "")
@@ -128,6 +131,7 @@ def run_variant(spec: str, batch: int, ctx: int, q: torch.Tensor, seq: torch.Ten
     if "noptx" in switches:
         decode_quant.ASM_FORMATS = {}
     cuda_decode.STAGED = int("st" in switches)
+    cuda_decode.PAIRED = int("np" not in switches)
     cfgs = [s for s in switches if "," in s]
     cfg = tuple(int(x) for x in cfgs[0].split(",")) if cfgs else None
     splits = [int(s[1:]) for s in switches if re.fullmatch(r"s\d+", s)]
@@ -137,7 +141,8 @@ def run_variant(spec: str, batch: int, ctx: int, q: torch.Tensor, seq: torch.Ten
         with backend_of(f"{fmt}:{backend}"), kernel_source(source, defines):
             us = bench_graph(lambda: paged_attention(q, st.cache, bt, seq, D ** -0.5, config=cfg, **extra))
     finally:
-        decode_quant.OFFSET_KEYS, decode_quant.OFFSET_VALUES, decode_quant.ASM_FORMATS, cuda_decode.STAGED = saved
+        (decode_quant.OFFSET_KEYS, decode_quant.OFFSET_VALUES, decode_quant.ASM_FORMATS, cuda_decode.STAGED,
+         cuda_decode.PAIRED) = saved
     nbytes = batch * m * get_format(fmt).page_bytes(bs, HKV, D)
     return dict(variant=spec, batch=batch, context=ctx, us=us, tb_s=nbytes / us / 1e6)
 

@@ -15,7 +15,7 @@ instructions with 3.6, 866 with 3.9): compile with the GPU's version, e.g. ``pip
 loops with their instruction counts (the main loop walks 16-token tiles, kivi2's 32-token steps; one
 warp per split, so per-token figures are loop body / tokens per iteration).
 
-    python benchmarks/offline_sass.py --cuda --kind int4 [--staged]
+    python benchmarks/offline_sass.py --cuda --kind int4 [--staged | --paired]
 """
 
 from __future__ import annotations
@@ -113,7 +113,11 @@ def loops(sass: str, innermost: bool = False) -> list[list[str]]:
     return sorted((instrs[a:b] for a, b in spans), key=len, reverse=True)
 
 
-def cuda_main(kind: str, staged: bool, top: int) -> None:
+# The paired loops (two 16-token tiles per step, G <= 4): (mangled name prefix, tokens, HMMA per step).
+CUDA_PAIRED = {"int4": ("decode4_pair_kernelILi128ELi32E", 32, 32)}
+
+
+def cuda_main(kind: str, staged: bool, top: int, paired: bool = False) -> None:
     from constant_state.kernels.paged_attention import cuda_decode
 
     nvcc = cuda_decode._nvcc()
@@ -123,8 +127,10 @@ def cuda_main(kind: str, staged: bool, top: int) -> None:
     res = subprocess.run([nvcc, "-O3", "-std=c++17", "-cubin", "-gencode=arch=compute_90,code=sm_90", "-Xptxas", "-v",
                           f"-DCS_STAGES={cuda_decode.STAGES}", "-o", cubin, str(cuda_decode.SOURCE)],
                          capture_output=True, text=True, check=True)
-    name, step_tokens, step_mma = CUDA_KERNELS[kind]
-    if kind != "kivi2":  # kivi2 has no staged variant
+    if paired and kind not in CUDA_PAIRED:
+        raise SystemExit(f"--paired: {kind} has no paired loop (paired: {', '.join(CUDA_PAIRED)})")
+    name, step_tokens, step_mma = CUDA_PAIRED[kind] if paired else CUDA_KERNELS[kind]
+    if kind != "kivi2" and not paired:  # kivi2 and the paired loops have no staged variant
         name += "Lb1E" if staged else "Lb0E"
     if kind in ("int4", "int4-g32", "kivi2"):  # packed formats: the block size is a template parameter
         name += f"Li{FORMATS[kind][3]}E"
@@ -156,9 +162,11 @@ def main() -> None:
     ap.add_argument("--cuda", action="store_true", help="the CUDA decode kernel (nvcc) instead of the Triton one")
     ap.add_argument("--staged", action="store_true",
                     help="--cuda: the variant that stages tiles through shared memory (cp.async)")
+    ap.add_argument("--paired", action="store_true",
+                    help="--cuda: the paired loop (two tiles per step, G <= 4; int4)")
     a = ap.parse_args()
     if a.cuda:
-        cuda_main(a.kind, a.staged, a.top)
+        cuda_main(a.kind, a.staged, a.top, a.paired)
         return
     cfg = [int(x) for x in a.config.split(",")] if a.config else list(decode_quant.TILE_CONFIGS[a.kind.split("-")[0]])
     block_n, warps, stages, *cap = cfg

@@ -118,15 +118,20 @@ def _need_cuda_decode():
     dict(lens=[4099, 333], gqa=4, d=128, bs=16, qdtype=torch.float16),
     dict(lens=[16, 32, 17], gqa=5, d=64, bs=16, num_splits=1),
 ], ids=["sinks-window", "window-bs32", "splits7-bs64", "fp16-queries", "one-split-gqa5"])
-@pytest.mark.parametrize("staged", [0, 1], ids=["direct", "staged"])
-def test_cuda_decode(fmt, case, staged, monkeypatch):
+@pytest.mark.parametrize("variant", ["direct", "unpaired", "staged"])
+def test_cuda_decode(fmt, case, variant, monkeypatch):
     """The CUDA decode kernel serves on this GPU (it must build: no silent Triton fallback) and
     matches the reference with sinks, windows, block sizes 16-64, split counts, GQA 2/4/5/8, fp16 queries;
-    ``staged``: its variant that stages tiles through shared memory (cp.async)."""
+    ``direct``: the default (int4 with G <= 4: the paired loop), ``unpaired``: the one-tile loop where
+    the paired one would serve, ``staged``: the variant that stages tiles through shared memory (cp.async)."""
     from constant_state.kernels.paged_attention import cuda_decode
 
     _need_cuda_decode()
-    monkeypatch.setattr(cuda_decode, "STAGED", staged)
+    group = 32 if fmt.endswith("g32") else 64
+    if variant == "unpaired" and not cuda_decode.paired_for(fmt.split("-")[0], group, case["gqa"], 0, 1):
+        pytest.skip("the paired loop does not serve this case: direct runs the same kernel")
+    monkeypatch.setattr(cuda_decode, "STAGED", int(variant == "staged"))
+    monkeypatch.setattr(cuda_decode, "PAIRED", int(variant == "direct"))
     run_case(fmt, 1, backend="cuda", **case)
 
 

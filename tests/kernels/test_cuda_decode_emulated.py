@@ -35,7 +35,7 @@ def emulated(tmp_path_factory):
 
 
 def run(fmt, lens, gqa, d, bs, window=None, sinks=0, qdtype=torch.bfloat16, num_splits=None, hkv=2, seed=0,
-        staged=0, token_major=False, key_ramp=0.0):
+        staged=0, token_major=False, key_ramp=0.0, paired=None):
     gen = torch.Generator().manual_seed(seed)
     b, m = len(lens), -(-max(lens) // bs) + 1
     n = b * m + 5
@@ -55,7 +55,7 @@ def run(fmt, lens, gqa, d, bs, window=None, sinks=0, qdtype=torch.bfloat16, num_
     assert cuda_decode.KINDS[kind]
     assert cuda_decode.staged_for(kind, tensors[2], tensors[3], staged) == staged
     out = cuda_decode.decode_emulated(q, kind, group, tensors, bt, seq, d ** -0.5, window, sinks, num_splits,
-                                      staged=staged)
+                                      staged=staged, paired=paired)
     ref = quant_paged_attention_ref(q.float(), st.cache, bt, seq, d ** -0.5, window, sinks=sinks)
     err = (out.float() - ref).abs().max().item()
     assert err <= TIGHT[qdtype], f"{fmt}: emulated CUDA kernel vs reference {err:.3e}"
@@ -70,11 +70,17 @@ def run(fmt, lens, gqa, d, bs, window=None, sinks=0, qdtype=torch.bfloat16, num_
     dict(lens=[16, 32, 17], gqa=5, d=64, bs=16, num_splits=1),
     dict(lens=[77], gqa=1, d=64, bs=16, num_splits=3, hkv=1),
 ], ids=["sinks-window", "window-bs32", "splits7-bs64", "fp16-queries", "one-split-gqa5", "mha-d64"])
-@pytest.mark.parametrize("staged", [0, 1], ids=["direct", "staged"])
-def test_emulated_cuda_decode(fmt, case, staged):
-    """``staged``: the variant whose tiles go through shared memory by cp.async (the emulation does each
-    copy at the latest wait that covers it, so a stage read before its wait sees stale bytes)."""
-    run(fmt, **case, staged=staged)
+@pytest.mark.parametrize("variant", ["direct", "unpaired", "staged"])
+def test_emulated_cuda_decode(fmt, case, variant):
+    """``direct``: the default kernel (int4 with at most 4 query heads per KV head: the paired loop, two
+    tiles per step); ``unpaired``: the one-tile loop where the paired one would serve; ``staged``: the
+    variant whose tiles go through shared memory by cp.async (the emulation does each copy at the latest
+    wait that covers it, so a stage read before its wait sees stale bytes)."""
+    paired = int(variant == "direct")
+    group = 32 if fmt.endswith("g32") else 64
+    if variant == "unpaired" and not cuda_decode.paired_for(fmt.split("-")[0], group, case["gqa"], 0, 1):
+        pytest.skip("the paired loop does not serve this case: direct runs the same kernel")
+    run(fmt, **case, staged=int(variant == "staged"), paired=paired)
 
 
 @pytest.mark.parametrize("fmt", ["fp8", "int8", "int4"])

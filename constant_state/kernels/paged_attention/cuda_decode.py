@@ -54,6 +54,13 @@ def _env_int(name: str, default: str, allowed) -> int:
 # Environment: CONSTANT_STATE_DECODE_STAGED (0/1) and CONSTANT_STATE_DECODE_STAGES (compiled in, >= 2).
 STAGED = _env_int("CONSTANT_STATE_DECODE_STAGED", "0", ("0", "1"))
 STAGES = _env_int("CONSTANT_STATE_DECODE_STAGES", "4", tuple(str(n) for n in range(2, 9)))
+# 1: with at most PAIR_MAX_G query heads per KV head, the formats of PAIRED_KINDS run the paired loop:
+# two 16-token tiles per step share one score fragment (tile A's tokens in its columns 0-3, tile B's in
+# 4-7), so the scores, softmax and P' of 32 tokens cost what one tile's did (paged_decode.cu,
+# PairFeed). Environment: CONSTANT_STATE_DECODE_PAIRED (0/1).
+PAIRED = _env_int("CONSTANT_STATE_DECODE_PAIRED", "1", ("0", "1"))
+PAIRED_KINDS = (("int4", 64),)  # int4 with groups of 32 spills in the paired loop: 423 against 387 us
+PAIR_MAX_G = 4
 # Per-split cost besides its tiles for decode.wave_splits, in 16-token tiles: a warp's prologue (queries,
 # the first tiles' latency), its partial, its share of the merge. 8 (not Triton's 1) keeps one wave
 # where a near-tie of the tile counts offered several. H200 (docs/benchmarks.md, eleventh session),
@@ -72,7 +79,8 @@ class _Params(ctypes.Structure):
                 + [(n, ctypes.c_int32) for n in ("k_sb", "k_st", "k_sh", "v_sb", "v_st", "v_sh",
                                                   "ks_sb", "ks_st", "ks_sh", "vs_sb", "vs_st", "vs_sh", "v_sc")]
                 + [(n, ctypes.c_int32) for n in ("hq", "hkv", "g", "m", "bs", "bs_shift", "window", "sinks",
-                                                  "has_window", "splits", "chunk", "q_bf16", "r", "items", "staged")]
+                                                  "has_window", "splits", "chunk", "q_bf16", "r", "items", "staged",
+                                                  "paired")]
                 + [("scale_log2", ctypes.c_float)])
 
 
@@ -150,7 +158,7 @@ def build_emulated(cxx: str | None = None) -> Path:
 def _load(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     lib.cs_decode.argtypes = [ctypes.POINTER(_Params)] + [ctypes.c_int] * 6 + [ctypes.c_void_p]
-    lib.cs_decode_occupancy.argtypes = [ctypes.c_int] * 7 + [ctypes.POINTER(ctypes.c_int)]
+    lib.cs_decode_occupancy.argtypes = [ctypes.c_int] * 8 + [ctypes.POINTER(ctypes.c_int)]
     if lib.cs_decode_params_size() != ctypes.sizeof(_Params):
         raise RuntimeError(f"{SOURCE.name} and cuda_decode._Params disagree on the parameter layout")
     return lib
@@ -243,11 +251,13 @@ def supports(kind: str, group: int, q: torch.Tensor, tensors, hkv: int,
 
 
 @functools.lru_cache(maxsize=64)
-def warp_slots(kind: str, d: int, group: int, device_index: int, staged: int = 0, bs: int = 16) -> int:
+def warp_slots(kind: str, d: int, group: int, device_index: int, staged: int = 0, bs: int = 16,
+               paired: int = 0) -> int:
     """Warps resident on the whole GPU at once (CUDA occupancy calculator x SMs x warps per block)."""
     lib = _library(_arch(torch.device("cuda", device_index)))
     blocks = ctypes.c_int(0)
-    err = lib.cs_decode_occupancy(KINDS[kind], d, group, bs, staged, WARPS, device_index, ctypes.byref(blocks))
+    err = lib.cs_decode_occupancy(KINDS[kind], d, group, bs, staged, paired, WARPS, device_index,
+                                  ctypes.byref(blocks))
     if err:
         raise RuntimeError(f"cudaOccupancyMaxActiveBlocksPerMultiprocessor failed ({err})")
     sms = torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -261,17 +271,25 @@ def staged_for(kind: str, ks: torch.Tensor, vs: torch.Tensor, staged: int | None
     return int(bool(on) and kind != "kivi2" and ks.stride(0) % 2 == 0 and vs.stride(0) % 2 == 0)
 
 
+def paired_for(kind: str, group: int, g: int, staged: int, paired: int | None = None) -> int:
+    """1 where the paired loop serves: ``paired`` (default :data:`PAIRED`) on, a (format, group) of
+    :data:`PAIRED_KINDS`, the direct kernel, and at most PAIR_MAX_G query heads per KV head (two tiles
+    share the 8 columns of one score fragment)."""
+    on = PAIRED if paired is None else paired
+    return int(bool(on) and (kind, group) in PAIRED_KINDS and not staged and g <= PAIR_MAX_G)
+
+
 def _params(q, kind, group, tensors, block_tables, seq_lens, scale, sliding_window, sinks, num_splits, slots,
-            res_k=None, res_v=None, staged=0):
+            res_k=None, res_v=None, staged=0, paired=0):
     """(parameter block, out, part, ml, splits) of one launch; ``slots`` = resident warps (for the split
-    count); ``staged``: the launch's :func:`staged_for`."""
+    count); ``staged`` / ``paired``: the launch's :func:`staged_for` / :func:`paired_for`."""
     from .decode import _split_buffers, _split_chunks, wave_splits
 
     k, v, ks, vs, kz, vz = tensors
     b, _, hq, d = q.shape
     n, bs, hkv = k.shape[:3]
     m = block_tables.shape[1]
-    step = STEPS.get(kind, TILE)
+    step = 2 * TILE if paired else STEPS.get(kind, TILE)
     n_tiles = -(-(m * bs) // step)
     if num_splits is None:
         num_splits = wave_splits(b * hkv, n_tiles, slots(), SPLIT_OVERHEAD_TILES * TILE / step)
@@ -285,7 +303,7 @@ def _params(q, kind, group, tensors, block_tables, seq_lens, scale, sliding_wind
                 seq_lens.data_ptr(), res[0], res[1], k.stride(0), k.stride(1), k.stride(2), v.stride(0),
                 v.stride(1), v.stride(2), *kstr, vs.stride(0), vs.stride(1), vs.stride(2), v.stride(3),
                 hq, hkv, hq // hkv, m, bs, bs.bit_length() - 1, sliding_window or 0, sinks, sliding_window is not None,
-                num_splits, chunk, q.dtype == torch.bfloat16, res[2], b * hkv * num_splits, staged,
+                num_splits, chunk, q.dtype == torch.bfloat16, res[2], b * hkv * num_splits, staged, paired,
                 scale * 1.4426950408889634)
     return p, out, part, ml, num_splits
 
@@ -299,9 +317,10 @@ def decode(q, kind, group, tensors, block_tables, seq_lens, scale, sliding_windo
 
     d, dev = q.shape[-1], q.device.index or 0
     st = staged_for(kind, tensors[2], tensors[3])
-    slots = lambda: warp_slots(kind, d, group, dev, st, tensors[0].shape[1])  # noqa: E731
+    pa = paired_for(kind, group, q.shape[2] // tensors[0].shape[2], st)
+    slots = lambda: warp_slots(kind, d, group, dev, st, tensors[0].shape[1], pa)  # noqa: E731
     p, out, part, ml, splits = _params(q, kind, group, tensors, block_tables, seq_lens, scale, sliding_window,
-                                       sinks, num_splits, slots, res_k, res_v, st)
+                                       sinks, num_splits, slots, res_k, res_v, st, pa)
     err = _library(_arch(q.device)).cs_decode(ctypes.byref(p), KINDS[kind], d, group, q.shape[0], WARPS, dev,
                                              torch.cuda.current_stream(q.device).cuda_stream)
     if err:
@@ -311,7 +330,7 @@ def decode(q, kind, group, tensors, block_tables, seq_lens, scale, sliding_windo
 
 
 def decode_emulated(q, kind, group, tensors, block_tables, seq_lens, scale, sliding_window=None, sinks=0,
-                    num_splits=None, res_k=None, res_v=None, staged=None):
+                    num_splits=None, res_k=None, res_v=None, staged=None, paired=None):
     """:func:`decode` on CPU tensors through :func:`emulated_library` (the kernels' source, each lane a
     thread), split partials merged by :func:`.ref.merge_splits_ref`. Arguments as :func:`decode` takes
     them from ``decode.paged_attention`` (contiguous ``q``, int32 tables and lengths); ``staged`` as
@@ -322,9 +341,10 @@ def decode_emulated(q, kind, group, tensors, block_tables, seq_lens, scale, slid
     if why is not None:
         raise ValueError(f"emulated decode: {why}")
     d = q.shape[-1]
+    st = staged_for(kind, tensors[2], tensors[3], staged)
     p, out, part, ml, splits = _params(q, kind, group, tensors, block_tables, seq_lens, scale, sliding_window,
                                        sinks, num_splits, lambda: 4 * WARPS * 3, res_k, res_v,  # 4 emulated SMs
-                                       staged_for(kind, tensors[2], tensors[3], staged))
+                                       st, paired_for(kind, group, q.shape[2] // tensors[0].shape[2], st, paired))
     err = emulated_library().cs_decode(ctypes.byref(p), KINDS[kind], d, group, q.shape[0], WARPS, 0, None)
     if err:
         raise RuntimeError("emulated decode: lanes of a warp diverged at a collective" if err == -1

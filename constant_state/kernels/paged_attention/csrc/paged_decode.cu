@@ -67,6 +67,7 @@ struct DecodeParams {
   int32_t r;          // kivi2: residual window R
   int32_t items;      // warps' work items: B x Hkv x splits
   int32_t staged;     // 1: fp8 / int8 / int4 tiles staged through shared memory by cp.async (cuda_decode.STAGED)
+  int32_t paired;     // 1: two tiles per step where the format has the paired loop (int4; g <= 4; cuda_decode.paired_for)
   float scale_log2;
 };
 
@@ -514,6 +515,47 @@ struct TileFeed {
   }
 };
 
+// Paired loops (G <= 4 query heads per KV head: the query heads fill 4 of the 8 columns of S^T, so
+// two 16-token tiles share one fragment, tile A's tokens in columns 0-3 and tile B's in 4-7, and the
+// scores, softmax and P' of 32 tokens cost what one tile's did). Step k computes tiles 2k (A) and
+// 2k + 1 (B); each register of their codes and scales is reloaded with step k + 1's right after its
+// last use in step k (no second buffer, and each load gets about a whole step of lead). PairFeed gives
+// those loads their block ids (id(0), id(1): tiles 2k + 2, 2k + 3), read from the block table three
+// steps ahead; tiles past the split get block 0 (loaded, never used: their rows are masked), so the
+// loads need no branches. No L2 look-ahead: with a step of lead it only added L2 traffic (H200, int4 at
+// batch 32 / 32k: 336 us without, 349 with).
+struct PairFeed {
+  const SplitTiles<16>& tiles;
+  int n;  // tiles of the split
+  const int32_t* bt_row;
+  int bs_shift, bs_mask;
+  int nb[3][2];  // block ids of the tiles of steps k + 1, k + 2, k + 3
+
+  __device__ __forceinline__ PairFeed(const DecodeParams& p, const WarpWork<16>& w)
+      : tiles(w.tiles), n(w.tiles.n), bt_row(w.bt_row), bs_shift(p.bs_shift), bs_mask(p.bs - 1) {
+#pragma unroll
+    for (int j = 0; j < 3; ++j) {
+      nb[j][0] = block(2 * j + 2);
+      nb[j][1] = block(2 * j + 3);
+    }
+  }
+  __device__ __forceinline__ int steps() const { return (n + 1) >> 1; }
+  __device__ __forceinline__ int block(int i) const { return i < n ? bt_row[tiles.start(i) >> bs_shift] : 0; }
+  // A tile's first token inside its block (tiles past the split: 0, with block 0).
+  __device__ __forceinline__ int in_block(int i) const { return i < n ? tiles.start(i) & bs_mask : 0; }
+  __device__ __forceinline__ int id(int x) const { return nb[0][x]; }  // tile 2k + 2 + x (step k + 1)
+  __device__ __forceinline__ int own_id(int up) const { return up ? nb[0][1] : nb[0][0]; }  // a lane's tile
+  // At the end of step k: ids move down, step k + 4's are read.
+  __device__ __forceinline__ void next(int k) {
+#pragma unroll
+    for (int x = 0; x < 2; ++x) {
+      nb[0][x] = nb[1][x];
+      nb[1][x] = nb[2][x];
+      nb[2][x] = block(2 * k + 8 + x);
+    }
+  }
+};
+
 // Head g's query row, elements times scale * log2(e) (lanes past the G heads read row 0 times 0).
 struct QueryRow {
   const uint16_t* row;
@@ -704,6 +746,37 @@ __device__ __forceinline__ void store_packed(const DecodeParams& p, int b, int h
       val[2 * mi + 1] = (o[mi][2 + j] * (1.f / factor(mi, 1)) + zs[gi]) * inv;
     }
     store_head<D / 8>(p, b, h, split, head, val, sm.m[j], l, g, dim);
+  }
+}
+
+// Paired loops (PairFeed): columns c and c + 4 (lanes t and t ^ 2) hold one query head's partials over
+// the A and B tiles; both lanes end with the merged partial: running max, sums l, and the accumulators
+// acc (o and the zero-point sums: column 2t + j at acc[i][j] and acc[i][2 + j] for o, at zacc[gi][j]).
+// A partial with no visible token (max -inf, sums 0) gets the factor 0.
+template <int MT, int NG>
+__device__ __forceinline__ void merge_pair_columns(Softmax& sm, float (&o)[MT][4], GroupSums<NG>& sums) {
+  const float neg_inf = -__int_as_float(0x7f800000);
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    const float mo = __shfl_xor_sync(FULL, sm.m[j], 2), lo = __shfl_xor_sync(FULL, sm.l[j], 2);
+    const float z = Softmax::reference(fmaxf(sm.m[j], mo));
+    const float fa = sm.m[j] == neg_inf ? 0.f : cs_exp2(sm.m[j] - z);
+    const float fb = mo == neg_inf ? 0.f : cs_exp2(mo - z);
+    sm.m[j] = fmaxf(sm.m[j], mo);
+    sm.l[j] = sm.l[j] * fa + lo * fb;
+#pragma unroll
+    for (int gi = 0; gi < NG; ++gi) {
+      const float x = __shfl_xor_sync(FULL, sums.zacc[gi][j], 2);
+      sums.zacc[gi][j] = sums.zacc[gi][j] * fa + x * fb;
+    }
+#pragma unroll
+    for (int mi = 0; mi < MT; ++mi) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const float x = __shfl_xor_sync(FULL, o[mi][2 * r + j], 2);
+        o[mi][2 * r + j] = o[mi][2 * r + j] * fa + x * fb;
+      }
+    }
   }
 }
 
@@ -1006,22 +1079,20 @@ template <int D, int GP, int BS> struct Tile4 {  // BS: tokens per block (value 
   }
 };
 
-template <int D, int GP, bool ST, int BS>
-__global__ void __launch_bounds__(128, 3) decode4_kernel(const DecodeParams p) {
+// The arithmetic of int4 decode (decode4_kernel, decode4_pair_kernel): this lane's query operands, a
+// tile's key products per group, its scores, its value products, the outputs.
+template <int D, int GP> struct Int4Ops {
   using S = Int4Shape<D, GP>;
-  constexpr int NG = S::NG, CW = S::CW, MT = S::MT;
-  const WarpWork<> w(p);
-  if (!w.valid) return;
-  const int g = w.g, t = w.t, b = w.b, h = w.h, split = w.split, seq_len = w.seq_len;
-  const auto& tiles = w.tiles;
-  const int r0 = 2 * g;  // this lane's tokens in a tile: rows g (r0) and g+8 (r0 + 1)
-
-  // Queries: k-step (gi, wi, hh) pairs bytes (i, i+2) [reg0] and (i+1, i+3) [reg1] of word wi of this
-  // thread's chunk of group gi, i = gi GP + t GP/4 + 4 wi; hh = 1: high-nibble dims, queries / 16.
+  static constexpr int NG = S::NG, CW = S::CW, MT = S::MT;
+  // Queries (B operand, column g = query head `head`): k-step (gi, wi, hh) pairs bytes (i, i+2) [reg0]
+  // and (i+1, i+3) [reg1] of word wi of this thread's chunk of group gi, i = gi GP + t GP/4 + 4 wi;
+  // hh = 1: high-nibble dims, queries / 16.
   uint32_t qf[NG][CW][2][2];
-  float qs_g[NG];  // this thread's share for head g
-  {
-    const QueryRow qv(p, b, h, g, D);
+  float qs[NG][2];  // per column 2t + j: the group sums of its query (lanes 4 (2t + j) hold it)
+
+  __device__ __forceinline__ Int4Ops(const DecodeParams& p, int b, int h, int head, int g, int t) {
+    float qs_g[NG];  // this thread's share for column g
+    const QueryRow qv(p, b, h, head, D);
 #pragma unroll
     for (int gi = 0; gi < NG; ++gi) {
       qs_g[gi] = 0.f;
@@ -1043,16 +1114,81 @@ __global__ void __launch_bounds__(128, 3) decode4_kernel(const DecodeParams p) {
         }
       }
     }
-  }
-  // Per column (head 2t + j): the group sums of that head (lanes 4 (2t + j) hold head 2t + j).
-  float qs[NG][2];
 #pragma unroll
-  for (int gi = 0; gi < NG; ++gi) {
-    const float c = xor_sum_t(qs_g[gi]);
+    for (int gi = 0; gi < NG; ++gi) {
+      const float c = xor_sum_t(qs_g[gi]);
 #pragma unroll
-    for (int j = 0; j < 2; ++j) qs[gi][j] = __shfl_sync(FULL, c, 4 * (2 * t + j));
+      for (int j = 0; j < 2; ++j) qs[gi][j] = __shfl_sync(FULL, c, 4 * (2 * t + j));
+    }
   }
 
+  // S^T of one tile per group (x 2^-24): key words k0 / k1 of its rows r0 / r0 + 1 (Tile4's).
+  __device__ __forceinline__ void keys(const Words<CW> (&k0)[NG], const Words<CW> (&k1)[NG], float (&sg)[NG][4]) const {
+#pragma unroll
+    for (int gi = 0; gi < NG; ++gi) {
+      sg[gi][0] = sg[gi][1] = sg[gi][2] = sg[gi][3] = 0.f;
+#pragma unroll
+      for (int wi = 0; wi < CW; ++wi) {
+        const uint32_t a = k0[gi].w[wi], c = k1[gi].w[wi];
+        const uint32_t a8 = a >> 8, c8 = c >> 8;
+        cs_mma16816(sg[gi], subnormal_codes(a, 0x000F000Fu), subnormal_codes(c, 0x000F000Fu),
+                    subnormal_codes(a8, 0x000F000Fu), subnormal_codes(c8, 0x000F000Fu), qf[gi][wi][0][0],
+                    qf[gi][wi][0][1]);
+        cs_mma16816(sg[gi], subnormal_codes(a, 0x00F000F0u), subnormal_codes(c, 0x00F000F0u),
+                    subnormal_codes(a8, 0x00F000F0u), subnormal_codes(c8, 0x00F000F0u), qf[gi][wi][1][0],
+                    qf[gi][wi][1][1]);
+      }
+    }
+  }
+
+  // Scores of rows r0 (s[0..1]) and r0 + 1 (s[2..3]): sum_gi 2^24 s_gi S_gi + z_gi QS_gi.
+  __device__ __forceinline__ void scores(const float (&sg)[NG][4], const Halves<2 * NG>& ks, const Halves<2 * NG>& kz,
+                                         float (&s)[4]) const {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) s[e] = -0.f;  // -0: the first group's adds fold away (Softmax::exp2_sum)
+#pragma unroll
+    for (int gi = 0; gi < NG; ++gi) {
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {  // chained FFMA (no separate product and add)
+        s[j] = fmaf(ks[gi] * (1.f / SUBNORMAL), sg[gi][j], fmaf(kz[gi], qs[gi][j], s[j]));
+        s[2 + j] = fmaf(ks[NG + gi] * (1.f / SUBNORMAL), sg[gi][2 + j], fmaf(kz[NG + gi], qs[gi][j], s[2 + j]));
+      }
+    }
+  }
+
+  // O^T += the m-tiles of group gi of value words v times its B operand (pb0, pb1).
+  static __device__ __forceinline__ void values(int gi, const uint32_t (&v)[MT], uint32_t pb0, uint32_t pb1,
+                                                float (&o)[MT][4]) {
+#pragma unroll
+    for (int mi = gi * GP / 8; mi < (gi + 1) * GP / 8; ++mi) {
+      const uint32_t w = v[mi], w8 = w >> 8;
+      cs_mma16816(o[mi], subnormal_codes(w, 0x000F000Fu), subnormal_codes(w, 0x00F000F0u),
+                  subnormal_codes(w8, 0x000F000Fu), subnormal_codes(w8, 0x00F000F0u), pb0, pb1);
+    }
+  }
+
+  // Head 2t + j: o[mi][j] is dim lo(8 mi + g), o[mi][2 + j] dim lo(8 mi + g) + GP (x 16).
+  static __device__ __forceinline__ void store(const DecodeParams& p, int b, int h, int split, int g, int t,
+                                               const Softmax& sm, const float (&o)[MT][4], const GroupSums<NG>& sums) {
+    store_packed<D>(p, b, h, split, g, t, sm, o, sums, [](int mi) { return 8 * mi / GP; },
+                    [](int, int r) { return (r ? 16.f : 1.f) * SUBNORMAL; }, [&](int e) {
+      const int byte = 8 * (e >> 1) + g;
+      return (byte / GP) * 2 * GP + byte % GP + (e & 1) * GP;
+    });
+  }
+};
+
+template <int D, int GP, bool ST, int BS>
+__global__ void __launch_bounds__(128, 3) decode4_kernel(const DecodeParams p) {
+  using S = Int4Shape<D, GP>;
+  constexpr int NG = S::NG, MT = S::MT;
+  const WarpWork<> w(p);
+  if (!w.valid) return;
+  const int g = w.g, t = w.t, b = w.b, h = w.h, split = w.split, seq_len = w.seq_len;
+  const auto& tiles = w.tiles;
+  const int r0 = 2 * g;  // this lane's tokens in a tile: rows g (r0) and g+8 (r0 + 1)
+
+  Int4Ops<D, GP> ops(p, b, h, g, g, t);
   float o[MT][4];
 #pragma unroll
   for (int mi = 0; mi < MT; ++mi) o[mi][0] = o[mi][1] = o[mi][2] = o[mi][3] = 0.f;
@@ -1073,31 +1209,10 @@ __global__ void __launch_bounds__(128, 3) decode4_kernel(const DecodeParams p) {
     feed.before(i, nxt, load);
 
     float sg[NG][4];
-#pragma unroll
-    for (int gi = 0; gi < NG; ++gi) {
-      sg[gi][0] = sg[gi][1] = sg[gi][2] = sg[gi][3] = 0.f;
-#pragma unroll
-      for (int wi = 0; wi < CW; ++wi) {
-        const uint32_t a = cur.k0[gi].w[wi], c = cur.k1[gi].w[wi];
-        const uint32_t a8 = a >> 8, c8 = c >> 8;
-        cs_mma16816(sg[gi], subnormal_codes(a, 0x000F000Fu), subnormal_codes(c, 0x000F000Fu),
-                    subnormal_codes(a8, 0x000F000Fu), subnormal_codes(c8, 0x000F000Fu), qf[gi][wi][0][0],
-                    qf[gi][wi][0][1]);
-        cs_mma16816(sg[gi], subnormal_codes(a, 0x00F000F0u), subnormal_codes(c, 0x00F000F0u),
-                    subnormal_codes(a8, 0x00F000F0u), subnormal_codes(c8, 0x00F000F0u), qf[gi][wi][1][0],
-                    qf[gi][wi][1][1]);
-      }
-    }
+    ops.keys(cur.k0, cur.k1, sg);
     const bool ok0 = visible(p, start + r0, seq_len), ok1 = visible(p, start + r0 + 1, seq_len);
-    float s[4] = {-0.f, -0.f, -0.f, -0.f};  // -0: the first group's adds fold away (Softmax::exp2_sum)
-#pragma unroll
-    for (int gi = 0; gi < NG; ++gi) {
-#pragma unroll
-      for (int j = 0; j < 2; ++j) {  // chained FFMA (no separate product and add)
-        s[j] = fmaf(cur.ks[gi] * (1.f / SUBNORMAL), sg[gi][j], fmaf(cur.kz[gi], qs[gi][j], s[j]));
-        s[2 + j] = fmaf(cur.ks[NG + gi] * (1.f / SUBNORMAL), sg[gi][2 + j], fmaf(cur.kz[NG + gi], qs[gi][j], s[2 + j]));
-      }
-    }
+    float s[4];
+    ops.scores(sg, cur.ks, cur.kz, s);
     float alpha[2];
     if (sm.tile(s, ok0, ok1, o, alpha)) sums.rescale(alpha);
 #pragma unroll
@@ -1105,23 +1220,129 @@ __global__ void __launch_bounds__(128, 3) decode4_kernel(const DecodeParams p) {
       uint32_t pb0, pb1;
       sums.operand(gi, s, ok0 ? cur.vs[gi] : 0.f, ok1 ? cur.vs[NG + gi] : 0.f, ok0 ? cur.vz[gi] : 0.f,
                    ok1 ? cur.vz[NG + gi] : 0.f, pb0, pb1);
-#pragma unroll
-      for (int mi = gi * GP / 8; mi < (gi + 1) * GP / 8; ++mi) {
-        const uint32_t w = cur.v[mi], w8 = w >> 8;
-        cs_mma16816(o[mi], subnormal_codes(w, 0x000F000Fu), subnormal_codes(w, 0x00F000F0u),
-                    subnormal_codes(w8, 0x000F000Fu), subnormal_codes(w8, 0x00F000F0u), pb0, pb1);
-      }
+      ops.values(gi, cur.v, pb0, pb1, o);
     }
     feed.after(i, nxt, load);
   };
   tile_loop<S::PINGPONG>(tiles.n, tile_a, tile_b, step);
 
-  // Head 2t + j: o[mi][j] is dim lo(8 mi + g), o[mi][2 + j] dim lo(8 mi + g) + GP (x 16).
-  store_packed<D>(p, b, h, split, g, t, sm, o, sums, [](int mi) { return 8 * mi / GP; },
-                  [](int, int r) { return (r ? 16.f : 1.f) * SUBNORMAL; }, [&](int e) {
-    const int byte = 8 * (e >> 1) + g;
-    return (byte / GP) * 2 * GP + byte % GP + (e & 1) * GP;
-  });
+  ops.store(p, b, h, split, g, t, sm, o, sums);
+}
+
+// int4 with G <= 4 query heads per KV head: the paired loop (PairFeed). Lanes and operands as in
+// decode4_kernel, with column g of the query operand holding head g % 4 and two tiles per step: the
+// key products of tile A and of tile B each fill a whole S^T fragment, of which lanes t < 2 keep tile
+// A's (columns 0-3) and lanes t >= 2 tile B's (4-7), so one set of scores, one softmax step and one P'
+// serve 32 tokens. P' (column g: lanes g < 4 hold tile A's probabilities) times tile A's values takes
+// columns 4-7 of its B operand as 0, tile B's columns 0-3. Each lane loads the scales of its own tile.
+template <int D, int GP, int BS> struct Pair4 {
+  using S = Int4Shape<D, GP>;
+  using T = Tile4<D, GP, BS>;
+  Words<S::CW> k0[2][S::NG], k1[2][S::NG];  // key words of tiles A and B (Tile4's)
+  uint32_t v[2][S::MT];                     // value words of tiles A and B
+  Halves<2 * S::NG> ks, kz, vs, vz;         // this lane's tile's scales and zero points
+
+  __device__ __forceinline__ void keys(const DecodeParams& p, const typename T::Lane& ln, int x, int blk, int tb) {
+    Slot sl;
+    const uint8_t* k0p = p.k + (int64_t(blk) * p.k_sb + (ln.k + tb * T::KST));
+#pragma unroll
+    for (int gi = 0; gi < S::NG; ++gi) {
+      fetch<FETCH_LOAD>(k0[x][gi], k0p + gi * GP, sl);
+      fetch<FETCH_LOAD>(k1[x][gi], k0p + T::KST + gi * GP, sl);
+    }
+  }
+  __device__ __forceinline__ void values(const DecodeParams& p, const typename T::Lane& ln, int x, int blk, int tb) {
+    Slot sl;
+    const uint8_t* vp = p.v + (int64_t(blk) * p.v_sb + (ln.v + tb));  // token-contiguous
+#pragma unroll
+    for (int mi = 0; mi < S::MT; ++mi) fetch<FETCH_LOAD>(v[x][mi], vp + 8 * mi * BS, sl);
+  }
+  __device__ __forceinline__ void key_scales(const DecodeParams& p, const typename T::Lane& ln, int blk, int tb) {
+    Slot sl;
+    const int64_t kso = int64_t(blk) * p.ks_sb + (ln.s + tb * T::SST);
+    fetch<FETCH_LOAD>(ks, p.ks + kso, sl);
+    fetch<FETCH_LOAD>(kz, p.kz + kso, sl);
+  }
+  __device__ __forceinline__ void value_scales(const DecodeParams& p, const typename T::Lane& ln, int blk, int tb) {
+    Slot sl;
+    const int64_t vso = int64_t(blk) * p.vs_sb + (ln.vs + tb * T::SST);
+    fetch<FETCH_LOAD>(vs, p.vs + vso, sl);
+    fetch<FETCH_LOAD>(vz, p.vz + vso, sl);
+  }
+};
+
+template <int D, int GP, int BS>
+__global__ void __launch_bounds__(128, 3) decode4_pair_kernel(const DecodeParams p) {
+  using S = Int4Shape<D, GP>;
+  constexpr int NG = S::NG, MT = S::MT;
+  const WarpWork<> w(p);
+  if (!w.valid) return;
+  const int g = w.g, t = w.t, b = w.b, h = w.h, split = w.split, seq_len = w.seq_len;
+  const auto& tiles = w.tiles;
+  const int r0 = 2 * g;     // this lane's tokens in a tile: rows g (r0) and g+8 (r0 + 1)
+  const int up = t >> 1;    // this lane's tile in a step: A (0) or B (1)
+  const bool col_a = g < 4;  // this lane's B-operand column is one of tile A's
+
+  Int4Ops<D, GP> ops(p, b, h, g & 3, g, t);
+  float o[MT][4];
+#pragma unroll
+  for (int mi = 0; mi < MT; ++mi) o[mi][0] = o[mi][1] = o[mi][2] = o[mi][3] = 0.f;
+  GroupSums<NG> sums;
+  Softmax sm;
+
+  using Tile = Tile4<D, GP, BS>;
+  Pair4<D, GP, BS> pr = {};
+  PairFeed feed(p, w);
+  const typename Tile::Lane lane(p, h, r0, g, t);
+  const int n = tiles.n;
+  auto tb = [&](int i) { return BS == 16 ? 0 : feed.in_block(i); };  // a tile's first token in its block
+  {
+    const int ids[2] = {feed.block(0), feed.block(1)};
+#pragma unroll
+    for (int x = 0; x < 2; ++x) {
+      pr.keys(p, lane, x, ids[x], tb(x));
+      pr.values(p, lane, x, ids[x], tb(x));
+    }
+    pr.key_scales(p, lane, up ? ids[1] : ids[0], tb(up));
+    pr.value_scales(p, lane, up ? ids[1] : ids[0], tb(up));
+  }
+  for (int k = 0; k < feed.steps(); ++k) {
+    const int nx = 2 * k + 2;  // step k + 1's first tile
+    float sg[2][NG][4];
+#pragma unroll
+    for (int x = 0; x < 2; ++x) {
+      ops.keys(pr.k0[x], pr.k1[x], sg[x]);
+      pr.keys(p, lane, x, feed.id(x), tb(nx + x));
+    }
+    const int own = 2 * k + up;
+    const int start = tiles.start(own);
+    const bool ok0 = own < n && visible(p, start + r0, seq_len), ok1 = own < n && visible(p, start + r0 + 1, seq_len);
+    float so[NG][4];
+#pragma unroll
+    for (int gi = 0; gi < NG; ++gi) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) so[gi][e] = up ? sg[1][gi][e] : sg[0][gi][e];
+    }
+    float s[4];
+    ops.scores(so, pr.ks, pr.kz, s);
+    pr.key_scales(p, lane, feed.own_id(up), tb(nx + up));
+    float alpha[2];
+    if (sm.tile(s, ok0, ok1, o, alpha)) sums.rescale(alpha);
+#pragma unroll
+    for (int gi = 0; gi < NG; ++gi) {
+      uint32_t pb0, pb1;
+      sums.operand(gi, s, ok0 ? pr.vs[gi] : 0.f, ok1 ? pr.vs[NG + gi] : 0.f, ok0 ? pr.vz[gi] : 0.f,
+                   ok1 ? pr.vz[NG + gi] : 0.f, pb0, pb1);
+      ops.values(gi, pr.v[0], col_a ? pb0 : 0u, col_a ? pb1 : 0u, o);
+      ops.values(gi, pr.v[1], col_a ? 0u : pb0, col_a ? 0u : pb1, o);
+    }
+    pr.value_scales(p, lane, feed.own_id(up), tb(nx + up));
+#pragma unroll
+    for (int x = 0; x < 2; ++x) pr.values(p, lane, x, feed.id(x), tb(nx + x));
+    feed.next(k);
+  }
+  merge_pair_columns(sm, o, sums);
+  ops.store(p, b, h, split, g, t, sm, o, sums);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -1500,7 +1721,12 @@ template <class Tile, bool ST> Variant variant(KernelFn fn) { return {fn, ST ? C
 // bs: tokens per block, a template parameter of the packed formats (their token-contiguous value codes
 // are then read at constant offsets): int4 16, 32, 64; kivi2 32, 64. ST: the variant that stages tiles
 // through shared memory (DecodeParams::staged; kivi2 has none and ignores it).
-template <bool ST, int BS> Variant select_packed(int kind, int d, int group) {
+template <bool ST, int BS> Variant select_packed(int kind, int d, int group, bool paired) {
+  if (kind == 3 && paired && !ST && group == 64) {  // groups of 32: the paired loop spills (slower)
+    if (d == 128) return {decode4_pair_kernel<128, 32, BS>, 0};
+    if (d == 64) return {decode4_pair_kernel<64, 32, BS>, 0};
+    return {};
+  }
   if (kind == 3) {
     if (d == 128 && group == 64) return variant<Tile4<128, 32, BS>, ST>(decode4_kernel<128, 32, ST, BS>);
     if (d == 128 && group == 32) return variant<Tile4<128, 16, BS>, ST>(decode4_kernel<128, 16, ST, BS>);
@@ -1520,27 +1746,29 @@ template <bool ST, int BS> Variant select_packed(int kind, int d, int group) {
     }
   }
   if constexpr (ST) {
-    if (kind == 4) return select_packed<false, BS>(kind, d, group);
+    if (kind == 4) return select_packed<false, BS>(kind, d, group, paired);
   }
   return {};
 }
 
-template <bool ST> Variant select_variant(int kind, int d, int group, int bs) {
+template <bool ST> Variant select_variant(int kind, int d, int group, int bs, bool paired) {
   if (kind == 1 || kind == 2) {
     if (d == 128) return variant<Tile8<128>, ST>(kind == 1 ? decode8_kernel<128, 1, ST> : decode8_kernel<128, 2, ST>);
     if (d == 64) return variant<Tile8<64>, ST>(kind == 1 ? decode8_kernel<64, 1, ST> : decode8_kernel<64, 2, ST>);
     return {};
   }
   switch (bs) {
-    case 16: return select_packed<ST, 16>(kind, d, group);
-    case 32: return select_packed<ST, 32>(kind, d, group);
-    case 64: return select_packed<ST, 64>(kind, d, group);
+    case 16: return select_packed<ST, 16>(kind, d, group, paired);
+    case 32: return select_packed<ST, 32>(kind, d, group, paired);
+    case 64: return select_packed<ST, 64>(kind, d, group, paired);
     default: return {};
   }
 }
 
-Variant select(int kind, int d, int group, int bs, int staged) {
-  return staged ? select_variant<true>(kind, d, group, bs) : select_variant<false>(kind, d, group, bs);
+// paired: the paired loop where it exists (int4, direct) and serves (G <= PAIR_MAX_G; DecodeParams::paired).
+constexpr int PAIR_MAX_G = 4;
+Variant select(int kind, int d, int group, int bs, int staged, int paired) {
+  return staged ? select_variant<true>(kind, d, group, bs, false) : select_variant<false>(kind, d, group, bs, paired);
 }
 
 #ifdef CS_EMULATE
@@ -1575,15 +1803,16 @@ extern "C" int cs_decode(const DecodeParams* p, int kind, int d, int group, int 
   if (int err = int(cudaSetDevice(device))) return err;
 #endif
   if (!p || p->items != rows * p->hkv * p->splits) return kInvalidValue;
-  const Variant k = select(kind, d, group, p->bs, p->staged);
+  if (p->paired && p->g > PAIR_MAX_G) return kInvalidValue;
+  const Variant k = select(kind, d, group, p->bs, p->staged, p->paired);
   if (!k.fn) return kInvalidValue;
   return launch(k, *p, warps, stream);
 }
 
 // Resident blocks of `warps` warps per SM (the CUDA occupancy calculator; emulated: 3).
-extern "C" int cs_decode_occupancy(int kind, int d, int group, int bs, int staged, int warps, int device,
+extern "C" int cs_decode_occupancy(int kind, int d, int group, int bs, int staged, int paired, int warps, int device,
                                    int* blocks) {
-  const Variant k = select(kind, d, group, bs, staged);
+  const Variant k = select(kind, d, group, bs, staged, paired);
   if (!k.fn) return kInvalidValue;
 #ifdef CS_EMULATE
   *blocks = 3;
