@@ -113,8 +113,8 @@ def loops(sass: str, innermost: bool = False) -> list[list[str]]:
     return sorted((instrs[a:b] for a, b in spans), key=len, reverse=True)
 
 
-# The paired loops (two 16-token tiles per step, G <= 4): (mangled name prefix, tokens, HMMA per step).
-CUDA_PAIRED = {"int4": ("decode4_pair_kernelILi128ELi32E", 32, 32)}
+# The paired loops (two 16-token tiles share a score fragment, G <= 4): (mangled name prefix, tokens, HMMA per step).
+CUDA_PAIRED = {"int4": ("decode4_pair_kernelILi128ELi32E", 32, 32), "kivi2": ("decode2_kernelILi128ELi16E", 32, 40)}
 
 
 def cuda_main(kind: str, staged: bool, top: int, paired: bool = False) -> None:
@@ -134,6 +134,8 @@ def cuda_main(kind: str, staged: bool, top: int, paired: bool = False) -> None:
         name += "Lb1E" if staged else "Lb0E"
     if kind in ("int4", "int4-g32", "kivi2"):  # packed formats: the block size is a template parameter
         name += f"Li{FORMATS[kind][3]}E"
+    if kind == "kivi2":  # its PAIRED template parameter
+        name += "Lb1E" if paired else "Lb0E"
     info = res.stderr.split(name, 1)[1].split("Compiling entry", 1)[0]
     regs = " ".join(l.split("info    :")[-1].strip() for l in info.splitlines() if "registers" in l or "spill" in l)
     sass = subprocess.run([_bin("nvdisasm"), "-c", cubin], capture_output=True, text=True, check=True).stdout
@@ -163,7 +165,7 @@ def main() -> None:
     ap.add_argument("--staged", action="store_true",
                     help="--cuda: the variant that stages tiles through shared memory (cp.async)")
     ap.add_argument("--paired", action="store_true",
-                    help="--cuda: the paired loop (two tiles per step, G <= 4; int4)")
+                    help="--cuda: the paired loop (two tiles share a score fragment, G <= 4; int4, kivi2)")
     a = ap.parse_args()
     if a.cuda:
         cuda_main(a.kind, a.staged, a.top, a.paired)

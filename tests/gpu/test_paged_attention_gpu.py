@@ -154,12 +154,17 @@ def test_cuda_decode_rising_scores(fmt, monkeypatch):
 
 
 @pytest.mark.parametrize("case", KIVI2_DECODE_CASES, ids=KIVI2_DECODE_IDS)
-def test_cuda_decode_kivi2(case, monkeypatch):
-    """kivi2 on the CUDA decode kernel (residual windows, group sizes 32-128, windows and sinks, splits)."""
-    from constant_state.kernels.paged_attention import decode
+@pytest.mark.parametrize("paired", [1, 0], ids=["direct", "unpaired"])
+def test_cuda_decode_kivi2(case, paired, monkeypatch):
+    """kivi2 on the CUDA decode kernel (residual windows, group sizes 32-128, windows and sinks, splits);
+    ``unpaired``: the one-tile-per-column loop where the paired one would serve (G <= 4)."""
+    from constant_state.kernels.paged_attention import cuda_decode, decode
 
     _need_cuda_decode()
+    if not paired and not cuda_decode.paired_for("kivi2", case.get("group", 64), case["gqa"], 0, 1):
+        pytest.skip("the paired loop does not serve this case: direct runs the same kernel")
     monkeypatch.setattr(decode, "DECODE_BACKEND", "cuda")
+    monkeypatch.setattr(cuda_decode, "PAIRED", paired)
     case = dict(case)
     num_splits = case.pop("num_splits", None)
     args, ref = kivi2_decode_case(**case, device="cuda")

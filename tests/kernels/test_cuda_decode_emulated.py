@@ -132,6 +132,14 @@ def test_emulated_staged_kivi2_runs_the_direct_kernel():
     test_emulated_cuda_decode_kivi2(case, staged=1)
 
 
+@pytest.mark.parametrize("index", [0, 3], ids=["residual-mixes", "g128-r64-sinks-window"])
+def test_emulated_cuda_decode_kivi2_unpaired(index):
+    """The one-tile-per-column loop on cases the paired loop serves by default (G <= 4)."""
+    case = KIVI2_DECODE_CASES[index]
+    assert cuda_decode.paired_for("kivi2", case.get("group", 64), case["gqa"], 0, 1)
+    test_emulated_cuda_decode_kivi2(case, paired=0)
+
+
 def test_unknown_kernel_is_an_error(emulated):
     params = cuda_decode._Params()
     assert emulated.cs_decode(params, 9, 128, 0, 1, 4, 0, None) == 1  # cudaErrorInvalidValue
@@ -146,12 +154,13 @@ def test_merge_splits_ref_weights_by_max_and_sum():
 
 
 @pytest.mark.parametrize("case", KIVI2_DECODE_CASES, ids=KIVI2_DECODE_IDS)
-def test_emulated_cuda_decode_kivi2(case, staged=0):
+def test_emulated_cuda_decode_kivi2(case, staged=0, paired=None):
     case = dict(case)
     num_splits = case.pop("num_splits", None)
     a, ref = kivi2_decode_case(**case)
     kind, _, group, tensors = _cache_args(a["cache"])
     out = cuda_decode.decode_emulated(a["q"], kind, group, tensors, a["block_tables"], a["seq_lens"], a["scale"],
-                                      a["sliding_window"], a["sinks"], num_splits, a["res_k"], a["res_v"], staged)
+                                      a["sliding_window"], a["sinks"], num_splits, a["res_k"], a["res_v"], staged,
+                                      paired)
     err = (out.float() - ref).abs().max().item()
     assert err <= TIGHT[a["q"].dtype], f"kivi2: emulated CUDA kernel vs reference {err:.3e}"

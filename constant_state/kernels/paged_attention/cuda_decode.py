@@ -59,7 +59,8 @@ STAGES = _env_int("CONSTANT_STATE_DECODE_STAGES", "4", tuple(str(n) for n in ran
 # 4-7), so the scores, softmax and P' of 32 tokens cost what one tile's did (paged_decode.cu,
 # PairFeed). Environment: CONSTANT_STATE_DECODE_PAIRED (0/1).
 PAIRED = _env_int("CONSTANT_STATE_DECODE_PAIRED", "1", ("0", "1"))
-PAIRED_KINDS = (("int4", 64),)  # int4 with groups of 32 spills in the paired loop: 423 against 387 us
+# (format, group) pairs with a paired loop: int4 with groups of 32 spills in it (423 against 387 us).
+PAIRED_KINDS = (("int4", 64), ("kivi2", 32), ("kivi2", 64), ("kivi2", 128))
 PAIR_MAX_G = 4
 # Per-split cost besides its tiles for decode.wave_splits, in 16-token tiles: a warp's prologue (queries,
 # the first tiles' latency), its partial, its share of the merge. 8 (not Triton's 1) keeps one wave

@@ -1491,7 +1491,11 @@ template <int D, int GP> struct KeyScales {
 
 __device__ __forceinline__ uint32_t pack_bits(uint16_t lo, uint16_t hi) { return uint32_t(lo) | (uint32_t(hi) << 16); }
 
-template <int D, int GP, int BS>
+// PAIRED (G <= 4, as decode4_pair_kernel): the step's two tiles share one score fragment (lanes t < 2
+// keep tile 0's scores, t >= 2 tile 1's), so one softmax step and one P' serve the 32 tokens; the
+// columns' partials are merged after the quantized steps, and the residual steps then add the same
+// tokens to both columns of a head (only columns 0-3 are stored).
+template <int D, int GP, int BS, bool PAIRED>
 __global__ void __launch_bounds__(128, Kivi2Shape<D, GP>::MIN_BLOCKS) decode2_kernel(const DecodeParams p) {
   using S = Kivi2Shape<D, GP>;
   constexpr int NG = S::NG, CH = S::CH, KW = S::KW, MB = S::MB, MT = S::MT;
@@ -1504,8 +1508,10 @@ __global__ void __launch_bounds__(128, Kivi2Shape<D, GP>::MIN_BLOCKS) decode2_ke
 
   // Queries (B operand, x scale log2 e): k-step (wi, s) pairs dims (d, d + 2) [reg0] and (d + 1, d + 3).
   uint32_t qh[KW][4][2];
+  const int up = t >> 1;     // PAIRED: this lane's tile of a step (its scores' columns)
+  const bool col_a = g < 4;  // PAIRED: this lane's B-operand column holds tile 0's probabilities
   {
-    const QueryRow qv(p, b, h, g, D);
+    const QueryRow qv(p, b, h, PAIRED ? g & 3 : g, D);
 #pragma unroll
     for (int wi = 0; wi < KW; ++wi) {
 #pragma unroll
@@ -1620,29 +1626,56 @@ __global__ void __launch_bounds__(128, Kivi2Shape<D, GP>::MIN_BLOCKS) decode2_ke
       kscale.fold(qr, qf, cblk);
       col = col_next;
     }
-    bool ok[2][2];
-    softmax_step(s, start, ok);
+    // O^T += tile u's values times the B operand (pb0, pb1) of group gi.
+    auto values = [&](int u, int gi, uint32_t pb0, uint32_t pb1) {
 #pragma unroll
-    for (int u = 0; u < 2; ++u) {
+      for (int mb = gi * GP / 8; mb < (gi + 1) * GP / 8; ++mb) {
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+          const uint32_t x = cur.v[u][mb], m0 = slot_mask(2 * hh), m1 = slot_mask(2 * hh + 1);
+          cs_mma16816(o[2 * mb + hh], subnormal_codes(x, m0), subnormal_codes(x, m1), subnormal_codes(x >> 8, m0),
+                      subnormal_codes(x >> 8, m1), pb0, pb1);
+        }
+      }
+    };
+    if constexpr (PAIRED) {
+      float so[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) so[e] = up ? s[1][e] : s[0][e];
+      const bool ok0 = visible(p, start + 16 * up + 2 * g, seq_len), ok1 = visible(p, start + 16 * up + 2 * g + 1, seq_len);
+      if (sm.tile(so, ok0, ok1, o, alpha)) sums.rescale(alpha);
+      Halves<2 * NG> vs, vz;  // this lane's tile's value scales and zero points
+#pragma unroll
+      for (int k = 0; k < NG; ++k) {
+        vs.x.w[k] = up ? cur.vs[1].x.w[k] : cur.vs[0].x.w[k];
+        vz.x.w[k] = up ? cur.vz[1].x.w[k] : cur.vz[0].x.w[k];
+      }
 #pragma unroll
       for (int gi = 0; gi < NG; ++gi) {
         uint32_t pb0, pb1;
-        sums.operand(gi, s[u], ok[u][0] ? cur.vs[u][gi] : 0.f, ok[u][1] ? cur.vs[u][NG + gi] : 0.f,
-                     ok[u][0] ? cur.vz[u][gi] : 0.f, ok[u][1] ? cur.vz[u][NG + gi] : 0.f, pb0, pb1);
+        sums.operand(gi, so, ok0 ? vs[gi] : 0.f, ok1 ? vs[NG + gi] : 0.f, ok0 ? vz[gi] : 0.f, ok1 ? vz[NG + gi] : 0.f,
+                     pb0, pb1);
+        values(0, gi, col_a ? pb0 : 0u, col_a ? pb1 : 0u);
+        values(1, gi, col_a ? 0u : pb0, col_a ? 0u : pb1);
+      }
+    } else {
+      bool ok[2][2];
+      softmax_step(s, start, ok);
 #pragma unroll
-        for (int mb = gi * GP / 8; mb < (gi + 1) * GP / 8; ++mb) {
+      for (int u = 0; u < 2; ++u) {
 #pragma unroll
-          for (int hh = 0; hh < 2; ++hh) {
-            const uint32_t x = cur.v[u][mb], m0 = slot_mask(2 * hh), m1 = slot_mask(2 * hh + 1);
-            cs_mma16816(o[2 * mb + hh], subnormal_codes(x, m0), subnormal_codes(x, m1),
-                        subnormal_codes(x >> 8, m0), subnormal_codes(x >> 8, m1), pb0, pb1);
-          }
+        for (int gi = 0; gi < NG; ++gi) {
+          uint32_t pb0, pb1;
+          sums.operand(gi, s[u], ok[u][0] ? cur.vs[u][gi] : 0.f, ok[u][1] ? cur.vs[u][NG + gi] : 0.f,
+                       ok[u][0] ? cur.vz[u][gi] : 0.f, ok[u][1] ? cur.vz[u][NG + gi] : 0.f, pb0, pb1);
+          values(u, gi, pb0, pb1);
         }
       }
     }
     feed.after(i, nxt, load);
   };
   tile_loop<S::PINGPONG>(nq, tile_a, tile_b, step);
+  if constexpr (PAIRED) merge_pair_columns(sm, o, sums);
 
   // ---- residual steps: fp16 keys and values of the row's window ----
   q_read(qh);
@@ -1717,6 +1750,18 @@ struct Variant {
 };
 template <class Tile, bool ST> Variant variant(KernelFn fn) { return {fn, ST ? CS_STAGES * 32 * Tile::LANE_BYTES : 0}; }
 
+template <int BS, bool PAIRED> Variant select_kivi2(int d, int group) {
+  if (d == 128) {
+    return {group == 32 ? decode2_kernel<128, 8, BS, PAIRED> : group == 64 ? decode2_kernel<128, 16, BS, PAIRED>
+          : group == 128 ? decode2_kernel<128, 32, BS, PAIRED> : nullptr, KeyScales<128, 8>::SMEM_PER_WARP};
+  }
+  if (d == 64) {
+    return {group == 32 ? decode2_kernel<64, 8, BS, PAIRED> : group == 64 ? decode2_kernel<64, 16, BS, PAIRED> : nullptr,
+            KeyScales<64, 8>::SMEM_PER_WARP};
+  }
+  return {};
+}
+
 // kind: 1 fp8, 2 int8, 3 int4, 4 kivi2; d: 64 or 128; group: int4's (32, 64) or kivi2's (32 to 128);
 // bs: tokens per block, a template parameter of the packed formats (their token-contiguous value codes
 // are then read at constant offsets): int4 16, 32, 64; kivi2 32, 64. ST: the variant that stages tiles
@@ -1736,14 +1781,8 @@ template <bool ST, int BS> Variant select_packed(int kind, int d, int group, boo
   }
   if constexpr (BS >= 32 && !ST) {
     if (kind != 4) return {};
-    if (d == 128) {
-      return {group == 32 ? decode2_kernel<128, 8, BS> : group == 64 ? decode2_kernel<128, 16, BS>
-            : group == 128 ? decode2_kernel<128, 32, BS> : nullptr, KeyScales<128, 8>::SMEM_PER_WARP};
-    }
-    if (d == 64) {
-      return {group == 32 ? decode2_kernel<64, 8, BS> : group == 64 ? decode2_kernel<64, 16, BS> : nullptr,
-              KeyScales<64, 8>::SMEM_PER_WARP};
-    }
+    if (paired) return select_kivi2<BS, true>(d, group);
+    return select_kivi2<BS, false>(d, group);
   }
   if constexpr (ST) {
     if (kind == 4) return select_packed<false, BS>(kind, d, group, paired);
@@ -1765,7 +1804,8 @@ template <bool ST> Variant select_variant(int kind, int d, int group, int bs, bo
   }
 }
 
-// paired: the paired loop where it exists (int4, direct) and serves (G <= PAIR_MAX_G; DecodeParams::paired).
+// paired: the paired loop where it exists (int4 with groups of 64, kivi2; direct) and serves (G <=
+// PAIR_MAX_G; DecodeParams::paired, cuda_decode.paired_for).
 constexpr int PAIR_MAX_G = 4;
 Variant select(int kind, int d, int group, int bs, int staged, int paired) {
   return staged ? select_variant<true>(kind, d, group, bs, false) : select_variant<false>(kind, d, group, bs, paired);
