@@ -127,7 +127,7 @@ def test_cuda_decode(fmt, case, variant, monkeypatch):
     from constant_state.kernels.paged_attention import cuda_decode
 
     _need_cuda_decode()
-    group = 32 if fmt.endswith("g32") else 64
+    group = 32 if fmt.endswith("g32") else 64 if fmt == "int4" else case["d"]
     if variant == "unpaired" and not cuda_decode.paired_for(fmt.split("-")[0], group, case["gqa"], 0, 1):
         pytest.skip("the paired loop does not serve this case: direct runs the same kernel")
     monkeypatch.setattr(cuda_decode, "STAGED", int(variant == "staged"))

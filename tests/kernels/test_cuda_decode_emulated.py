@@ -77,7 +77,7 @@ def test_emulated_cuda_decode(fmt, case, variant):
     variant whose tiles go through shared memory by cp.async (the emulation does each copy at the latest
     wait that covers it, so a stage read before its wait sees stale bytes)."""
     paired = int(variant == "direct")
-    group = 32 if fmt.endswith("g32") else 64
+    group = 32 if fmt.endswith("g32") else 64 if fmt == "int4" else case["d"]
     if variant == "unpaired" and not cuda_decode.paired_for(fmt.split("-")[0], group, case["gqa"], 0, 1):
         pytest.skip("the paired loop does not serve this case: direct runs the same kernel")
     run(fmt, **case, staged=int(variant == "staged"), paired=paired)

@@ -59,8 +59,10 @@ STAGES = _env_int("CONSTANT_STATE_DECODE_STAGES", "4", tuple(str(n) for n in ran
 # 4-7), so the scores, softmax and P' of 32 tokens cost what one tile's did (paged_decode.cu,
 # PairFeed). Environment: CONSTANT_STATE_DECODE_PAIRED (0/1).
 PAIRED = _env_int("CONSTANT_STATE_DECODE_PAIRED", "1", ("0", "1"))
-# (format, group) pairs with a paired loop: int4 with groups of 32 spills in it (423 against 387 us).
-PAIRED_KINDS = (("int4", 64), ("kivi2", 32), ("kivi2", 64), ("kivi2", 128))
+# Formats with a paired loop, and its groups (None: all). H200, batch 32 / 32k: int4 with groups of 32
+# spills in it (423 against 387 us), so it keeps the one-tile loop; fp8 / int8 (memory-bound) measured
+# 531 / 524 us paired against 516 / 524, so they have none (docs/benchmarks.md, fourteenth session).
+PAIRED_KINDS = {"int4": (64,), "kivi2": None}
 PAIR_MAX_G = 4
 # Per-split cost besides its tiles for decode.wave_splits, in 16-token tiles: a warp's prologue (queries,
 # the first tiles' latency), its partial, its share of the merge. 8 (not Triton's 1) keeps one wave
@@ -273,11 +275,13 @@ def staged_for(kind: str, ks: torch.Tensor, vs: torch.Tensor, staged: int | None
 
 
 def paired_for(kind: str, group: int, g: int, staged: int, paired: int | None = None) -> int:
-    """1 where the paired loop serves: ``paired`` (default :data:`PAIRED`) on, a (format, group) of
+    """1 where the paired loop serves: ``paired`` (default :data:`PAIRED`) on, a format (and group) of
     :data:`PAIRED_KINDS`, the direct kernel, and at most PAIR_MAX_G query heads per KV head (two tiles
     share the 8 columns of one score fragment)."""
     on = PAIRED if paired is None else paired
-    return int(bool(on) and (kind, group) in PAIRED_KINDS and not staged and g <= PAIR_MAX_G)
+    groups = PAIRED_KINDS.get(kind, ())
+    return int(bool(on) and kind in PAIRED_KINDS and (groups is None or group in groups) and not staged
+               and g <= PAIR_MAX_G)
 
 
 def _params(q, kind, group, tensors, block_tables, seq_lens, scale, sliding_window, sinks, num_splits, slots,
