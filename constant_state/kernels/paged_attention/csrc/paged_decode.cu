@@ -12,6 +12,9 @@
 // probabilities take the order of the keys' rows), so each thread loads whole vectors and decodes
 // them in place. The probabilities go from the accumulator layout of S^T to the B operand of the
 // second product by two movmatrix transposes. Scales multiply the rows of S^T or fold into P'.
+// With at most 4 query heads per KV head, int4 (groups of 64) and kivi2 run the paired loop: two
+// 16-token tiles share one S^T fragment (tile A's tokens in columns 0-3, tile B's in 4-7; PairFeed,
+// decode4_pair_kernel, decode2_kernel<PAIRED>), so one softmax step serves 32 tokens.
 // The next tile's codes and scales are loaded before the current tile is used, into the second of two
 // register buffers used in turn (tile_loop; copied where the unrolled loop would spill), from block ids
 // read from the block table ahead; int4 and kivi2 tiles are also prefetched into L2 a tile earlier
@@ -413,7 +416,7 @@ template <int STEP = 16> struct WarpWork {
 // instructions per tile, no registers held), so that the loads, one tile ahead of their use, find them
 // there. H200, batch 32 / 32k (tenth session): int4 402 -> 382 us, int4-g32 502 -> 421; fp8 and int8,
 // whose loads already keep DRAM 82% busy, got slower (534 -> 585 us), so their tiles take none
-// (Tile8::L2_AHEAD). 0: off.
+// (Tile8::L2_AHEAD), and neither does int4's paired loop (PairFeed). 0: off.
 #ifndef CS_L2_AHEAD
 #define CS_L2_AHEAD 1
 #endif
