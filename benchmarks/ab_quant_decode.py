@@ -18,8 +18,9 @@ Each argument is a format followed by ``:``-separated switches:
   ``cuda_decode`` (fp8, int8, int4, kivi2) or the Triton one;
 - ``st``: the CUDA kernel's variant that stages tiles through shared memory by cp.async
   (``cuda_decode.STAGED``; its depth ``CONSTANT_STATE_DECODE_STAGES`` is compiled in: one per run);
-- ``np``: the one-tile loop where the paired one would serve (``cuda_decode.PAIRED`` off; int4 with at
-  most 4 query heads per KV head runs two tiles per step by default);
+- ``np``: the one-tile loop where the paired one would serve (``cuda_decode.PAIRED`` off; with at most
+  4 query heads per KV head, int4 with groups of 64 and kivi2 put two tiles in one score fragment by
+  default);
 - ``seqbt``: each row's blocks consecutive in the pool (default: a random permutation, as
   bench_kv_decode.py);
 - ``cu=PATH``: the CUDA kernel built from another copy of ``csrc/paged_decode.cu`` (a variant under

@@ -144,6 +144,10 @@ def test_unknown_kernel_is_an_error(emulated):
     params = cuda_decode._Params()
     assert emulated.cs_decode(params, 9, 128, 0, 1, 4, 0, None) == 1  # cudaErrorInvalidValue
     assert emulated.cs_decode(None, 1, 128, 0, 1, 4, 0, None) == 1
+    params.g, params.paired, params.bs = 8, 1, 16  # the paired loop serves at most 4 query heads per KV head
+    assert emulated.cs_decode(params, 3, 128, 64, 0, 4, 0, None) == 1
+    params.g = 4
+    assert emulated.cs_decode(params, 3, 128, 64, 0, 4, 0, None) == 0  # no work items: launches nothing
 
 
 def test_merge_splits_ref_weights_by_max_and_sum():

@@ -338,8 +338,8 @@ def decode_emulated(q, kind, group, tensors, block_tables, seq_lens, scale, slid
                     num_splits=None, res_k=None, res_v=None, staged=None, paired=None):
     """:func:`decode` on CPU tensors through :func:`emulated_library` (the kernels' source, each lane a
     thread), split partials merged by :func:`.ref.merge_splits_ref`. Arguments as :func:`decode` takes
-    them from ``decode.paged_attention`` (contiguous ``q``, int32 tables and lengths); ``staged`` as
-    :func:`staged_for` takes it."""
+    them from ``decode.paged_attention`` (contiguous ``q``, int32 tables and lengths); ``staged`` and
+    ``paired`` as :func:`staged_for` and :func:`paired_for` take them."""
     from .ref import merge_splits_ref
 
     why = layout_error(kind, group, tensors, res_k, res_v)

@@ -70,7 +70,7 @@ struct DecodeParams {
   int32_t r;          // kivi2: residual window R
   int32_t items;      // warps' work items: B x Hkv x splits
   int32_t staged;     // 1: fp8 / int8 / int4 tiles staged through shared memory by cp.async (cuda_decode.STAGED)
-  int32_t paired;     // 1: two tiles per step where the format has the paired loop (int4; g <= 4; cuda_decode.paired_for)
+  int32_t paired;     // 1: the paired loop (int4 with groups of 64, kivi2; g <= 4; cuda_decode.paired_for)
   float scale_log2;
 };
 
@@ -754,7 +754,7 @@ __device__ __forceinline__ void store_packed(const DecodeParams& p, int b, int h
 
 // Paired loops (PairFeed): columns c and c + 4 (lanes t and t ^ 2) hold one query head's partials over
 // the A and B tiles; both lanes end with the merged partial: running max, sums l, o (column 2t + j at
-// o[mi][j] and o[mi][2 + j]) and the other per-column sums acc[i][j] (zero-point sums, int8's sum of P').
+// o[mi][j] and o[mi][2 + j]) and the other per-column sums acc[i][j] (the value zero points' sums).
 // A partial with no visible token (max -inf, sums 0) gets the factor 0.
 template <int MT, int NA>
 __device__ __forceinline__ void merge_pair_columns(Softmax& sm, float (&o)[MT][4], float (&acc)[NA][2]) {
