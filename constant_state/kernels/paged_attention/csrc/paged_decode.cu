@@ -754,10 +754,10 @@ __device__ __forceinline__ void store_packed(const DecodeParams& p, int b, int h
 
 // Paired loops (PairFeed): columns c and c + 4 (lanes t and t ^ 2) hold one query head's partials over
 // the A and B tiles; both lanes end with the merged partial: running max, sums l, o (column 2t + j at
-// o[mi][j] and o[mi][2 + j]) and the other per-column sums acc[i][j] (the value zero points' sums).
-// A partial with no visible token (max -inf, sums 0) gets the factor 0.
-template <int MT, int NA>
-__device__ __forceinline__ void merge_pair_columns(Softmax& sm, float (&o)[MT][4], float (&acc)[NA][2]) {
+// o[mi][j] and o[mi][2 + j]) and the value zero points' sums. A partial with no visible token (max -inf,
+// sums 0) gets the factor 0.
+template <int MT, int NG>
+__device__ __forceinline__ void merge_pair_columns(Softmax& sm, float (&o)[MT][4], GroupSums<NG>& sums) {
   const float neg_inf = -__int_as_float(0x7f800000);
 #pragma unroll
   for (int j = 0; j < 2; ++j) {
@@ -768,9 +768,9 @@ __device__ __forceinline__ void merge_pair_columns(Softmax& sm, float (&o)[MT][4
     sm.m[j] = fmaxf(sm.m[j], mo);
     sm.l[j] = sm.l[j] * fa + lo * fb;
 #pragma unroll
-    for (int a = 0; a < NA; ++a) {
-      const float x = __shfl_xor_sync(FULL, acc[a][j], 2);
-      acc[a][j] = acc[a][j] * fa + x * fb;
+    for (int gi = 0; gi < NG; ++gi) {
+      const float x = __shfl_xor_sync(FULL, sums.zacc[gi][j], 2);
+      sums.zacc[gi][j] = sums.zacc[gi][j] * fa + x * fb;
     }
 #pragma unroll
     for (int mi = 0; mi < MT; ++mi) {
@@ -878,119 +878,45 @@ template <int D> struct Tile8 {
   }
 };
 
-// The arithmetic of fp8 / int8 decode (decode8_kernel; as Int4Ops): the query operand (column g = query
-// head `head`) and the code offset per column, a tile's key product, its value products, the outputs.
-template <int D, int KIND> struct Ops8 {
+template <int D, int KIND, bool ST>
+__global__ void __launch_bounds__(128, 3) decode8_kernel(const DecodeParams p) {
   using C = Codes8<KIND>;
-  static constexpr int KW = D / 16;  // k-steps = key words per thread and token
-  static constexpr int VW = D / 32;  // value words per thread and token
-  static constexpr int MT = D / 16;  // m-tiles of O^T
-  // Queries (B operand of S^T): dims t D/4 + 4 kk + {0, 1} and {2, 3}, times scale * log2(e).
-  uint32_t qf[KW][2];
-  float koff[2] = {0.f, 0.f};  // code offset (int8) per column 2t + j: OFFSET x the sum of its B operand
+  constexpr int KW = D / 16;  // k-steps = key words per thread and token
+  constexpr int VW = D / 32;  // value words per thread and token
+  constexpr int MT = D / 16;  // m-tiles of O^T
+  const WarpWork<> w(p);
+  if (!w.valid) return;
+  const int g = w.g, t = w.t, b = w.b, h = w.h, split = w.split, seq_len = w.seq_len;
+  const auto& tiles = w.tiles;
 
-  __device__ __forceinline__ Ops8(const DecodeParams& p, int b, int h, int head, int t) {
-    const QueryRow qv(p, b, h, head, D);
+  // Queries (B operand of S^T): head g, dims t D/4 + 4 kk + {0, 1} and {2, 3}, times scale * log2(e).
+  uint32_t qf[KW][2];
+  {
+    const QueryRow qv(p, b, h, g, D);
 #pragma unroll
     for (int kk = 0; kk < KW; ++kk) {
       const uint2 x = *reinterpret_cast<const uint2*>(qv.row + t * (D / 4) + 4 * kk);
       qf[kk][0] = pack_half2(qv.scaled(x.x & 0xffff), qv.scaled(x.x >> 16));
       qf[kk][1] = pack_half2(qv.scaled(x.y & 0xffff), qv.scaled(x.y >> 16));
     }
-    if constexpr (C::OFFSET != 0.f) {
-      float part = 0.f;
-#pragma unroll
-      for (int kk = 0; kk < KW; ++kk) {
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          const float2 x = unpack_half2(qf[kk][r]);
-          part += x.x + x.y;
-        }
-      }
-      const float a = C::OFFSET * xor_sum_t(part);  // column g
-#pragma unroll
-      for (int j = 0; j < 2; ++j) koff[j] = __shfl_sync(FULL, a, 4 * (2 * t + j));
-    }
   }
-
-  // S^T of one tile (rows tokens g, g+8; columns 2t, 2t+1), the code offset taken off, times the key
-  // scales of its rows.
-  __device__ __forceinline__ void keys(const Words<D / 16>& k0, const Words<D / 16>& k1, float k0s, float k1s,
-                                       float (&s)[4]) const {
-    s[0] = s[1] = s[2] = s[3] = 0.f;
+  // Code offset (int8) per column (head 2t + j): OFFSET x the sum of that head's B operand.
+  float koff[2] = {0.f, 0.f};
+  if constexpr (C::OFFSET != 0.f) {
+    float part = 0.f;
 #pragma unroll
     for (int kk = 0; kk < KW; ++kk) {
-      uint32_t a0, a1, a2, a3;
-      C::keys(k0.w[kk], a0, a2);
-      C::keys(k1.w[kk], a1, a3);
-      cs_mma16816(s, a0, a1, a2, a3, qf[kk][0], qf[kk][1]);
-    }
-    s[0] = (s[0] - koff[0]) * k0s;
-    s[1] = (s[1] - koff[1]) * k0s;
-    s[2] = (s[2] - koff[0]) * k1s;
-    s[3] = (s[3] - koff[1]) * k1s;
-  }
-
-  // The B operand of the value product, P' = p s_v (rows' value scales, 0 for masked rows), and int8's
-  // sums of the rounded P' per column.
-  static __device__ __forceinline__ void operand(const float (&s)[4], float v0s, float v1s, float (&psum)[2],
-                                                 uint32_t& pb0, uint32_t& pb1) {
-    const uint32_t top = pack_half2(s[0] * v0s, s[1] * v0s), bot = pack_half2(s[2] * v1s, s[3] * v1s);
-    if constexpr (C::OFFSET != 0.f) {
-      const float2 rt = unpack_half2(top), rb = unpack_half2(bot);
-      psum[0] += rt.x + rb.x;
-      psum[1] += rt.y + rb.y;
-    }
-    pb0 = cs_transpose8x8(top);  // tokens 2t, 2t+1; column g
-    pb1 = cs_transpose8x8(bot);  // tokens 2t+8, 2t+9
-  }
-
-  // O^T += V^T P' for value words v of tokens 2t, 2t+1, 2t+8, 2t+9.
-  static __device__ __forceinline__ void values(const Words<D / 32> (&v)[4], uint32_t pb0, uint32_t pb1,
-                                                float (&o)[MT][4]) {
 #pragma unroll
-    for (int j = 0; j < VW; ++j) {
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        uint32_t r0, r1, r2, r3;
-        C::pairs(v[0].w[j], v[1].w[j], half, r0, r1);
-        C::pairs(v[2].w[j], v[3].w[j], half, r2, r3);
-        cs_mma16816(o[2 * j + half], r0, r1, r2, r3, pb0, pb1);
+      for (int r = 0; r < 2; ++r) {
+        const float2 x = unpack_half2(qf[kk][r]);
+        part += x.x + x.y;
       }
     }
+    const float a = C::OFFSET * xor_sum_t(part);  // head g
+#pragma unroll
+    for (int j = 0; j < 2; ++j) koff[j] = __shfl_sync(FULL, a, 4 * (2 * t + j));
   }
 
-  // Head 2t + j: o[mi][2 hh + j] is dim g D/8 + 2 mi + hh.
-  static __device__ __forceinline__ void store(const DecodeParams& p, int b, int h, int split, int g, int t,
-                                               const Softmax& sm, const float (&o)[MT][4], const float (&psum)[2]) {
-#pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      const float l = xor_sum_g(sm.l[j]);
-      const float ps = C::OFFSET != 0.f ? C::OFFSET * xor_sum_g(psum[j]) : 0.f;
-      const int head = 2 * t + j;
-      if (head >= p.g) continue;
-      const float inv = l > 0.f ? 1.f / l : 0.f;
-      float val[D / 8];
-#pragma unroll
-      for (int mi = 0; mi < MT; ++mi) {
-        val[2 * mi] = (o[mi][j] - ps) * inv;
-        val[2 * mi + 1] = (o[mi][2 + j] - ps) * inv;
-      }
-      store_head<D / 8>(p, b, h, split, head, val, sm.m[j], l, g, [&](int e) { return g * (D / 8) + e; });
-    }
-  }
-};
-
-template <int D, int KIND, bool ST>
-__global__ void __launch_bounds__(128, 3) decode8_kernel(const DecodeParams p) {
-  using O = Ops8<D, KIND>;
-  constexpr int MT = O::MT;
-  const WarpWork<> w(p);
-  if (!w.valid) return;
-  const int g = w.g, t = w.t, b = w.b, h = w.h, split = w.split, seq_len = w.seq_len;
-  const auto& tiles = w.tiles;
-
-  const O ops(p, b, h, g, t);
   float o[MT][4];
 #pragma unroll
   for (int mi = 0; mi < MT; ++mi) o[mi][0] = o[mi][1] = o[mi][2] = o[mi][3] = 0.f;
@@ -1010,21 +936,64 @@ __global__ void __launch_bounds__(128, 3) decode8_kernel(const DecodeParams p) {
     const int start = tiles.start(i);
     feed.before(i, nxt, load);
 
-    float s[4];  // S^T rows tokens g, g+8; columns heads 2t, 2t+1
-    ops.keys(cur.k0, cur.k1, __half2float(cur.ks0), __half2float(cur.ks1), s);
+    float s[4] = {0.f, 0.f, 0.f, 0.f};  // S^T rows tokens g, g+8; columns heads 2t, 2t+1
+#pragma unroll
+    for (int kk = 0; kk < KW; ++kk) {
+      uint32_t a0, a1, a2, a3;
+      C::keys(cur.k0.w[kk], a0, a2);
+      C::keys(cur.k1.w[kk], a1, a3);
+      cs_mma16816(s, a0, a1, a2, a3, qf[kk][0], qf[kk][1]);
+    }
     const bool ok0 = visible(p, start + g, seq_len), ok1 = visible(p, start + g + 8, seq_len);
+    const float k0s = __half2float(cur.ks0), k1s = __half2float(cur.ks1);
+    s[0] = (s[0] - koff[0]) * k0s;
+    s[1] = (s[1] - koff[1]) * k0s;
+    s[2] = (s[2] - koff[0]) * k1s;
+    s[3] = (s[3] - koff[1]) * k1s;
     float alpha[2];
-    if (sm.tile(s, ok0, ok1, o, alpha) && O::C::OFFSET != 0.f) {
+    if (sm.tile(s, ok0, ok1, o, alpha) && C::OFFSET != 0.f) {
       psum[0] *= alpha[0];
       psum[1] *= alpha[1];
     }
-    uint32_t pb0, pb1;
-    O::operand(s, ok0 ? __half2float(cur.vs0) : 0.f, ok1 ? __half2float(cur.vs1) : 0.f, psum, pb0, pb1);
-    O::values(cur.v, pb0, pb1, o);
+    const float v0s = ok0 ? __half2float(cur.vs0) : 0.f, v1s = ok1 ? __half2float(cur.vs1) : 0.f;
+    const uint32_t top = pack_half2(s[0] * v0s, s[1] * v0s), bot = pack_half2(s[2] * v1s, s[3] * v1s);
+    if constexpr (C::OFFSET != 0.f) {
+      const float2 rt = unpack_half2(top), rb = unpack_half2(bot);
+      psum[0] += rt.x + rb.x;
+      psum[1] += rt.y + rb.y;
+    }
+    const uint32_t pb0 = cs_transpose8x8(top);  // tokens 2t, 2t+1; head g
+    const uint32_t pb1 = cs_transpose8x8(bot);  // tokens 2t+8, 2t+9
+#pragma unroll
+    for (int j = 0; j < VW; ++j) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        uint32_t r0, r1, r2, r3;
+        C::pairs(cur.v[0].w[j], cur.v[1].w[j], half, r0, r1);
+        C::pairs(cur.v[2].w[j], cur.v[3].w[j], half, r2, r3);
+        cs_mma16816(o[2 * j + half], r0, r1, r2, r3, pb0, pb1);
+      }
+    }
     feed.after(i, nxt, load);
   };
   tile_loop<true>(tiles.n, tile_a, tile_b, step);
-  O::store(p, b, h, split, g, t, sm, o, psum);
+
+  // Head 2t + j: o[mi][2 hh + j] is dim g D/8 + 2 mi + hh.
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    const float l = xor_sum_g(sm.l[j]);
+    const float ps = C::OFFSET != 0.f ? C::OFFSET * xor_sum_g(psum[j]) : 0.f;
+    const int head = 2 * t + j;
+    if (head >= p.g) continue;
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    float val[D / 8];
+#pragma unroll
+    for (int mi = 0; mi < MT; ++mi) {
+      val[2 * mi] = (o[mi][j] - ps) * inv;
+      val[2 * mi + 1] = (o[mi][2 + j] - ps) * inv;
+    }
+    store_head<D / 8>(p, b, h, split, head, val, sm.m[j], l, g, [&](int e) { return g * (D / 8) + e; });
+  }
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -1375,7 +1344,7 @@ __global__ void __launch_bounds__(128, 3) decode4_pair_kernel(const DecodeParams
     for (int x = 0; x < 2; ++x) pr.values(p, lane, x, feed.id(x), tb(nx + x));
     feed.next(k);
   }
-  merge_pair_columns(sm, o, sums.zacc);
+  merge_pair_columns(sm, o, sums);
   ops.store(p, b, h, split, g, t, sm, o, sums);
 }
 
@@ -1709,7 +1678,7 @@ __global__ void __launch_bounds__(128, Kivi2Shape<D, GP>::MIN_BLOCKS) decode2_ke
     feed.after(i, nxt, load);
   };
   tile_loop<S::PINGPONG>(nq, tile_a, tile_b, step);
-  if constexpr (PAIRED) merge_pair_columns(sm, o, sums.zacc);
+  if constexpr (PAIRED) merge_pair_columns(sm, o, sums);
 
   // ---- residual steps: fp16 keys and values of the row's window ----
   q_read(qh);
