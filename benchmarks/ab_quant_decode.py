@@ -28,6 +28,9 @@ Each argument is a format followed by ``:``-separated switches:
 - ``nomem``: the CUDA kernel built with ``CS_COMPUTE_ONLY`` (and no L2 look-ahead): its loads of codes
   and per-token scales return words made from their addresses, so the time is its arithmetic's
   (block tables, kivi2's per-block key scales and residual window are still read; output meaningless);
+- ``loads``: the CUDA kernel built with ``CS_LOADS_ONLY`` (int4's paired loop): its loads of codes and
+  scales as it issues them, each word only xor'ed in before its reload, at the kernel's 12 warps per
+  SM, so the time is that of its load pattern without the arithmetic (output meaningless);
 - ``BLOCK_N,warps,stages[,maxnreg]``: a tile config.
 
 ``sdpa`` alone is the baseline of the same run: ``scaled_dot_product_attention`` on a contiguous bf16 cache.
@@ -108,6 +111,8 @@ def kernel_source(path: str | None, defines: tuple[str, ...] = ()):
 
 # The compute-only diagnostic build (``nomem``): loads replaced by address-made words, no L2 look-ahead.
 COMPUTE_ONLY = ("CS_COMPUTE_ONLY", "CS_L2_AHEAD=0")
+# The loads-only diagnostic build (``loads``): the arithmetic dropped, the loads kept.
+LOADS_ONLY = ("CS_LOADS_ONLY",)
 
 
 def run_variant(spec: str, batch: int, ctx: int, q: torch.Tensor, seq: torch.Tensor) -> dict:
@@ -123,7 +128,7 @@ def run_variant(spec: str, batch: int, ctx: int, q: torch.Tensor, seq: torch.Ten
     saved = (decode_quant.OFFSET_KEYS, decode_quant.OFFSET_VALUES, decode_quant.ASM_FORMATS, cuda_decode.STAGED,
              cuda_decode.PAIRED)
     source = next((s[3:] for s in switches if s.startswith("cu=")), None)
-    defines = COMPUTE_ONLY if "nomem" in switches else ()
+    defines = COMPUTE_ONLY if "nomem" in switches else LOADS_ONLY if "loads" in switches else ()
     backend = next((s for s in switches if s in ("cuda", "triton")), "")
     if "nooff" in switches:
         decode_quant.OFFSET_KEYS, decode_quant.OFFSET_VALUES = set(), set()

@@ -51,9 +51,9 @@ def test_stream_probe_compiles_for_sm90(tmp_path):
     assert out.stat().st_size > 0
 
 
-@pytest.mark.parametrize("define", ["CS_TIMELINE", "CS_COMPUTE_ONLY"])
+@pytest.mark.parametrize("define", ["CS_TIMELINE", "CS_COMPUTE_ONLY", "CS_LOADS_ONLY"])
 def test_decode_diagnostic_builds_compile_for_sm90(tmp_path, define):
-    """The decode kernel's diagnostic builds (benchmarks/warp_timeline.py, ab_quant_decode.py's `nomem`)
+    """The decode kernel's diagnostic builds (benchmarks/warp_timeline.py, ab_quant_decode.py's `nomem` and `loads`)
     compile for sm_90 as the H200 runs them."""
     from constant_state.kernels.paged_attention import cuda_decode
 

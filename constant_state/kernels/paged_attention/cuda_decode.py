@@ -71,7 +71,8 @@ PAIR_MAX_G = 4
 # 377; batch 8 / 128k, 74 -> 24 splits: int4 413 -> 373, int8 533 -> 525.
 SPLIT_OVERHEAD_TILES = 8
 # Extra -D macros of the build behind :func:`_library`: the source's diagnostic builds (CS_TIMELINE,
-# benchmarks/warp_timeline.py; CS_COMPUTE_ONLY, ab_quant_decode.py's ``nomem``). Empty for real use.
+# benchmarks/warp_timeline.py; CS_COMPUTE_ONLY and CS_LOADS_ONLY, ab_quant_decode.py's ``nomem`` and
+# ``loads``). Empty for real use.
 DEFINES: tuple[str, ...] = ()
 WARPS = 4  # warps (work items) per block: the kernels' __launch_bounds__(128, 3) in paged_decode.cu
 

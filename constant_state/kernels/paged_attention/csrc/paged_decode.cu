@@ -271,6 +271,36 @@ __device__ __forceinline__ uint32_t cs_fake_word(const void* src, int i) {
 }
 #endif
 
+// CS_LOADS_ONLY (a diagnostic build, ab_quant_decode.py's `loads`; int4's paired loop): the loop keeps its
+// loads of codes and scales, at the same points, but each loaded word is only xor'ed into one register
+// right before its reload (no products, no softmax), so a launch times the loads as the kernel issues
+// them without its arithmetic (output meaningless).
+#ifdef CS_LOADS_ONLY
+constexpr bool LOADS_ONLY = true;
+#else
+constexpr bool LOADS_ONLY = false;
+#endif
+template <int NW> __device__ __forceinline__ uint32_t words_xor(const Words<NW>& x) {
+  uint32_t r = 0;
+#pragma unroll
+  for (int i = 0; i < NW; ++i) r ^= x.w[i];
+  return r;
+}
+template <int NW, int N> __device__ __forceinline__ uint32_t words_xor(const Words<NW> (&x)[N]) {
+  uint32_t r = 0;
+#pragma unroll
+  for (int i = 0; i < N; ++i) r ^= words_xor(x[i]);
+  return r;
+}
+template <int N, int M> __device__ __forceinline__ uint32_t words_xor(const uint32_t (&x)[N][M]) {
+  uint32_t r = 0;
+#pragma unroll
+  for (int i = 0; i < N; ++i)
+#pragma unroll
+    for (int j = 0; j < M; ++j) r ^= x[i][j];
+  return r;
+}
+
 template <int M, int NW> __device__ __forceinline__ void fetch(Words<NW>& dst, const uint8_t* src, Slot& s) {
   if constexpr (M == FETCH_LOAD) {
 #ifdef CS_COMPUTE_ONLY
@@ -1309,13 +1339,27 @@ __global__ void __launch_bounds__(128, 3) decode4_pair_kernel(const DecodeParams
     pr.key_scales(p, lane, up ? ids[1] : ids[0], tb(up));
     pr.value_scales(p, lane, up ? ids[1] : ids[0], tb(up));
   }
+  uint32_t sink = 0;  // LOADS_ONLY: the loaded words, each xor'ed in right before its reload
   for (int k = 0; k < feed.steps(); ++k) {
     const int nx = 2 * k + 2;  // step k + 1's first tile
     float sg[2][NG][4];
 #pragma unroll
     for (int x = 0; x < 2; ++x) {
-      ops.keys(pr.k0[x], pr.k1[x], sg[x]);
+      if constexpr (LOADS_ONLY) {
+        sink ^= words_xor(pr.k0[x]) ^ words_xor(pr.k1[x]);
+      } else {
+        ops.keys(pr.k0[x], pr.k1[x], sg[x]);
+      }
       pr.keys(p, lane, x, feed.id(x), tb(nx + x));
+    }
+    if constexpr (LOADS_ONLY) {
+      sink ^= words_xor(pr.ks.x) ^ words_xor(pr.kz.x) ^ words_xor(pr.vs.x) ^ words_xor(pr.vz.x) ^ words_xor(pr.v);
+      pr.key_scales(p, lane, feed.own_id(up), tb(nx + up));
+      pr.value_scales(p, lane, feed.own_id(up), tb(nx + up));
+#pragma unroll
+      for (int x = 0; x < 2; ++x) pr.values(p, lane, x, feed.id(x), tb(nx + x));
+      feed.next(k);
+      continue;
     }
     const int own = 2 * k + up;
     const int start = tiles.start(own);
@@ -1344,6 +1388,7 @@ __global__ void __launch_bounds__(128, 3) decode4_pair_kernel(const DecodeParams
     for (int x = 0; x < 2; ++x) pr.values(p, lane, x, feed.id(x), tb(nx + x));
     feed.next(k);
   }
+  if constexpr (LOADS_ONLY) o[0][0] = __uint_as_float(sink & 0x3fffffffu);  // kept alive through the store
   merge_pair_columns(sm, o, sums);
   ops.store(p, b, h, split, g, t, sm, o, sums);
 }
@@ -1753,6 +1798,10 @@ struct Variant {
 };
 template <class Tile, bool ST> Variant variant(KernelFn fn) { return {fn, ST ? CS_STAGES * 32 * Tile::LANE_BYTES : 0}; }
 
+// The loads-only build (LOADS_ONLY) needs far fewer registers than the kernel; unused shared memory per
+// warp holds it to the kernel's 3 blocks (12 warps) per SM.
+constexpr int LOADS_ONLY_SMEM_PER_WARP = LOADS_ONLY ? 18 * 1024 : 0;
+
 template <int BS, bool PAIRED> Variant select_kivi2(int d, int group) {
   if (d == 128) {
     return {group == 32 ? decode2_kernel<128, 8, BS, PAIRED> : group == 64 ? decode2_kernel<128, 16, BS, PAIRED>
@@ -1771,8 +1820,8 @@ template <int BS, bool PAIRED> Variant select_kivi2(int d, int group) {
 // through shared memory (DecodeParams::staged; kivi2 has none and ignores it).
 template <bool ST, int BS> Variant select_packed(int kind, int d, int group, bool paired) {
   if (kind == 3 && paired && !ST && group == 64) {  // groups of 32: the paired loop spills (slower)
-    if (d == 128) return {decode4_pair_kernel<128, 32, BS>, 0};
-    if (d == 64) return {decode4_pair_kernel<64, 32, BS>, 0};
+    if (d == 128) return {decode4_pair_kernel<128, 32, BS>, LOADS_ONLY_SMEM_PER_WARP};
+    if (d == 64) return {decode4_pair_kernel<64, 32, BS>, LOADS_ONLY_SMEM_PER_WARP};
     return {};
   }
   if (kind == 3) {
