@@ -29,8 +29,8 @@ Each argument is a format followed by ``:``-separated switches:
   and per-token scales return words made from their addresses, so the time is its arithmetic's
   (block tables, kivi2's per-block key scales and residual window are still read; output meaningless);
 - ``loads``: the CUDA kernel built with ``CS_LOADS_ONLY`` (int4's paired loop): its loads of codes and
-  scales as it issues them, each word only xor'ed in before its reload, at the kernel's 12 warps per
-  SM, so the time is that of its load pattern without the arithmetic (output meaningless);
+  scales as it issues them, each word only xor'ed in before its reload, no arithmetic (72 registers,
+  so 28 warps per SM instead of 12): a floor for the time of its load pattern (output meaningless);
 - ``BLOCK_N,warps,stages[,maxnreg]``: a tile config.
 
 ``sdpa`` alone is the baseline of the same run: ``scaled_dot_product_attention`` on a contiguous bf16 cache.

@@ -273,8 +273,10 @@ __device__ __forceinline__ uint32_t cs_fake_word(const void* src, int i) {
 
 // CS_LOADS_ONLY (a diagnostic build, ab_quant_decode.py's `loads`; int4's paired loop): the loop keeps its
 // loads of codes and scales, at the same points, but each loaded word is only xor'ed into one register
-// right before its reload (no products, no softmax), so a launch times the loads as the kernel issues
-// them without its arithmetic (output meaningless).
+// right before its reload (no products, no softmax; output meaningless). It needs 72 registers, so 28
+// warps per SM hold more loads in flight than the kernel's 12: its time is a floor for the kernel's load
+// pattern. (Held to 12 warps by unused shared memory it ran slower than the kernel, 356 against 327 us
+// at batch 32 / 32k: the shared memory takes L1, which holds the loads in flight.)
 #ifdef CS_LOADS_ONLY
 constexpr bool LOADS_ONLY = true;
 #else
@@ -1798,10 +1800,6 @@ struct Variant {
 };
 template <class Tile, bool ST> Variant variant(KernelFn fn) { return {fn, ST ? CS_STAGES * 32 * Tile::LANE_BYTES : 0}; }
 
-// The loads-only build (LOADS_ONLY) needs far fewer registers than the kernel; unused shared memory per
-// warp holds it to the kernel's 3 blocks (12 warps) per SM.
-constexpr int LOADS_ONLY_SMEM_PER_WARP = LOADS_ONLY ? 18 * 1024 : 0;
-
 template <int BS, bool PAIRED> Variant select_kivi2(int d, int group) {
   if (d == 128) {
     return {group == 32 ? decode2_kernel<128, 8, BS, PAIRED> : group == 64 ? decode2_kernel<128, 16, BS, PAIRED>
@@ -1820,8 +1818,8 @@ template <int BS, bool PAIRED> Variant select_kivi2(int d, int group) {
 // through shared memory (DecodeParams::staged; kivi2 has none and ignores it).
 template <bool ST, int BS> Variant select_packed(int kind, int d, int group, bool paired) {
   if (kind == 3 && paired && !ST && group == 64) {  // groups of 32: the paired loop spills (slower)
-    if (d == 128) return {decode4_pair_kernel<128, 32, BS>, LOADS_ONLY_SMEM_PER_WARP};
-    if (d == 64) return {decode4_pair_kernel<64, 32, BS>, LOADS_ONLY_SMEM_PER_WARP};
+    if (d == 128) return {decode4_pair_kernel<128, 32, BS>, 0};
+    if (d == 64) return {decode4_pair_kernel<64, 32, BS>, 0};
     return {};
   }
   if (kind == 3) {
