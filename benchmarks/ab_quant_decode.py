@@ -119,6 +119,8 @@ def run_variant(spec: str, batch: int, ctx: int, q: torch.Tensor, seq: torch.Ten
     if spec == "sdpa":
         return run_sdpa(batch, ctx, q)
     fmt, *switches = spec.split(":")
+    if "loads" in switches and (fmt != "int4" or {"np", "st", "triton"} & set(switches)):
+        raise SystemExit(f"{spec}: `loads` times int4's paired CUDA loop only (no np, st or triton)")
     sizes = [int(s[2:]) for s in switches if s.startswith("bs")]
     bs = sizes[0] if sizes else block_size(fmt)
     m = ctx // bs

@@ -272,11 +272,11 @@ __device__ __forceinline__ uint32_t cs_fake_word(const void* src, int i) {
 #endif
 
 // CS_LOADS_ONLY (a diagnostic build, ab_quant_decode.py's `loads`; int4's paired loop): the loop keeps its
-// loads of codes and scales, at the same points, but each loaded word is only xor'ed into one register
-// right before its reload (no products, no softmax; output meaningless). It needs 72 registers, so 28
-// warps per SM hold more loads in flight than the kernel's 12: its time is a floor for the kernel's load
-// pattern. (Held to 12 warps by unused shared memory it ran slower than the kernel, 356 against 327 us
-// at batch 32 / 32k: the shared memory takes L1, which holds the loads in flight.)
+// loads of codes and scales, in the same order from the same addresses, but each loaded word is only xor'ed
+// into one register right before its reload (no products, no softmax; output meaningless). It needs 72
+// registers, so 28 warps per SM hold more loads in flight than the kernel's 12: its time is a floor for the
+// kernel's load pattern. (Held to 12 warps by unused shared memory it ran slower than the kernel, 356
+// against 327 us at batch 32 / 32k: the shared memory takes L1, which holds the loads in flight.)
 #ifdef CS_LOADS_ONLY
 constexpr bool LOADS_ONLY = true;
 #else
