@@ -85,6 +85,16 @@ def save_tiny_hf(tmp_path: Path, model_type: str, seed: int = 0, **overrides):
     return d, model
 
 
+def paired_serves(fmt: str, case: dict) -> bool:
+    """Whether the CUDA decode kernel's paired loop serves a decode test case of ``fmt`` (``fp8`` ..
+    ``int4-g32``, ``kivi2``): only then does its unpaired variant run another kernel than the default."""
+    from constant_state.kernels.paged_attention import cuda_decode
+
+    kind = fmt.split("-")[0]
+    group = case.get("group", 32 if fmt.endswith("g32") else 64 if kind in ("int4", "kivi2") else case["d"])
+    return bool(cuda_decode.paired_for(kind, group, case["gqa"], 0, 1))
+
+
 def kivi2_decode_case(lens, gqa, d, bs, group=64, residual=128, window=None, sinks=0, qdtype=torch.bfloat16,
                       hkv=2, seed=0, device="cpu", key_ramp=0.0):
     """A kivi2 decode problem: random codes and scales in every block first (masked tokens are not

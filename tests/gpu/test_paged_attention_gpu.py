@@ -8,7 +8,7 @@ and a pool large enough that element offsets overflow 32 bits.
 
 import pytest
 import torch
-from helpers import KIVI2_DECODE_CASES, KIVI2_DECODE_IDS, kivi2_decode_case
+from helpers import KIVI2_DECODE_CASES, KIVI2_DECODE_IDS, kivi2_decode_case, paired_serves
 
 from constant_state.cache.formats import get_format
 from constant_state.kernels.paged_attention.ref import QuantKV, paged_attention_ref, quant_paged_attention_ref
@@ -127,8 +127,7 @@ def test_cuda_decode(fmt, case, variant, monkeypatch):
     from constant_state.kernels.paged_attention import cuda_decode
 
     _need_cuda_decode()
-    group = 32 if fmt.endswith("g32") else 64 if fmt == "int4" else case["d"]
-    if variant == "unpaired" and not cuda_decode.paired_for(fmt.split("-")[0], group, case["gqa"], 0, 1):
+    if variant == "unpaired" and not paired_serves(fmt, case):
         pytest.skip("the paired loop does not serve this case: direct runs the same kernel")
     monkeypatch.setattr(cuda_decode, "STAGED", int(variant == "staged"))
     monkeypatch.setattr(cuda_decode, "PAIRED", int(variant == "direct"))
@@ -161,7 +160,7 @@ def test_cuda_decode_kivi2(case, paired, monkeypatch):
     from constant_state.kernels.paged_attention import cuda_decode, decode
 
     _need_cuda_decode()
-    if not paired and not cuda_decode.paired_for("kivi2", case.get("group", 64), case["gqa"], 0, 1):
+    if not paired and not paired_serves("kivi2", case):
         pytest.skip("the paired loop does not serve this case: direct runs the same kernel")
     monkeypatch.setattr(decode, "DECODE_BACKEND", "cuda")
     monkeypatch.setattr(cuda_decode, "PAIRED", paired)

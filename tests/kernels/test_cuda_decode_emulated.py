@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 import torch
-from helpers import KIVI2_DECODE_CASES, KIVI2_DECODE_IDS, kivi2_decode_case
+from helpers import KIVI2_DECODE_CASES, KIVI2_DECODE_IDS, kivi2_decode_case, paired_serves
 
 from constant_state.cache.formats import get_format
 from constant_state.kernels.paged_attention import cuda_decode
@@ -77,8 +77,7 @@ def test_emulated_cuda_decode(fmt, case, variant):
     variant whose tiles go through shared memory by cp.async (the emulation does each copy at the latest
     wait that covers it, so a stage read before its wait sees stale bytes)."""
     paired = int(variant == "direct")
-    group = 32 if fmt.endswith("g32") else 64 if fmt == "int4" else case["d"]
-    if variant == "unpaired" and not cuda_decode.paired_for(fmt.split("-")[0], group, case["gqa"], 0, 1):
+    if variant == "unpaired" and not paired_serves(fmt, case):
         pytest.skip("the paired loop does not serve this case: direct runs the same kernel")
     run(fmt, **case, staged=int(variant == "staged"), paired=paired)
 
@@ -136,7 +135,7 @@ def test_emulated_staged_kivi2_runs_the_direct_kernel():
 def test_emulated_cuda_decode_kivi2_unpaired(index):
     """The one-tile-per-column loop on cases the paired loop serves by default (G <= 4)."""
     case = KIVI2_DECODE_CASES[index]
-    assert cuda_decode.paired_for("kivi2", case.get("group", 64), case["gqa"], 0, 1)
+    assert paired_serves("kivi2", case)
     test_emulated_cuda_decode_kivi2(case, paired=0)
 
 
