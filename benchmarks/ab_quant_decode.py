@@ -21,6 +21,8 @@ Each argument is a format followed by ``:``-separated switches:
 - ``np``: the one-tile loop where the paired one would serve (``cuda_decode.PAIRED`` off; with at most
   4 query heads per KV head, int4 with groups of 64 and kivi2 put two tiles in one score fragment by
   default);
+- ``chunk``: each block's codes, scales and zero points of one KV head side by side in one chunk
+  (``ref.head_chunks``; default: one tensor each, ``cache/quant.py``);
 - ``seqbt``: each row's blocks consecutive in the pool (default: a random permutation, as
   bench_kv_decode.py);
 - ``cu=PATH``: the CUDA kernel built from another copy of ``csrc/paged_decode.cu`` (a variant under
@@ -52,7 +54,8 @@ from bench_kv_decode import D, HKV, HQ, backend_of, bench_graph, block_size, pri
 from constant_state.cache.formats import get_format
 from constant_state.kernels.paged_attention import cuda_decode, decode_quant
 from constant_state.kernels.paged_attention.decode import paged_attention
-from constant_state.kernels.paged_attention.ref import as_token_major, token_contiguous
+from constant_state.kernels.paged_attention.ref import (as_token_major, head_chunks, is_token_contiguous,
+                                                        token_contiguous)
 
 
 def run_sdpa(batch: int, ctx: int, q: torch.Tensor) -> dict:
@@ -84,6 +87,13 @@ def cached_storage(fmt: str, bs: int, batch: int, ctx: int, layout: tuple[str, .
             st.cache.v = nv.copy_(v)
         if "kt" in layout:
             as_token_major(st.cache)
+        if "chunk" in layout:
+            c = st.cache
+            names = [x for x in ("k", "v", "k_scale", "k_zero", "v_scale", "v_zero") if getattr(c, x) is not None]
+            olds = [getattr(c, x) for x in names]
+            parts = [(x.shape[1], x.shape[3], x.dtype, is_token_contiguous(x)) for x in olds]
+            for name, old, new in zip(names, olds, head_chunks(olds[0].shape[0], olds[0].shape[2], parts, device)):
+                setattr(c, name, new.copy_(old))
         _CACHES[key] = (st, extra, bt)
     return _CACHES[key]
 
@@ -124,7 +134,7 @@ def run_variant(spec: str, batch: int, ctx: int, q: torch.Tensor, seq: torch.Ten
     sizes = [int(s[2:]) for s in switches if s.startswith("bs")]
     bs = sizes[0] if sizes else block_size(fmt)
     m = ctx // bs
-    layout = tuple(sorted(s for s in switches if s in ("vt", "tm", "kt", "seqbt")))
+    layout = tuple(sorted(s for s in switches if s in ("vt", "tm", "kt", "seqbt", "chunk")))
     st, extra, bt = cached_storage(fmt, bs, batch, ctx, layout, q.device)
     kind = st.cache.kind
     saved = (decode_quant.OFFSET_KEYS, decode_quant.OFFSET_VALUES, decode_quant.ASM_FORMATS, cuda_decode.STAGED,

@@ -38,7 +38,41 @@ def build(stages: int, tmp: str) -> ctypes.CDLL:
                     "-gencode=arch=compute_90,code=sm_90", str(SOURCE), "-o", str(lib)], check=True)
     so = ctypes.CDLL(str(lib))
     so.probe_launch.argtypes = [ctypes.POINTER(Probe), ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+    so.probe4_launch.argtypes = [ctypes.POINTER(Probe), ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
     return so
+
+
+def bench(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=5, rep=50) * 1e3
+
+
+def int4_chunks(a, libs, stream) -> list[tuple]:
+    """int4 (D 128, groups of 64) with each block's codes, scales and zero points of one KV head in one
+    2304-byte chunk, two tiles per step: direct loads into registers one step ahead (uncapped, or capped at
+    12 / 16 warps per SM by unused shared memory) beside cp.async.bulk copies into a ring of STAGES steps."""
+    b, hkv, ctx, bs, c4 = 32, 8, 32768, 16, 2304
+    m = ctx // bs
+    n = b * m
+    buf = torch.randint(0, 256, (n * hkv * c4,), dtype=torch.uint8, device="cuda")
+    bt = (torch.randperm(n, device="cuda") if a.order == "random" else torch.arange(n, device="cuda")).int().view(b, m)
+    tps = -(-m // a.splits)
+    items = b * hkv * a.splits
+    out = torch.empty(items * 32, dtype=torch.int32, device="cuda")
+    lib0 = libs[a.stages[0]]
+    variants = ([("int4 chunks, direct", lib0, 0, 0), ("int4 chunks, direct, 12 warps/SM", lib0, 0, 72 * 1024),
+                 ("int4 chunks, direct, 16 warps/SM", lib0, 0, 54 * 1024)]
+                + [(f"int4 chunks, bulk ring {s}", libs[s], 1, 0) for s in a.stages])
+    rows = []
+    for work in a.work:
+        for name, lib, mode, smem in variants:
+            p = Probe(buf.data_ptr(), 0, bt.data_ptr(), 0, 0, out.data_ptr(), hkv, m, a.splits, tps, items, work, 0, 0)
+
+            def launch(lib=lib, mode=mode, p=p, smem=smem):
+                if lib.probe4_launch(ctypes.byref(p), mode, smem, stream):
+                    raise RuntimeError("probe launch failed")
+            us = bench(launch)
+            rows.append((name, work, us, buf.numel() / us / 1e6))
+    return rows
 
 
 def main() -> None:
@@ -47,7 +81,16 @@ def main() -> None:
     ap.add_argument("--stages", type=int, nargs="+", default=[3, 4])
     ap.add_argument("--splits", type=int, default=6)
     ap.add_argument("--order", choices=["random", "contiguous"], default="random", help="block table order")
+    ap.add_argument("--int4", action="store_true", help="the int4 chunk probes (probe4_*) instead of fp8's")
     a = ap.parse_args()
+    if a.int4:
+        stream = torch.cuda.current_stream().cuda_stream
+        with tempfile.TemporaryDirectory() as tmp:
+            rows = int4_chunks(a, {s: build(s, tmp) for s in a.stages}, stream)
+        print("| load | work (FMA per step) | us | TB/s |\n|---|---|---|---|")
+        for name, work, us, tbs in rows:
+            print(f"| {name} | {work} | {us:.0f} | {tbs:.2f} |")
+        return
     b, hkv, ctx, bs = 32, 8, 32768, 16
     m = ctx // bs
     n = b * m

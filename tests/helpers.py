@@ -95,6 +95,16 @@ def paired_serves(fmt: str, case: dict) -> bool:
     return bool(cuda_decode.paired_for(kind, group, case["gqa"], 0, 1))
 
 
+def bulk_serves(fmt: str, case: dict) -> bool:
+    """Whether the paired loop of a decode test case of ``fmt`` is fed by bulk copies (int4 with groups
+    of 64 in 16-token blocks, the storage's chunk layout): only then does its ``unbulked`` variant (the
+    paired loop's loads into registers) run another kernel than the default."""
+    from constant_state.cache.formats import get_format
+
+    f = get_format(fmt)
+    return paired_serves(fmt, case) and f.kind == "int4" and f.chunked(case["bs"], case["d"])
+
+
 def kivi2_decode_case(lens, gqa, d, bs, group=64, residual=128, window=None, sinks=0, qdtype=torch.bfloat16,
                       hkv=2, seed=0, device="cpu", key_ramp=0.0):
     """A kivi2 decode problem: random codes and scales in every block first (masked tokens are not

@@ -202,6 +202,112 @@ bool make_map(CUtensorMap& m, const uint8_t* base, int hkv, int n_blocks) {
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
+// int4 in chunks (probe4_*): each block's bytes of one KV head in one contiguous chunk of C4 bytes (D = 128,
+// groups of 64, 16 tokens: 1 KB key codes, 1 KB value codes, 4 x 64 B of scales and zero points; chunk
+// (blk, h) at (blk Hkv + h) C4, Probe::k), two tiles (a step of the paired int4 loop) per step:
+//   probe4_direct: each lane loads its 72 bytes of each chunk into registers one step ahead (four 16-byte
+//                  loads, one 8-byte; each instruction covers 512 or 256 contiguous bytes);
+//   probe4_bulk:   lane 0 copies the step's two chunks by cp.async.bulk (one instruction per chunk, no
+//                  tensor map) into a ring of STAGES steps per warp, completion on an mbarrier; lanes read
+//                  their 72 bytes of each chunk back from shared memory.
+constexpr int C4 = 2304;
+
+struct Regs4 {
+  uint4 a[4];
+  uint2 s;
+};
+
+__device__ __forceinline__ void load4(Regs4& r, const uint8_t* c, int lane) {
+#pragma unroll
+  for (int j = 0; j < 4; ++j) r.a[j] = __ldg(reinterpret_cast<const uint4*>(c + 512 * j + 16 * lane));
+  r.s = __ldg(reinterpret_cast<const uint2*>(c + 2048 + 8 * lane));
+}
+
+__device__ __forceinline__ void read4(Regs4& r, const uint8_t* c, int lane) {  // from shared memory
+#pragma unroll
+  for (int j = 0; j < 4; ++j) r.a[j] = *reinterpret_cast<const uint4*>(c + 512 * j + 16 * lane);
+  r.s = *reinterpret_cast<const uint2*>(c + 2048 + 8 * lane);
+}
+
+__device__ __forceinline__ uint32_t fold4(const Regs4& r) {
+  return fold(r.a[0]) ^ fold(r.a[1]) ^ fold(r.a[2]) ^ fold(r.a[3]) ^ r.s.x ^ r.s.y;
+}
+
+__device__ __forceinline__ void bulk_copy(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+               : : "r"(smem_addr(dst)), "l"(src), "r"(bytes), "r"(smem_addr(bar)) : "memory");
+}
+
+__global__ void __launch_bounds__(128) probe4_direct(const Probe p) {
+  const int w = blockIdx.x * 4 + (threadIdx.x >> 5);
+  if (w >= p.items) return;
+  const int lane = threadIdx.x & 31;
+  const Item it(p, w);
+  const uint8_t* base = p.k + int64_t(it.h) * C4;
+  auto chunk = [&](int i) { return base + int64_t(it.bt_row[it.lo + min(i, it.n - 1)]) * p.hkv * C4; };
+  const int steps = (it.n + 1) / 2;
+  uint32_t acc = 0;
+  float f = 0.f;
+  Regs4 a[2], b[2];
+  if (steps > 0) {
+    load4(a[0], chunk(0), lane);
+    load4(a[1], chunk(1), lane);
+  }
+  for (int k = 0; k < steps; ++k) {
+    if (k + 1 < steps) {
+      load4(b[0], chunk(2 * k + 2), lane);
+      load4(b[1], chunk(2 * k + 3), lane);
+    }
+    acc ^= fold4(a[0]) ^ fold4(a[1]);
+    f = spin(f + float(acc & 1), p.work);
+    a[0] = b[0];
+    a[1] = b[1];
+  }
+  p.out[w * 32 + lane] = acc ^ __float_as_uint(f);
+}
+
+__global__ void __launch_bounds__(128) probe4_bulk(const Probe p) {
+  extern __shared__ __align__(128) uint8_t smem[];
+  const int wib = threadIdx.x >> 5;
+  const int w = blockIdx.x * 4 + wib;
+  const int lane = threadIdx.x & 31;
+  uint8_t* ring = smem + wib * (STAGES * 2 * C4);
+  uint64_t* bars = reinterpret_cast<uint64_t*>(smem + 4 * STAGES * 2 * C4) + wib * STAGES;
+  if (w >= p.items) return;
+  const Item it(p, w);
+  const uint8_t* base = p.k + int64_t(it.h) * C4;
+  auto chunk = [&](int i) { return base + int64_t(it.bt_row[it.lo + min(i, it.n - 1)]) * p.hkv * C4; };
+  const int steps = (it.n + 1) / 2;
+  if (lane == 0) {
+    for (int s = 0; s < STAGES; ++s) mbar_init(bars + s, 1);
+    asm volatile("fence.mbarrier_init.release.cluster;" : : : "memory");
+  }
+  __syncwarp();
+  auto issue = [&](int k) {  // lane 0
+    uint8_t* st = ring + (k % STAGES) * 2 * C4;
+    mbar_expect_tx(bars + k % STAGES, 2 * C4);
+    bulk_copy(st, chunk(2 * k), C4, bars + k % STAGES);
+    bulk_copy(st + C4, chunk(2 * k + 1), C4, bars + k % STAGES);
+  };
+  if (lane == 0) {
+    for (int k = 0; k < min(STAGES, steps); ++k) issue(k);
+  }
+  uint32_t acc = 0;
+  float f = 0.f;
+  for (int k = 0; k < steps; ++k) {
+    mbar_wait(bars + k % STAGES, (k / STAGES) & 1);
+    const uint8_t* st = ring + (k % STAGES) * 2 * C4;
+    Regs4 a[2];
+    read4(a[0], st, lane);
+    read4(a[1], st + C4, lane);
+    acc ^= fold4(a[0]) ^ fold4(a[1]);
+    f = spin(f + float(acc & 1), p.work);
+    __syncwarp();
+    if (lane == 0 && k + STAGES < steps) issue(k + STAGES);
+  }
+  p.out[w * 32 + lane] = acc ^ __float_as_uint(f);
+}
+
 }  // namespace
 
 extern "C" int probe_launch(const Probe* p, int mode, int n_blocks, void* stream) {
@@ -217,6 +323,22 @@ extern "C" int probe_launch(const Probe* p, int mode, int n_blocks, void* stream
     const int smem = 4 * STAGES * 4096 + 4 * STAGES * 8;
     cudaFuncSetAttribute(probe_tma, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     probe_tma<<<grid, 128, smem, static_cast<cudaStream_t>(stream)>>>(*p, maps);
+  }
+  return int(cudaGetLastError());
+}
+
+// int4 chunks (probe4_direct / probe4_bulk): mode 0 direct, 1 bulk ring; `smem` bytes of dynamic shared
+// memory per block for the direct loads (0: none; > 0 caps the blocks per SM, as the bulk ring's does).
+extern "C" int probe4_launch(const Probe* p, int mode, int smem, void* stream) {
+  const int grid = (p->items + 3) / 4;
+  auto s = static_cast<cudaStream_t>(stream);
+  if (mode == 0) {
+    cudaFuncSetAttribute(probe4_direct, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    probe4_direct<<<grid, 128, smem, s>>>(*p);
+  } else {
+    smem = 4 * STAGES * 2 * C4 + 4 * STAGES * 8;
+    cudaFuncSetAttribute(probe4_bulk, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    probe4_bulk<<<grid, 128, smem, s>>>(*p);
   }
   return int(cudaGetLastError());
 }

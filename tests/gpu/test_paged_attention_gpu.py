@@ -8,7 +8,7 @@ and a pool large enough that element offsets overflow 32 bits.
 
 import pytest
 import torch
-from helpers import KIVI2_DECODE_CASES, KIVI2_DECODE_IDS, kivi2_decode_case, paired_serves
+from helpers import KIVI2_DECODE_CASES, KIVI2_DECODE_IDS, bulk_serves, kivi2_decode_case, paired_serves
 
 from constant_state.cache.formats import get_format
 from constant_state.kernels.paged_attention.ref import QuantKV, paged_attention_ref, quant_paged_attention_ref
@@ -118,19 +118,24 @@ def _need_cuda_decode():
     dict(lens=[4099, 333], gqa=4, d=128, bs=16, qdtype=torch.float16),
     dict(lens=[16, 32, 17], gqa=5, d=64, bs=16, num_splits=1),
 ], ids=["sinks-window", "window-bs32", "splits7-bs64", "fp16-queries", "one-split-gqa5"])
-@pytest.mark.parametrize("variant", ["direct", "unpaired", "staged"])
+@pytest.mark.parametrize("variant", ["direct", "unbulked", "unpaired", "staged"])
 def test_cuda_decode(fmt, case, variant, monkeypatch):
     """The CUDA decode kernel serves on this GPU (it must build: no silent Triton fallback) and
     matches the reference with sinks, windows, block sizes 16-64, split counts, GQA 2/4/5/8, fp16 queries;
-    ``direct``: the default (int4 with G <= 4: the paired loop), ``unpaired``: the one-tile loop where
-    the paired one would serve, ``staged``: the variant that stages tiles through shared memory (cp.async)."""
+    ``direct``: the default (int4 with G <= 4: the paired loop, fed by bulk copies of chunks in 16-token
+    blocks), ``unbulked``: the paired loop's loads into registers where the bulk copies would serve,
+    ``unpaired``: the one-tile loop where the paired one would serve, ``staged``: the variant that stages
+    tiles through shared memory (cp.async)."""
     from constant_state.kernels.paged_attention import cuda_decode
 
     _need_cuda_decode()
     if variant == "unpaired" and not paired_serves(fmt, case):
         pytest.skip("the paired loop does not serve this case: direct runs the same kernel")
+    if variant == "unbulked" and not bulk_serves(fmt, case):
+        pytest.skip("no bulk copies in this case: direct runs the same kernel")
     monkeypatch.setattr(cuda_decode, "STAGED", int(variant == "staged"))
-    monkeypatch.setattr(cuda_decode, "PAIRED", int(variant == "direct"))
+    monkeypatch.setattr(cuda_decode, "PAIRED", int(variant in ("direct", "unbulked")))
+    monkeypatch.setattr(cuda_decode, "BULK", int(variant == "direct"))
     run_case(fmt, 1, backend="cuda", **case)
 
 

@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 import torch
-from helpers import KIVI2_DECODE_CASES, KIVI2_DECODE_IDS, kivi2_decode_case, paired_serves
+from helpers import KIVI2_DECODE_CASES, KIVI2_DECODE_IDS, bulk_serves, kivi2_decode_case, paired_serves
 
 from constant_state.cache.formats import get_format
 from constant_state.kernels.paged_attention import cuda_decode
@@ -35,7 +35,7 @@ def emulated(tmp_path_factory):
 
 
 def run(fmt, lens, gqa, d, bs, window=None, sinks=0, qdtype=torch.bfloat16, num_splits=None, hkv=2, seed=0,
-        staged=0, token_major=False, key_ramp=0.0, paired=None):
+        staged=0, token_major=False, key_ramp=0.0, paired=None, bulk=None):
     gen = torch.Generator().manual_seed(seed)
     b, m = len(lens), -(-max(lens) // bs) + 1
     n = b * m + 5
@@ -55,7 +55,7 @@ def run(fmt, lens, gqa, d, bs, window=None, sinks=0, qdtype=torch.bfloat16, num_
     assert cuda_decode.KINDS[kind]
     assert cuda_decode.staged_for(kind, tensors[2], tensors[3], staged) == staged
     out = cuda_decode.decode_emulated(q, kind, group, tensors, bt, seq, d ** -0.5, window, sinks, num_splits,
-                                      staged=staged, paired=paired)
+                                      staged=staged, paired=paired, bulk=bulk)
     ref = quant_paged_attention_ref(q.float(), st.cache, bt, seq, d ** -0.5, window, sinks=sinks)
     err = (out.float() - ref).abs().max().item()
     assert err <= TIGHT[qdtype], f"{fmt}: emulated CUDA kernel vs reference {err:.3e}"
@@ -70,16 +70,43 @@ def run(fmt, lens, gqa, d, bs, window=None, sinks=0, qdtype=torch.bfloat16, num_
     dict(lens=[16, 32, 17], gqa=5, d=64, bs=16, num_splits=1),
     dict(lens=[77], gqa=1, d=64, bs=16, num_splits=3, hkv=1),
 ], ids=["sinks-window", "window-bs32", "splits7-bs64", "fp16-queries", "one-split-gqa5", "mha-d64"])
-@pytest.mark.parametrize("variant", ["direct", "unpaired", "staged"])
+@pytest.mark.parametrize("variant", ["direct", "unbulked", "unpaired", "staged"])
 def test_emulated_cuda_decode(fmt, case, variant):
     """``direct``: the default kernel (int4 with at most 4 query heads per KV head: the paired loop, two
-    tiles per step); ``unpaired``: the one-tile loop where the paired one would serve; ``staged``: the
-    variant whose tiles go through shared memory by cp.async (the emulation does each copy at the latest
-    wait that covers it, so a stage read before its wait sees stale bytes)."""
-    paired = int(variant == "direct")
+    tiles per step, fed by bulk copies of chunks in 16-token blocks); ``unbulked``: the paired loop's
+    loads into registers where the bulk copies would serve; ``unpaired``: the one-tile loop where the
+    paired one would serve; ``staged``: the variant whose tiles go through shared memory by cp.async
+    (the emulation does each copy at the latest wait that covers it, so a stage read before its wait
+    sees stale bytes)."""
+    paired = int(variant in ("direct", "unbulked"))
     if variant == "unpaired" and not paired_serves(fmt, case):
         pytest.skip("the paired loop does not serve this case: direct runs the same kernel")
-    run(fmt, **case, staged=int(variant == "staged"), paired=paired)
+    if variant == "unbulked" and not bulk_serves(fmt, case):
+        pytest.skip("no bulk copies in this case: direct runs the same kernel")
+    run(fmt, **case, staged=int(variant == "staged"), paired=paired, bulk=int(variant == "direct"))
+
+
+@pytest.mark.parametrize("fmt", ["int4", "int4-g32", "fp8"])
+@pytest.mark.parametrize("bs", [16, 32])
+def test_int4_chunks_feed_the_bulk_copies(fmt, bs):
+    """int4 with groups of 64 in 16-token blocks is stored in chunks (ref.head_chunks) and its paired
+    loop is fed by bulk copies (paired = 2); other formats and block sizes keep one tensor per part. A
+    chunk cache copied into separate tensors runs the register loop, and the error names the part."""
+    st = get_format(fmt).make_storage(6, bs, 2, 128, "cpu")
+    kind, _, group, tensors = _cache_args(st.cache)
+    chunked = fmt == "int4" and bs == 16
+    if kind == "int4":
+        assert (cuda_decode.int4_chunk_error(tensors) is None) == chunked
+    assert cuda_decode.bulk_for(kind, 1, tensors, bulk=1) == (2 if chunked else 1)
+    assert cuda_decode.bulk_for(kind, 1, tensors, bulk=0) == 1 and cuda_decode.bulk_for(kind, 0, tensors, 1) == 0
+    if chunked:
+        c = st.cache
+        assert len({t.untyped_storage().data_ptr() for t in st.tensors()}) == 1  # one allocation
+        c.v_scale = c.v_scale.clone()  # same logical layout, its own tensor
+        _, _, _, tensors = _cache_args(c)
+        assert cuda_decode.layout_error(kind, group, tensors) is None
+        assert "value scales" in cuda_decode.int4_chunk_error(tensors)
+        assert cuda_decode.bulk_for(kind, 1, tensors, bulk=1) == 1
 
 
 @pytest.mark.parametrize("fmt", ["fp8", "int8", "int4"])

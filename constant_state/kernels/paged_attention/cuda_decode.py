@@ -64,6 +64,13 @@ PAIRED = _env_int("CONSTANT_STATE_DECODE_PAIRED", "1", ("0", "1"))
 # 531 / 524 us paired against 516 / 524, so they have none (docs/benchmarks.md, fourteenth session).
 PAIRED_KINDS = {"int4": (64,), "kivi2": None}
 PAIR_MAX_G = 4
+# 1: where int4's paired loop serves 16-token blocks stored in chunks (``ref.head_chunks``, as
+# cache/quant.py stores int4 with groups of 64), its operands come by bulk copies of whole chunks into
+# a shared-memory ring (paged_decode.cu, decode4_bulk_kernel) instead of loads into registers: 16 warps
+# per SM instead of 12. H200, batch 32 / 32k: 328 -> 310 to 312 us (docs/benchmarks.md, sixteenth
+# session). Environment: CONSTANT_STATE_DECODE_BULK (0/1).
+BULK = _env_int("CONSTANT_STATE_DECODE_BULK", "1", ("0", "1"))
+BULK_BLOCK_SIZE = 16
 # Per-split cost besides its tiles for decode.wave_splits, in 16-token tiles: a warp's prologue (queries,
 # the first tiles' latency), its partial, its share of the merge. 8 (not Triton's 1) keeps one wave
 # where a near-tie of the tile counts offered several. H200 (docs/benchmarks.md, eleventh session),
@@ -285,6 +292,37 @@ def paired_for(kind: str, group: int, g: int, staged: int, paired: int | None = 
                and g <= PAIR_MAX_G)
 
 
+def int4_chunk_error(tensors) -> str | None:
+    """Why int4's ``(k, v, ks, vs, kz, vz)`` do not lie in the chunks of ``ref.head_chunks`` in the order
+    (key codes, value codes, key scales, key zero points, value scales, value zero points) that
+    decode4_bulk_kernel reads (cache/quant.py ``INT4_CHUNK_PARTS``), or None."""
+    k, v, ks, vs, kz, vz = tensors
+    n, bs, h, width = k.shape
+    groups = ks.shape[3]
+    sizes = (bs * width, bs * width) + (2 * bs * groups,) * 4
+    chunk = sum(sizes)
+    if k.stride() != (h * chunk, width, chunk, 1):
+        return f"key codes are not in chunks of {chunk} bytes"
+    off = 0
+    for name, x, size in zip(("value codes", "key scales", "key zero points", "value scales", "value zero points"),
+                             (v, ks, kz, vs, vz), sizes):
+        off += size
+        if x.data_ptr() - k.data_ptr() != off or x.stride(0) * x.element_size() != h * chunk \
+                or x.stride(2) * x.element_size() != chunk:
+            return f"{name} are not part {off} of the key codes' chunks"
+    return None
+
+
+def bulk_for(kind: str, paired: int, tensors, bulk: int | None = None) -> int:
+    """2 (``DecodeParams::paired``) where int4's paired loop is fed by bulk copies: ``bulk`` (default
+    :data:`BULK`) on, the paired loop serving (``paired``, :func:`paired_for`), 16-token blocks and the
+    cache in chunks (:func:`int4_chunk_error`); else ``paired``."""
+    on = BULK if bulk is None else bulk
+    serves = (on and paired and kind == "int4" and tensors[0].shape[1] == BULK_BLOCK_SIZE
+              and int4_chunk_error(tensors) is None)
+    return 2 if serves else paired
+
+
 def _params(q, kind, group, tensors, block_tables, seq_lens, scale, sliding_window, sinks, num_splits, slots,
             res_k=None, res_v=None, staged=0, paired=0):
     """(parameter block, out, part, ml, splits) of one launch; ``slots`` = resident warps (for the split
@@ -323,7 +361,7 @@ def decode(q, kind, group, tensors, block_tables, seq_lens, scale, sliding_windo
 
     d, dev = q.shape[-1], q.device.index or 0
     st = staged_for(kind, tensors[2], tensors[3])
-    pa = paired_for(kind, group, q.shape[2] // tensors[0].shape[2], st)
+    pa = bulk_for(kind, paired_for(kind, group, q.shape[2] // tensors[0].shape[2], st), tensors)
     slots = lambda: warp_slots(kind, d, group, dev, st, tensors[0].shape[1], pa)  # noqa: E731
     p, out, part, ml, splits = _params(q, kind, group, tensors, block_tables, seq_lens, scale, sliding_window,
                                        sinks, num_splits, slots, res_k, res_v, st, pa)
@@ -336,11 +374,11 @@ def decode(q, kind, group, tensors, block_tables, seq_lens, scale, sliding_windo
 
 
 def decode_emulated(q, kind, group, tensors, block_tables, seq_lens, scale, sliding_window=None, sinks=0,
-                    num_splits=None, res_k=None, res_v=None, staged=None, paired=None):
+                    num_splits=None, res_k=None, res_v=None, staged=None, paired=None, bulk=None):
     """:func:`decode` on CPU tensors through :func:`emulated_library` (the kernels' source, each lane a
     thread), split partials merged by :func:`.ref.merge_splits_ref`. Arguments as :func:`decode` takes
-    them from ``decode.paged_attention`` (contiguous ``q``, int32 tables and lengths); ``staged`` and
-    ``paired`` as :func:`staged_for` and :func:`paired_for` take them."""
+    them from ``decode.paged_attention`` (contiguous ``q``, int32 tables and lengths); ``staged``,
+    ``paired`` and ``bulk`` as :func:`staged_for`, :func:`paired_for` and :func:`bulk_for` take them."""
     from .ref import merge_splits_ref
 
     why = layout_error(kind, group, tensors, res_k, res_v)
@@ -350,7 +388,8 @@ def decode_emulated(q, kind, group, tensors, block_tables, seq_lens, scale, slid
     st = staged_for(kind, tensors[2], tensors[3], staged)
     p, out, part, ml, splits = _params(q, kind, group, tensors, block_tables, seq_lens, scale, sliding_window,
                                        sinks, num_splits, lambda: 4 * WARPS * 3, res_k, res_v,  # 4 emulated SMs
-                                       st, paired_for(kind, group, q.shape[2] // tensors[0].shape[2], st, paired))
+                                       st, bulk_for(kind, paired_for(kind, group, q.shape[2] // tensors[0].shape[2],
+                                                                     st, paired), tensors, bulk))
     err = emulated_library().cs_decode(ctypes.byref(p), KINDS[kind], d, group, q.shape[0], WARPS, 0, None)
     if err:
         raise RuntimeError("emulated decode: lanes of a warp diverged at a collective" if err == -1

@@ -117,9 +117,26 @@ def head_major(n: int, bs: int, h: int, width: int, dtype: torch.dtype, device) 
 
 
 def is_head_major(x: torch.Tensor) -> bool:
-    """Whether ``x [N, bs, H, width]`` has the layout of :func:`head_major`."""
+    """Whether ``x [N, bs, H, width]`` has the layout of :func:`head_major` inside each block and head
+    (a head's tokens one contiguous run); the heads' and blocks' strides are free (:func:`head_chunks`)."""
     n, bs, h, w = x.shape
-    return x.stride() == (h * bs * w, w, bs * w, 1)
+    return x.stride(1) == w and x.stride(3) == 1 and x.stride(2) >= bs * w and x.stride(0) >= h * x.stride(2)
+
+
+def head_chunks(n: int, h: int, parts, device) -> list[torch.Tensor]:
+    """Zeroed tensors ``[N, bs, H, width]``, one per part ``(bs, width, dtype, token_contiguous)``, whose
+    pieces of one block and head lie side by side in one chunk of memory (a ``[N, H, C]`` byte buffer):
+    each piece head-major (``[bs, width]``, as :func:`head_major`) or token-contiguous (``[width, bs]``,
+    as :func:`token_contiguous`). Views: index them like the other layouts, kernels take their strides."""
+    sizes = [bs * w * torch.empty((), dtype=dt).element_size() for bs, w, dt, _ in parts]
+    buf = torch.zeros((n, h, sum(sizes)), dtype=torch.uint8, device=device)
+    out, off = [], 0
+    for (bs, w, dt, tc), size in zip(parts, sizes):
+        piece = buf[:, :, off:off + size].view(dt)
+        out.append(piece.unflatten(2, (w, bs)).permute(0, 3, 1, 2) if tc
+                   else piece.unflatten(2, (bs, w)).permute(0, 2, 1, 3))
+        off += size
+    return out
 
 
 def as_token_major(cache: "QuantKV") -> None:
@@ -136,7 +153,8 @@ def as_token_major(cache: "QuantKV") -> None:
 def is_token_contiguous(codes: torch.Tensor) -> bool:
     """Whether ``codes [N, bs, H, width]`` has the layout of :func:`token_contiguous`."""
     n, bs, h, w = codes.shape
-    return codes.stride() == (h * w * bs, 1, w * bs, bs)
+    st = codes.stride()
+    return st[1] == 1 and st[3] == bs and st[2] >= w * bs and st[0] >= h * st[2]
 
 
 def pack_order(d: int, g: int, p: int) -> torch.Tensor:

@@ -70,7 +70,8 @@ struct DecodeParams {
   int32_t r;          // kivi2: residual window R
   int32_t items;      // warps' work items: B x Hkv x splits
   int32_t staged;     // 1: fp8 / int8 / int4 tiles staged through shared memory by cp.async (cuda_decode.STAGED)
-  int32_t paired;     // 1: the paired loop (int4 with groups of 64, kivi2; g <= 4; cuda_decode.paired_for)
+  int32_t paired;     // 1: the paired loop (int4 with groups of 64, kivi2; g <= 4; cuda_decode.paired_for);
+                      // 2: int4's fed by bulk copies of chunks (decode4_bulk_kernel; cuda_decode.bulk_for)
   float scale_log2;
 };
 
@@ -129,6 +130,31 @@ template <int N> __device__ __forceinline__ void cs_cp_async(void* smem, const v
   asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" : : "r"(dst), "l"(src), "n"(N) : "memory");
 }
 __device__ __forceinline__ void cs_check(bool) {}  // emulated: aborts when false
+
+// Bulk copies (decode4_bulk_kernel): one lane copies a contiguous run of global memory into shared memory
+// by cp.async.bulk (the TMA engine, no tensor map, no registers or L1 held while in flight), completion
+// counted in bytes on an mbarrier. cs_bulk_leader: the lane that issues them (emulated: every lane, into
+// its own shared memory); the warp waits on the barrier's phase.
+__device__ __forceinline__ bool cs_bulk_leader() { return (threadIdx.x & 31) == 0; }
+__device__ __forceinline__ uint32_t cs_smem_addr(const void* ptr) { return uint32_t(__cvta_generic_to_shared(ptr)); }
+__device__ __forceinline__ void cs_bulk_init(uint64_t* bar) {  // the leader, then a fence
+  asm volatile("mbarrier.init.shared.b64 [%0], 1;" : : "r"(cs_smem_addr(bar)) : "memory");
+}
+__device__ __forceinline__ void cs_bulk_init_fence() {
+  asm volatile("fence.mbarrier_init.release.cluster;" : : : "memory");
+}
+__device__ __forceinline__ void cs_bulk_expect(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared.b64 _, [%0], %1;" : : "r"(cs_smem_addr(bar)), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void cs_bulk_copy(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+               : : "r"(cs_smem_addr(dst)), "l"(src), "r"(bytes), "r"(cs_smem_addr(bar)) : "memory");
+}
+__device__ __forceinline__ void cs_bulk_wait(uint64_t* bar, int parity) {
+  asm volatile(
+      "{\n .reg .pred P;\n CS_BULK_WAIT:\n mbarrier.try_wait.parity.shared.b64 P, [%0], %1;\n @!P bra CS_BULK_WAIT;\n}"
+      : : "r"(cs_smem_addr(bar)), "r"(parity) : "memory");
+}
 
 __device__ __forceinline__ void cs_cp_async_commit() { asm volatile("cp.async.commit_group;" : : : "memory"); }
 template <int N> __device__ __forceinline__ void cs_cp_async_wait() {
@@ -1395,6 +1421,130 @@ __global__ void __launch_bounds__(128, 3) decode4_pair_kernel(const DecodeParams
   ops.store(p, b, h, split, g, t, sm, o, sums);
 }
 
+// int4's paired loop fed by bulk copies (cuda_decode.bulk_for: groups of 64, 16-token blocks, at most 4
+// query heads per KV head, and the storage's chunk layout, ref.head_chunks: a block's key codes, value
+// codes, key scales, key zero points, value scales and value zero points of one KV head side by side in
+// one chunk of CH bytes). Lane 0 copies a step's two chunks into a ring of BULK_STAGES steps in the warp's
+// shared memory with two cp.async.bulk instructions, BULK_STAGES steps ahead; the lanes read their
+// operands from the ring where they are used. Nothing in flight holds registers or L1, so 127 registers
+// and 4 blocks (16 warps) per SM, against the register loop's 168 and 12. Arithmetic as
+// decode4_pair_kernel. H200, batch 32 / 32k (docs/benchmarks.md, sixteenth session): 328 -> 310 to 312 us;
+// 3 stages (16 warps, 223 KB of shared memory per SM) 317, 4 stages (12 warps) 321.
+#ifndef CS_BULK_STAGES
+#define CS_BULK_STAGES 2
+#endif
+template <int D, int GP> struct Bulk4 {
+  static constexpr int NG = D / (2 * GP), BS = 16, STAGES = CS_BULK_STAGES;
+  // the chunk's parts (bytes from its start), in ref.head_chunks's order (cache/quant.py INT4_CHUNK_PARTS)
+  static constexpr int VO = BS * D / 2, KSO = BS * D, KZO = KSO + 2 * BS * NG, VSO = KZO + 2 * BS * NG,
+                       VZO = VSO + 2 * BS * NG, CH = VZO + 2 * BS * NG;
+  static constexpr int RING = STAGES * 2 * CH;
+  static constexpr int SMEM_PER_WARP = (RING + 8 * STAGES + 127) / 128 * 128;  // ring, then its barriers
+};
+
+template <int D, int GP>
+__global__ void __launch_bounds__(128, 4) decode4_bulk_kernel(const DecodeParams p) {
+  using S = Int4Shape<D, GP>;
+  using B = Bulk4<D, GP>;
+  constexpr int NG = S::NG, MT = S::MT, CW = S::CW, SS = B::STAGES;
+  CS_DYNAMIC_SMEM(smem);
+  const WarpWork<> w(p);
+  uint8_t* ring = smem + (threadIdx.x >> 5) * B::SMEM_PER_WARP;
+  uint64_t* bars = reinterpret_cast<uint64_t*>(ring + B::RING);
+  if (!w.valid) return;
+  const int g = w.g, t = w.t, b = w.b, h = w.h, split = w.split, seq_len = w.seq_len;
+  const auto& tiles = w.tiles;
+  const int r0 = 2 * g;      // this lane's tokens in a tile: rows r0, r0 + 1 (as decode4_pair_kernel)
+  const int up = t >> 1;     // this lane's tile in a step: A (0) or B (1)
+  const bool col_a = g < 4;  // this lane's B-operand column is one of tile A's
+
+  Int4Ops<D, GP> ops(p, b, h, g & 3, g, t);
+  float o[MT][4];
+#pragma unroll
+  for (int mi = 0; mi < MT; ++mi) o[mi][0] = o[mi][1] = o[mi][2] = o[mi][3] = 0.f;
+  GroupSums<NG> sums;
+  Softmax sm;
+
+  const int n = tiles.n, steps = (n + 1) >> 1;
+  const uint8_t* head = p.k + int64_t(h) * p.k_sh;  // chunk (block 0, head h)
+  // tile i's chunk (tiles past the split: block 0's, copied and never used: their rows are masked)
+  auto chunk = [&](int i) { return head + int64_t(i < n ? w.bt_row[tiles.start(i) >> p.bs_shift] : 0) * p.k_sb; };
+  if (cs_bulk_leader()) {
+#pragma unroll
+    for (int s = 0; s < SS; ++s) cs_bulk_init(bars + s);
+    cs_bulk_init_fence();
+  }
+  __syncwarp();
+  auto issue = [&](int k) {  // step k's two chunks into stage k % SS
+    if (!cs_bulk_leader()) return;
+    uint8_t* st = ring + (k % SS) * 2 * B::CH;
+    cs_bulk_expect(bars + k % SS, 2 * B::CH);
+    cs_bulk_copy(st, chunk(2 * k), B::CH, bars + k % SS);
+    cs_bulk_copy(st + B::CH, chunk(2 * k + 1), B::CH, bars + k % SS);
+  };
+  for (int k = 0; k < min(SS, steps); ++k) issue(k);
+  // this lane's operands inside a chunk: key words (Tile4's), value words, scales of rows r0, r0 + 1
+  const int ko = t * (GP / 4) + r0 * (D / 2), vo = B::VO + 4 * t + g * B::BS, so = 2 * r0 * NG;
+  for (int k = 0; k < steps; ++k) {
+    cs_bulk_wait(bars + k % SS, (k / SS) & 1);
+    const uint8_t* st = ring + (k % SS) * 2 * B::CH;
+    auto word = [&](int x, int off) { return *reinterpret_cast<const uint32_t*>(st + x * B::CH + off); };
+    float sg[2][NG][4];
+#pragma unroll
+    for (int x = 0; x < 2; ++x) {
+      Words<CW> k0[NG], k1[NG];
+#pragma unroll
+      for (int gi = 0; gi < NG; ++gi) {
+#pragma unroll
+        for (int wi = 0; wi < CW; ++wi) {
+          k0[gi].w[wi] = word(x, ko + gi * GP + 4 * wi);
+          k1[gi].w[wi] = word(x, ko + D / 2 + gi * GP + 4 * wi);
+        }
+      }
+      ops.keys(k0, k1, sg[x]);
+    }
+    Halves<2 * NG> ks, kz, vs, vz;  // this lane's tile's
+#pragma unroll
+    for (int i = 0; i < NG; ++i) {
+      ks.x.w[i] = word(up, B::KSO + so + 4 * i);
+      kz.x.w[i] = word(up, B::KZO + so + 4 * i);
+      vs.x.w[i] = word(up, B::VSO + so + 4 * i);
+      vz.x.w[i] = word(up, B::VZO + so + 4 * i);
+    }
+    const int own = 2 * k + up;
+    const int start = tiles.start(own);
+    const bool ok0 = own < n && visible(p, start + r0, seq_len), ok1 = own < n && visible(p, start + r0 + 1, seq_len);
+    float so_own[NG][4];
+#pragma unroll
+    for (int gi = 0; gi < NG; ++gi) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) so_own[gi][e] = up ? sg[1][gi][e] : sg[0][gi][e];
+    }
+    float s[4];
+    ops.scores(so_own, ks, kz, s);
+    float alpha[2];
+    if (sm.tile(s, ok0, ok1, o, alpha)) sums.rescale(alpha);
+    uint32_t v[2][MT];
+#pragma unroll
+    for (int x = 0; x < 2; ++x) {
+#pragma unroll
+      for (int mi = 0; mi < MT; ++mi) v[x][mi] = word(x, vo + 8 * mi * B::BS);
+    }
+#pragma unroll
+    for (int gi = 0; gi < NG; ++gi) {
+      uint32_t pb0, pb1;
+      sums.operand(gi, s, ok0 ? vs[gi] : 0.f, ok1 ? vs[NG + gi] : 0.f, ok0 ? vz[gi] : 0.f,
+                   ok1 ? vz[NG + gi] : 0.f, pb0, pb1);
+      ops.values(gi, v[0], col_a ? pb0 : 0u, col_a ? pb1 : 0u, o);
+      ops.values(gi, v[1], col_a ? 0u : pb0, col_a ? 0u : pb1, o);
+    }
+    __syncwarp();  // every lane is done with the stage before it is refilled
+    if (k + SS < steps) issue(k + SS);
+  }
+  merge_pair_columns(sm, o, sums);
+  ops.store(p, b, h, split, g, t, sm, o, sums);
+}
+
 // ------------------------------------------------------------------------------------------------
 // kivi2: 2-bit codes c in [0, 3]; byte i of a token's head vector holds dims dim(i, s) = (i / GP) G +
 // s GP + i % GP in slots s = 0..3 (bits 2s, 2s + 1), GP = G / 4 (ref.pack_order). Keys per channel over
@@ -1816,8 +1966,14 @@ template <int BS, bool PAIRED> Variant select_kivi2(int d, int group) {
 // bs: tokens per block, a template parameter of the packed formats (their token-contiguous value codes
 // are then read at constant offsets): int4 16, 32, 64; kivi2 32, 64. ST: the variant that stages tiles
 // through shared memory (DecodeParams::staged; kivi2 has none and ignores it).
-template <bool ST, int BS> Variant select_packed(int kind, int d, int group, bool paired) {
+template <bool ST, int BS> Variant select_packed(int kind, int d, int group, int paired) {
   if (kind == 3 && paired && !ST && group == 64) {  // groups of 32: the paired loop spills (slower)
+#if !defined(CS_LOADS_ONLY) && !defined(CS_COMPUTE_ONLY)  // the diagnostics time the register loop
+    if constexpr (BS == 16) {
+      if (paired == 2 && d == 128) return {decode4_bulk_kernel<128, 32>, Bulk4<128, 32>::SMEM_PER_WARP};
+      if (paired == 2 && d == 64) return {decode4_bulk_kernel<64, 32>, Bulk4<64, 32>::SMEM_PER_WARP};
+    }
+#endif
     if (d == 128) return {decode4_pair_kernel<128, 32, BS>, 0};
     if (d == 64) return {decode4_pair_kernel<64, 32, BS>, 0};
     return {};
@@ -1840,7 +1996,7 @@ template <bool ST, int BS> Variant select_packed(int kind, int d, int group, boo
   return {};
 }
 
-template <bool ST> Variant select_variant(int kind, int d, int group, int bs, bool paired) {
+template <bool ST> Variant select_variant(int kind, int d, int group, int bs, int paired) {
   if (kind == 1 || kind == 2) {
     if (d == 128) return variant<Tile8<128>, ST>(kind == 1 ? decode8_kernel<128, 1, ST> : decode8_kernel<128, 2, ST>);
     if (d == 64) return variant<Tile8<64>, ST>(kind == 1 ? decode8_kernel<64, 1, ST> : decode8_kernel<64, 2, ST>);

@@ -238,6 +238,26 @@ template <int N> inline void cs_cp_async_wait() {
 }
 
 inline void cs_prefetch_l2(const void*) {}
+
+// __syncwarp: a collective of its own (every lane must reach it).
+inline void __syncwarp(unsigned = 0xffffffffu) {
+  const uint32_t none = 0;
+  cs_emu::publish(6, &none, 1);
+  cs_emu::release();
+}
+
+// cp.async.bulk + mbarrier (decode4_bulk_kernel): shared memory is per lane here, so every lane is a
+// leader and copies the run into its own at issue (the kernel refills a stage only after __syncwarp, when
+// every lane has read it); the barrier's wait has nothing left to wait for.
+inline bool cs_bulk_leader() { return true; }
+inline void cs_bulk_init(uint64_t*) {}
+inline void cs_bulk_init_fence() {}
+inline void cs_bulk_expect(uint64_t*, uint32_t) {}
+inline void cs_bulk_copy(void* dst, const void* src, uint32_t bytes, uint64_t*) {
+  cs_check(reinterpret_cast<uintptr_t>(dst) % 16 == 0 && reinterpret_cast<uintptr_t>(src) % 16 == 0 && bytes % 16 == 0);
+  std::memcpy(dst, src, bytes);
+}
+inline void cs_bulk_wait(uint64_t*, int) {}
 inline uint32_t cs_undefined() { return 0x7E007E00u; }  // NaN halves: a row that is read would show it
 
 // cvt.rn.f16x2.e4m3x2 of the 16-bit x: low byte -> low half.
