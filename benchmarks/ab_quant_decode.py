@@ -22,7 +22,10 @@ Each argument is a format followed by ``:``-separated switches:
   4 query heads per KV head, int4 with groups of 64 and kivi2 put two tiles in one score fragment by
   default);
 - ``chunk``: each block's codes, scales and zero points of one KV head side by side in one chunk
-  (``ref.head_chunks``; default: one tensor each, ``cache/quant.py``);
+  (``ref.head_chunks``; default: the format's storage, ``cache/quant.py``, which chunks int4 with groups
+  of 64 in 16-token blocks and keeps one tensor per part otherwise);
+- ``nobulk``: int4's paired loop loads into registers where bulk copies of chunks would feed it
+  (``cuda_decode.BULK`` off);
 - ``seqbt``: each row's blocks consecutive in the pool (default: a random permutation, as
   bench_kv_decode.py);
 - ``cu=PATH``: the CUDA kernel built from another copy of ``csrc/paged_decode.cu`` (a variant under
@@ -138,7 +141,7 @@ def run_variant(spec: str, batch: int, ctx: int, q: torch.Tensor, seq: torch.Ten
     st, extra, bt = cached_storage(fmt, bs, batch, ctx, layout, q.device)
     kind = st.cache.kind
     saved = (decode_quant.OFFSET_KEYS, decode_quant.OFFSET_VALUES, decode_quant.ASM_FORMATS, cuda_decode.STAGED,
-             cuda_decode.PAIRED)
+             cuda_decode.PAIRED, cuda_decode.BULK)
     source = next((s[3:] for s in switches if s.startswith("cu=")), None)
     defines = COMPUTE_ONLY if "nomem" in switches else LOADS_ONLY if "loads" in switches else ()
     backend = next((s for s in switches if s in ("cuda", "triton")), "")
@@ -150,6 +153,7 @@ def run_variant(spec: str, batch: int, ctx: int, q: torch.Tensor, seq: torch.Ten
         decode_quant.ASM_FORMATS = {}
     cuda_decode.STAGED = int("st" in switches)
     cuda_decode.PAIRED = int("np" not in switches)
+    cuda_decode.BULK = int("nobulk" not in switches)
     cfgs = [s for s in switches if "," in s]
     cfg = tuple(int(x) for x in cfgs[0].split(",")) if cfgs else None
     splits = [int(s[1:]) for s in switches if re.fullmatch(r"s\d+", s)]
@@ -160,7 +164,7 @@ def run_variant(spec: str, batch: int, ctx: int, q: torch.Tensor, seq: torch.Ten
             us = bench_graph(lambda: paged_attention(q, st.cache, bt, seq, D ** -0.5, config=cfg, **extra))
     finally:
         (decode_quant.OFFSET_KEYS, decode_quant.OFFSET_VALUES, decode_quant.ASM_FORMATS, cuda_decode.STAGED,
-         cuda_decode.PAIRED) = saved
+         cuda_decode.PAIRED, cuda_decode.BULK) = saved
     nbytes = batch * m * get_format(fmt).page_bytes(bs, HKV, D)
     return dict(variant=spec, batch=batch, context=ctx, us=us, tb_s=nbytes / us / 1e6)
 
