@@ -1228,6 +1228,33 @@ template <int D, int GP> struct Int4Ops {
     }
   }
 
+  // Paired loops (decode4_pair_kernel, decode4_bulk_kernel): the key products of this lane's own tile
+  // (A if up == 0, else B) out of both tiles' (sg[x]), in one S^T fragment.
+  static __device__ __forceinline__ void own_products(const float (&sg)[2][NG][4], int up, float (&so)[NG][4]) {
+#pragma unroll
+    for (int gi = 0; gi < NG; ++gi) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) so[gi][e] = up ? sg[1][gi][e] : sg[0][gi][e];
+    }
+  }
+
+  // Paired loops: O^T += both tiles' values times P' (scores s of this lane's tile, its value scales and
+  // zero points folded in, masked rows 0): tile A's values take the columns 0-3 of the B operand (col_a:
+  // this lane's column is one of them), tile B's the columns 4-7.
+  static __device__ __forceinline__ void pair_values(GroupSums<NG>& sums, const float (&s)[4], bool ok0, bool ok1,
+                                                     const Halves<2 * NG>& vs, const Halves<2 * NG>& vz,
+                                                     const uint32_t (&va)[MT], const uint32_t (&vb)[MT], bool col_a,
+                                                     float (&o)[MT][4]) {
+#pragma unroll
+    for (int gi = 0; gi < NG; ++gi) {
+      uint32_t pb0, pb1;
+      sums.operand(gi, s, ok0 ? vs[gi] : 0.f, ok1 ? vs[NG + gi] : 0.f, ok0 ? vz[gi] : 0.f,
+                   ok1 ? vz[NG + gi] : 0.f, pb0, pb1);
+      values(gi, va, col_a ? pb0 : 0u, col_a ? pb1 : 0u, o);
+      values(gi, vb, col_a ? 0u : pb0, col_a ? 0u : pb1, o);
+    }
+  }
+
   // Head 2t + j: o[mi][j] is dim lo(8 mi + g), o[mi][2 + j] dim lo(8 mi + g) + GP (x 16).
   static __device__ __forceinline__ void store(const DecodeParams& p, int b, int h, int split, int g, int t,
                                                const Softmax& sm, const float (&o)[MT][4], const GroupSums<NG>& sums) {
@@ -1393,24 +1420,13 @@ __global__ void __launch_bounds__(128, 3) decode4_pair_kernel(const DecodeParams
     const int start = tiles.start(own);
     const bool ok0 = own < n && visible(p, start + r0, seq_len), ok1 = own < n && visible(p, start + r0 + 1, seq_len);
     float so[NG][4];
-#pragma unroll
-    for (int gi = 0; gi < NG; ++gi) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) so[gi][e] = up ? sg[1][gi][e] : sg[0][gi][e];
-    }
+    ops.own_products(sg, up, so);
     float s[4];
     ops.scores(so, pr.ks, pr.kz, s);
     pr.key_scales(p, lane, feed.own_id(up), tb(nx + up));
     float alpha[2];
     if (sm.tile(s, ok0, ok1, o, alpha)) sums.rescale(alpha);
-#pragma unroll
-    for (int gi = 0; gi < NG; ++gi) {
-      uint32_t pb0, pb1;
-      sums.operand(gi, s, ok0 ? pr.vs[gi] : 0.f, ok1 ? pr.vs[NG + gi] : 0.f, ok0 ? pr.vz[gi] : 0.f,
-                   ok1 ? pr.vz[NG + gi] : 0.f, pb0, pb1);
-      ops.values(gi, pr.v[0], col_a ? pb0 : 0u, col_a ? pb1 : 0u, o);
-      ops.values(gi, pr.v[1], col_a ? 0u : pb0, col_a ? 0u : pb1, o);
-    }
+    ops.pair_values(sums, s, ok0, ok1, pr.vs, pr.vz, pr.v[0], pr.v[1], col_a, o);
     pr.value_scales(p, lane, feed.own_id(up), tb(nx + up));
 #pragma unroll
     for (int x = 0; x < 2; ++x) pr.values(p, lane, x, feed.id(x), tb(nx + x));
@@ -1515,11 +1531,7 @@ __global__ void __launch_bounds__(128, 4) decode4_bulk_kernel(const DecodeParams
     const int start = tiles.start(own);
     const bool ok0 = own < n && visible(p, start + r0, seq_len), ok1 = own < n && visible(p, start + r0 + 1, seq_len);
     float so_own[NG][4];
-#pragma unroll
-    for (int gi = 0; gi < NG; ++gi) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) so_own[gi][e] = up ? sg[1][gi][e] : sg[0][gi][e];
-    }
+    ops.own_products(sg, up, so_own);
     float s[4];
     ops.scores(so_own, ks, kz, s);
     float alpha[2];
@@ -1530,14 +1542,7 @@ __global__ void __launch_bounds__(128, 4) decode4_bulk_kernel(const DecodeParams
 #pragma unroll
       for (int mi = 0; mi < MT; ++mi) v[x][mi] = word(x, vo + 8 * mi * B::BS);
     }
-#pragma unroll
-    for (int gi = 0; gi < NG; ++gi) {
-      uint32_t pb0, pb1;
-      sums.operand(gi, s, ok0 ? vs[gi] : 0.f, ok1 ? vs[NG + gi] : 0.f, ok0 ? vz[gi] : 0.f,
-                   ok1 ? vz[NG + gi] : 0.f, pb0, pb1);
-      ops.values(gi, v[0], col_a ? pb0 : 0u, col_a ? pb1 : 0u, o);
-      ops.values(gi, v[1], col_a ? 0u : pb0, col_a ? 0u : pb1, o);
-    }
+    ops.pair_values(sums, s, ok0, ok1, vs, vz, v[0], v[1], col_a, o);
     __syncwarp();  // every lane is done with the stage before it is refilled
     if (k + SS < steps) issue(k + SS);
   }
