@@ -57,8 +57,7 @@ from bench_kv_decode import D, HKV, HQ, backend_of, bench_graph, block_size, pri
 from constant_state.cache.formats import get_format
 from constant_state.kernels.paged_attention import cuda_decode, decode_quant
 from constant_state.kernels.paged_attention.decode import paged_attention
-from constant_state.kernels.paged_attention.ref import (as_token_major, head_chunks, is_token_contiguous,
-                                                        token_contiguous)
+from constant_state.kernels.paged_attention.ref import as_head_chunks, as_token_major, token_contiguous
 
 
 def run_sdpa(batch: int, ctx: int, q: torch.Tensor) -> dict:
@@ -91,12 +90,7 @@ def cached_storage(fmt: str, bs: int, batch: int, ctx: int, layout: tuple[str, .
         if "kt" in layout:
             as_token_major(st.cache)
         if "chunk" in layout:
-            c = st.cache
-            names = [x for x in ("k", "v", "k_scale", "k_zero", "v_scale", "v_zero") if getattr(c, x) is not None]
-            olds = [getattr(c, x) for x in names]
-            parts = [(x.shape[1], x.shape[3], x.dtype, is_token_contiguous(x)) for x in olds]
-            for name, old, new in zip(names, olds, head_chunks(olds[0].shape[0], olds[0].shape[2], parts, device)):
-                setattr(c, name, new.copy_(old))
+            as_head_chunks(st.cache)
         _CACHES[key] = (st, extra, bt)
     return _CACHES[key]
 

@@ -21,7 +21,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from ..kernels.paged_attention.ref import (QuantKV, head_chunks, head_major, kivi_update_residual, kivi_window,
+from ..kernels.paged_attention.ref import (CHUNK_PARTS, QuantKV, head_chunks, head_major, kivi_update_residual, kivi_window,
                                            kivi_write_ref, quant_paged_attention_ref, quant_write_ref,
                                            token_contiguous)
 from .formats import _ALIASES, KVFormat, KVStorage, format_names, register_format
@@ -85,9 +85,9 @@ class QuantStorage(KVStorage):
             # one chunk per block and head (ref.head_chunks), which the CUDA kernel copies whole into shared
             # memory (cuda_decode.bulk_for; H200, batch 32 / 32k: 328 -> 310 to 312 us): same bytes
             w, g = d // 2, fmt.groups(d)
-            k, v, ks, kz, vs, vz = head_chunks(n, h, [(bs, w, torch.uint8, False), (bs, w, torch.uint8, True)]
-                                               + [(bs, g, torch.float16, False)] * 4, device)
-            self.cache = QuantKV(fmt.kind, k, v, ks, vs, kz, vz, group_size=fmt.group_for(d))
+            parts = head_chunks(n, h, [(bs, w, torch.uint8, False), (bs, w, torch.uint8, True)]
+                                + [(bs, g, torch.float16, False)] * 4, device)
+            self.cache = QuantKV(fmt.kind, **dict(zip(CHUNK_PARTS, parts)), group_size=fmt.group_for(d))
             return
         self.cache = QuantKV(fmt.kind, codes(), vcodes, scales(), scales(), zeros(), zeros(),
                              group_size=fmt.group_for(d))
@@ -227,8 +227,7 @@ class QuantFormat(KVFormat):
 
     def chunked(self, block_size: int, head_dim: int) -> bool:
         """Whether a block's codes, scales and zero points of one KV head lie in one chunk of memory
-        (``ref.head_chunks``, in the order key codes, value codes, key scales, key zero points, value
-        scales, value zero points): int4 with groups of 64 in 16-token blocks, the layout whose chunks
+        (``ref.head_chunks``, parts in ``ref.CHUNK_PARTS`` order): int4 with groups of 64 in 16-token blocks, the layout whose chunks
         the CUDA decode kernel copies whole (``cuda_decode.bulk_for``); else one tensor each."""
         return self.kind == "int4" and self.group_for(head_dim) == 64 and block_size == 16
 

@@ -294,8 +294,8 @@ def paired_for(kind: str, group: int, g: int, staged: int, paired: int | None = 
 
 def int4_chunk_error(tensors) -> str | None:
     """Why int4's ``(k, v, ks, vs, kz, vz)`` do not lie in the chunks of ``ref.head_chunks`` in the order
-    (key codes, value codes, key scales, key zero points, value scales, value zero points) that
-    decode4_bulk_kernel reads (cache/quant.py ``INT4_CHUNK_PARTS``), or None."""
+    ``ref.CHUNK_PARTS`` (key codes, value codes, key scales, key zero points, value scales, value zero
+    points) that decode4_bulk_kernel reads, or None."""
     k, v, ks, vs, kz, vz = tensors
     n, bs, h, width = k.shape
     groups = ks.shape[3]

@@ -139,6 +139,22 @@ def head_chunks(n: int, h: int, parts, device) -> list[torch.Tensor]:
     return out
 
 
+# The order of a chunk's parts (QuantKV fields): the CUDA kernel reads them at these offsets
+# (paged_decode.cu, Bulk4; cuda_decode.int4_chunk_error checks a cache against it).
+CHUNK_PARTS = ("k", "v", "k_scale", "k_zero", "v_scale", "v_zero")
+
+
+def as_head_chunks(cache: "QuantKV") -> None:
+    """Replace ``cache``'s tensors by copies in one :func:`head_chunks` buffer, parts in
+    :data:`CHUNK_PARTS` order, each keeping its in-block layout (A/B runs: ``ab_quant_decode.py ...:chunk``)."""
+    names = [x for x in CHUNK_PARTS if getattr(cache, x) is not None]
+    olds = [getattr(cache, x) for x in names]
+    parts = [(x.shape[1], x.shape[3], x.dtype, is_token_contiguous(x)) for x in olds]
+    n, h, dev = olds[0].shape[0], olds[0].shape[2], olds[0].device
+    for name, old, new in zip(names, olds, head_chunks(n, h, parts, dev)):
+        setattr(cache, name, new.copy_(old))
+
+
 def as_token_major(cache: "QuantKV") -> None:
     """Replace ``cache``'s head-major tensors (codes, per-token scales and zeros) by contiguous
     ``[N, bs, H, width]`` copies, the layout before head-major storage (A/B runs and tests: the Triton

@@ -1440,8 +1440,8 @@ __global__ void __launch_bounds__(128, 3) decode4_pair_kernel(const DecodeParams
 // int4's paired loop fed by bulk copies (cuda_decode.bulk_for: groups of 64, 16-token blocks, at most 4
 // query heads per KV head, and the storage's chunk layout, ref.head_chunks: a block's key codes, value
 // codes, key scales, key zero points, value scales and value zero points of one KV head side by side in
-// one chunk of CH bytes). Lane 0 copies a step's two chunks into a ring of BULK_STAGES steps in the warp's
-// shared memory with two cp.async.bulk instructions, BULK_STAGES steps ahead; the lanes read their
+// one chunk of CH bytes). Lane 0 copies a step's two chunks into a ring of CS_BULK_STAGES steps in the warp's
+// shared memory with two cp.async.bulk instructions, CS_BULK_STAGES steps ahead; the lanes read their
 // operands from the ring where they are used. Nothing in flight holds registers or L1, so 127 registers
 // and 4 blocks (16 warps) per SM, against the register loop's 168 and 12. Arithmetic as
 // decode4_pair_kernel. H200, batch 32 / 32k (docs/benchmarks.md, sixteenth session): 328 -> 310 to 312 us;
@@ -1451,7 +1451,7 @@ __global__ void __launch_bounds__(128, 3) decode4_pair_kernel(const DecodeParams
 #endif
 template <int D, int GP> struct Bulk4 {
   static constexpr int NG = D / (2 * GP), BS = 16, STAGES = CS_BULK_STAGES;
-  // the chunk's parts (bytes from its start), in ref.head_chunks's order (cache/quant.py INT4_CHUNK_PARTS)
+  // the chunk's parts (bytes from its start), in ref.CHUNK_PARTS order
   static constexpr int VO = BS * D / 2, KSO = BS * D, KZO = KSO + 2 * BS * NG, VSO = KZO + 2 * BS * NG,
                        VZO = VSO + 2 * BS * NG, CH = VZO + 2 * BS * NG;
   static constexpr int RING = STAGES * 2 * CH;
