@@ -23,9 +23,9 @@ Each argument is a format followed by ``:``-separated switches:
   default);
 - ``chunk``: each block's codes, scales and zero points of one KV head side by side in one chunk
   (``ref.head_chunks``; default: the format's storage, ``cache/quant.py``, which chunks int4 with groups
-  of 64 in 16-token blocks and keeps one tensor per part otherwise);
-- ``nobulk``: int4's paired loop loads into registers where bulk copies of chunks would feed it
-  (``cuda_decode.BULK`` off);
+  of 64 in 16-token blocks and kivi2 in 32-token blocks, and keeps one tensor per part otherwise);
+- ``nobulk``: the paired loops (int4, kivi2) load into registers where bulk copies of chunks would feed
+  them (``cuda_decode.BULK`` off);
 - ``seqbt``: each row's blocks consecutive in the pool (default: a random permutation, as
   bench_kv_decode.py);
 - ``cu=PATH``: the CUDA kernel built from another copy of ``csrc/paged_decode.cu`` (a variant under

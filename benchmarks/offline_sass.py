@@ -15,7 +15,7 @@ instructions with 3.6, 866 with 3.9): compile with the GPU's version, e.g. ``pip
 loops with their instruction counts (the main loop walks 16-token tiles, kivi2's 32-token steps; one
 warp per split, so per-token figures are loop body / tokens per iteration).
 
-    python benchmarks/offline_sass.py --cuda --kind int4 [--staged | --paired]
+    python benchmarks/offline_sass.py --cuda --kind int4 [--staged | --paired | --bulk]
 """
 
 from __future__ import annotations
@@ -115,9 +115,10 @@ def loops(sass: str, innermost: bool = False) -> list[list[str]]:
 
 # The paired loops (two 16-token tiles share a score fragment, G <= 4): (mangled name prefix, tokens, HMMA per step).
 CUDA_PAIRED = {"int4": ("decode4_pair_kernelILi128ELi32E", 32, 32), "kivi2": ("decode2_kernelILi128ELi16E", 32, 40)}
+CUDA_BULK = {"int4": ("decode4_bulk_kernelILi128ELi32E", 32, 32), "kivi2": ("decode2_bulk_kernelILi128ELi16E", 32, 40)}
 
 
-def cuda_main(kind: str, staged: bool, top: int, paired: bool = False) -> None:
+def cuda_main(kind: str, staged: bool, top: int, paired: bool = False, bulk: bool = False) -> None:
     from constant_state.kernels.paged_attention import cuda_decode
 
     nvcc = cuda_decode._nvcc()
@@ -129,12 +130,16 @@ def cuda_main(kind: str, staged: bool, top: int, paired: bool = False) -> None:
                          capture_output=True, text=True, check=True)
     if paired and kind not in CUDA_PAIRED:
         raise SystemExit(f"--paired: {kind} has no paired loop (paired: {', '.join(CUDA_PAIRED)})")
-    name, step_tokens, step_mma = CUDA_PAIRED[kind] if paired else CUDA_KERNELS[kind]
-    if kind != "kivi2" and not paired:  # kivi2 and the paired loops have no staged variant
+    if bulk and kind not in CUDA_BULK:
+        raise SystemExit(f"--bulk: {kind} has no loop fed by bulk copies (bulk: {', '.join(CUDA_BULK)})")
+    name, step_tokens, step_mma = CUDA_BULK[kind] if bulk else CUDA_PAIRED[kind] if paired else CUDA_KERNELS[kind]
+    if bulk:  # template parameters D, GP only
+        pass
+    elif kind != "kivi2" and not paired:  # kivi2 and the paired loops have no staged variant
         name += "Lb1E" if staged else "Lb0E"
-    if kind in ("int4", "int4-g32", "kivi2"):  # packed formats: the block size is a template parameter
+    if kind in ("int4", "int4-g32", "kivi2") and not bulk:  # packed formats: the block size is a template parameter
         name += f"Li{FORMATS[kind][3]}E"
-    if kind == "kivi2":  # its PAIRED template parameter
+    if kind == "kivi2" and not bulk:  # its PAIRED template parameter
         name += "Lb1E" if paired else "Lb0E"
     info = res.stderr.split(name, 1)[1].split("Compiling entry", 1)[0]
     regs = " ".join(l.split("info    :")[-1].strip() for l in info.splitlines() if "registers" in l or "spill" in l)
@@ -166,9 +171,11 @@ def main() -> None:
                     help="--cuda: the variant that stages tiles through shared memory (cp.async)")
     ap.add_argument("--paired", action="store_true",
                     help="--cuda: the paired loop (two tiles share a score fragment, G <= 4; int4, kivi2)")
+    ap.add_argument("--bulk", action="store_true",
+                    help="--cuda: the paired loop fed by bulk copies of chunks (int4, kivi2)")
     a = ap.parse_args()
     if a.cuda:
-        cuda_main(a.kind, a.staged, a.top, a.paired)
+        cuda_main(a.kind, a.staged, a.top, a.paired, a.bulk)
         return
     cfg = [int(x) for x in a.config.split(",")] if a.config else list(decode_quant.TILE_CONFIGS[a.kind.split("-")[0]])
     block_n, warps, stages, *cap = cfg

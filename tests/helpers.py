@@ -97,12 +97,14 @@ def paired_serves(fmt: str, case: dict) -> bool:
 
 def bulk_serves(fmt: str, case: dict) -> bool:
     """Whether the paired loop of a decode test case of ``fmt`` is fed by bulk copies (int4 with groups
-    of 64 in 16-token blocks, the storage's chunk layout): only then does its ``unbulked`` variant (the
-    paired loop's loads into registers) run another kernel than the default."""
+    of 64 in 16-token blocks, kivi2 in 32-token blocks: the storage's chunk layout): only then does its
+    ``unbulked`` variant (the paired loop's loads into registers) run another kernel than the default."""
     from constant_state.cache.formats import get_format
+    from constant_state.cache.quant import kivi_name
 
-    f = get_format(fmt)
-    return paired_serves(fmt, case) and f.kind == "int4" and f.chunked(case["bs"], case["d"])
+    kind = fmt.split("-")[0]
+    f = get_format(kivi_name(case.get("group", 64), case.get("residual", 128)) if kind == "kivi2" else fmt)
+    return paired_serves(fmt, case) and f.kind in ("int4", "kivi2") and f.chunked(case["bs"], case["d"])
 
 
 def kivi2_decode_case(lens, gqa, d, bs, group=64, residual=128, window=None, sinks=0, qdtype=torch.bfloat16,

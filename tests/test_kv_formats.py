@@ -37,11 +37,12 @@ def test_page_bytes_equal_allocated_bytes(fmt, bs, h, d):
 @pytest.mark.parametrize("fmt", QUANT)
 def test_storage_is_head_major(fmt):
     """Codes and per-token scales are stored ``[N, Hkv, BS, ...]`` (a head's tokens of a block in one
-    run); int4 / kivi2 values token-contiguous, kivi2 key scales per channel ``[N, Hkv, D]``."""
+    run); int4 / kivi2 values token-contiguous, kivi2 key scales per channel ``[N, Hkv, D]`` (dims
+    contiguous; in 32-token blocks, chunks: ``ref.head_chunks``)."""
     c = get_format(fmt).make_storage(3, 16 if fmt != "kivi2" else 32, 2, 64, "cpu").cache
     assert is_head_major(c.k) and is_head_major(c.v_scale)
     assert is_token_contiguous(c.v) if fmt in ("int4", "int4-g32", "kivi2") else is_head_major(c.v)
-    assert c.k_scale.is_contiguous() and c.k_scale.dim() == 3 if fmt == "kivi2" else is_head_major(c.k_scale)
+    assert c.k_scale.stride(2) == 1 and c.k_scale.dim() == 3 if fmt == "kivi2" else is_head_major(c.k_scale)
     # Any other strided layout is refused by name.
     c.k = c.k.transpose(0, 1).contiguous().transpose(0, 1)  # stored [BS, N, Hkv, D]
     q = torch.zeros(1, 1, 2, 64)

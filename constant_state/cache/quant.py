@@ -156,6 +156,12 @@ class KiviFormat(KVFormat):
                              f"(--kv-group-size)")
         return g
 
+    def chunked(self, block_size: int, head_dim: int) -> bool:
+        """Whether a block's codes, channel scales, value scales and zero points of one KV head lie in one
+        chunk of memory (``ref.head_chunks``, parts in ``ref.CHUNK_PARTS`` order): 32-token blocks, one
+        32-token step of the CUDA decode kernel, which copies the chunk whole (``cuda_decode.bulk_for``)."""
+        return block_size == 32
+
     def page_bytes(self, block_size, num_kv_heads, head_dim):
         g = self.group_for(head_dim)
         codes = 2 * block_size * num_kv_heads * head_dim // 4
@@ -181,6 +187,14 @@ class KiviFormat(KVFormat):
         # values token-contiguous within a block (H200, batch 32 / 32k: 826 -> 784 us)
         # key codes and value scales head-major (as QuantStorage)
         vsc = lambda: head_major(n, bs, h, d // g, torch.float16, device)  # noqa: E731
+        if self.chunked(bs, d):
+            # one chunk per block and head (ref.head_chunks; the key channel scales and zero points [1, D] of
+            # each), which the CUDA kernel copies whole into shared memory (cuda_decode.bulk_for): same bytes
+            parts = head_chunks(n, h, [(bs, d // 4, torch.uint8, False), (bs, d // 4, torch.uint8, True)]
+                                + [(1, d, torch.float16, False)] * 2 + [(bs, d // g, torch.float16, False)] * 2, device)
+            parts[2], parts[3] = parts[2][:, 0], parts[3][:, 0]  # key channel scales / zero points [N, H, D]
+            st.cache = QuantKV("kivi2", **dict(zip(CHUNK_PARTS, parts)), group_size=g, residual=self.residual)
+            return st
         st.cache = QuantKV("kivi2", head_major(n, bs, h, d // 4, torch.uint8, device),
                            token_contiguous(n, bs, h, d // 4, torch.uint8, device),
                            z(n, h, d), vsc(), z(n, h, d), vsc(), group_size=g, residual=self.residual)

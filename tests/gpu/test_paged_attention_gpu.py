@@ -158,17 +158,22 @@ def test_cuda_decode_rising_scores(fmt, monkeypatch):
 
 
 @pytest.mark.parametrize("case", KIVI2_DECODE_CASES, ids=KIVI2_DECODE_IDS)
-@pytest.mark.parametrize("paired", [1, 0], ids=["direct", "unpaired"])
-def test_cuda_decode_kivi2(case, paired, monkeypatch):
+@pytest.mark.parametrize("variant", ["direct", "unbulked", "unpaired"])
+def test_cuda_decode_kivi2(case, variant, monkeypatch):
     """kivi2 on the CUDA decode kernel (residual windows, group sizes 32-128, windows and sinks, splits);
-    ``unpaired``: the one-tile-per-column loop where the paired one would serve (G <= 4)."""
+    ``direct``: the default (G <= 4: the paired loop, fed by bulk copies of chunks in 32-token blocks),
+    ``unbulked``: the paired loop's loads into registers where the bulk copies would serve,
+    ``unpaired``: the one-tile-per-column loop where the paired one would serve."""
     from constant_state.kernels.paged_attention import cuda_decode, decode
 
     _need_cuda_decode()
-    if not paired and not paired_serves("kivi2", case):
+    if variant == "unpaired" and not paired_serves("kivi2", case):
         pytest.skip("the paired loop does not serve this case: direct runs the same kernel")
+    if variant == "unbulked" and not bulk_serves("kivi2", case):
+        pytest.skip("no bulk copies in this case: direct runs the same kernel")
     monkeypatch.setattr(decode, "DECODE_BACKEND", "cuda")
-    monkeypatch.setattr(cuda_decode, "PAIRED", paired)
+    monkeypatch.setattr(cuda_decode, "PAIRED", int(variant != "unpaired"))
+    monkeypatch.setattr(cuda_decode, "BULK", int(variant == "direct"))
     case = dict(case)
     num_splits = case.pop("num_splits", None)
     args, ref = kivi2_decode_case(**case, device="cuda")

@@ -86,27 +86,40 @@ def test_emulated_cuda_decode(fmt, case, variant):
     run(fmt, **case, staged=int(variant == "staged"), paired=paired, bulk=int(variant == "direct"))
 
 
-@pytest.mark.parametrize("fmt", ["int4", "int4-g32", "fp8"])
+@pytest.mark.parametrize("fmt", ["int4", "int4-g32", "fp8", "kivi2"])
 @pytest.mark.parametrize("bs", [16, 32])
-def test_int4_chunks_feed_the_bulk_copies(fmt, bs):
-    """int4 with groups of 64 in 16-token blocks is stored in chunks (ref.head_chunks) and its paired
-    loop is fed by bulk copies (paired = 2); other formats and block sizes keep one tensor per part. A
-    chunk cache copied into separate tensors runs the register loop, and the error names the part."""
+def test_chunks_feed_the_bulk_copies(fmt, bs):
+    """int4 with groups of 64 in 16-token blocks and kivi2 in 32-token blocks are stored in chunks
+    (ref.head_chunks) and their paired loops are fed by bulk copies (paired = 2); other formats and block
+    sizes keep one tensor per part. A chunk cache copied into separate tensors runs the register loop,
+    and the error names the part."""
+    if fmt == "kivi2" and bs == 16:
+        bs = 64  # kivi2's blocks are 32 or 64 tokens
     st = get_format(fmt).make_storage(6, bs, 2, 128, "cpu")
     kind, _, group, tensors = _cache_args(st.cache)
-    chunked = fmt == "int4" and bs == 16
-    if kind == "int4":
-        assert (cuda_decode.int4_chunk_error(tensors) is None) == chunked
+    chunked = (fmt, bs) in (("int4", 16), ("kivi2", 32))
+    if kind in ("int4", "kivi2"):
+        assert (cuda_decode.chunk_error(kind, tensors) is None) == chunked
     assert cuda_decode.bulk_for(kind, 1, tensors, bulk=1) == (2 if chunked else 1)
     assert cuda_decode.bulk_for(kind, 1, tensors, bulk=0) == 1 and cuda_decode.bulk_for(kind, 0, tensors, 1) == 0
     if chunked:
         c = st.cache
         assert len({t.untyped_storage().data_ptr() for t in st.tensors()}) == 1  # one allocation
-        c.v_scale = c.v_scale.clone()  # same logical layout, its own tensor
-        _, _, _, tensors = _cache_args(c)
-        assert cuda_decode.layout_error(kind, group, tensors) is None
-        assert "value scales" in cuda_decode.int4_chunk_error(tensors)
-        assert cuda_decode.bulk_for(kind, 1, tensors, bulk=1) == 1
+        for name in ("k_zero", "v_scale"):
+            kept = getattr(c, name)
+            setattr(c, name, kept.clone())  # same logical layout, its own tensor
+            _, _, _, tensors = _cache_args(c)
+            assert cuda_decode.layout_error(kind, group, tensors, *_residual(c, kind)) is None
+            assert name.replace("k_", "key ").replace("v_", "value ").replace("zero", "zero points") \
+                .replace("scale", "scales") in cuda_decode.chunk_error(kind, tensors)
+            assert cuda_decode.bulk_for(kind, 1, tensors, bulk=1) == 1
+            setattr(c, name, kept)
+
+
+def _residual(cache, kind):
+    if kind != "kivi2":
+        return ()
+    return [torch.zeros(1, cache.residual, cache.k.shape[2], cache.head_dim, dtype=torch.float16) for _ in range(2)]
 
 
 @pytest.mark.parametrize("fmt", ["fp8", "int8", "int4"])
@@ -129,8 +142,9 @@ def test_layout_error_names_the_tensor(fmt):
     assert "scales" in cuda_decode.layout_error(kind, group, (k, v, ks, vs.contiguous(), kz, vz.contiguous()), *res)
     shifted = [x[1:] for x in tensors]  # blocks from the second on: still aligned
     assert cuda_decode.layout_error(kind, group, shifted, *res) is None
-    flat = torch.zeros(k.numel() + 16, dtype=k.dtype)
-    unaligned = flat[1:1 + k.numel()].as_strided(k.shape, k.stride())  # head-major strides, odd address
+    span = 1 + sum((n - 1) * st for n, st in zip(k.shape, k.stride()))  # elements the strides reach
+    flat = torch.zeros(span + 16, dtype=k.dtype)
+    unaligned = flat[1:1 + span].as_strided(k.shape, k.stride())  # the storage's strides, odd address
     assert "aligned" in cuda_decode.layout_error(kind, group, (unaligned, v, ks, vs, kz, vz), *res)
     if fmt == "kivi2":
         assert "residual" in cuda_decode.layout_error(kind, group, tensors, res[0].float(), res[1])
@@ -183,14 +197,25 @@ def test_merge_splits_ref_weights_by_max_and_sum():
     torch.testing.assert_close(out, torch.tensor([[1 / 3, 2 / 3]]))
 
 
+@pytest.mark.parametrize("index", [0, 3], ids=["residual-mixes", "g128-r64-sinks-window"])
+def test_emulated_cuda_decode_kivi2_unbulked(index):
+    """The paired loop's loads into registers (decode2_kernel) on chunk caches the bulk copies serve by
+    default (decode2_bulk_kernel)."""
+    case = KIVI2_DECODE_CASES[index]
+    assert bulk_serves("kivi2", case)
+    test_emulated_cuda_decode_kivi2(case, bulk=0)
+
+
 @pytest.mark.parametrize("case", KIVI2_DECODE_CASES, ids=KIVI2_DECODE_IDS)
-def test_emulated_cuda_decode_kivi2(case, staged=0, paired=None):
+def test_emulated_cuda_decode_kivi2(case, staged=0, paired=None, bulk=None):
+    """Default kernels: with at most 4 query heads per KV head the paired loop, fed by bulk copies of
+    chunks in 32-token blocks (decode2_bulk_kernel); else the one-tile loop."""
     case = dict(case)
     num_splits = case.pop("num_splits", None)
     a, ref = kivi2_decode_case(**case)
     kind, _, group, tensors = _cache_args(a["cache"])
     out = cuda_decode.decode_emulated(a["q"], kind, group, tensors, a["block_tables"], a["seq_lens"], a["scale"],
                                       a["sliding_window"], a["sinks"], num_splits, a["res_k"], a["res_v"], staged,
-                                      paired)
+                                      paired, bulk)
     err = (out.float() - ref).abs().max().item()
     assert err <= TIGHT[a["q"].dtype], f"kivi2: emulated CUDA kernel vs reference {err:.3e}"

@@ -64,13 +64,14 @@ PAIRED = _env_int("CONSTANT_STATE_DECODE_PAIRED", "1", ("0", "1"))
 # 531 / 524 us paired against 516 / 524, so they have none (docs/benchmarks.md, fourteenth session).
 PAIRED_KINDS = {"int4": (64,), "kivi2": None}
 PAIR_MAX_G = 4
-# 1: where int4's paired loop serves 16-token blocks stored in chunks (``ref.head_chunks``, as
-# cache/quant.py stores int4 with groups of 64), its operands come by bulk copies of whole chunks into
-# a shared-memory ring (paged_decode.cu, decode4_bulk_kernel) instead of loads into registers: 16 warps
-# per SM instead of 12. H200, batch 32 / 32k: 328 -> 310 to 312 us (docs/benchmarks.md, sixteenth
-# session). Environment: CONSTANT_STATE_DECODE_BULK (0/1).
+# 1: where the paired loop serves blocks of BULK_BLOCK_SIZES tokens stored in chunks (``ref.head_chunks``,
+# as cache/quant.py stores int4 with groups of 64 in 16-token blocks and kivi2 in 32-token blocks), its
+# operands come by bulk copies of whole chunks into a shared-memory ring (paged_decode.cu,
+# decode4_bulk_kernel, decode2_bulk_kernel) instead of loads into registers: 16 warps per SM instead of
+# 12. H200, batch 32 / 32k: int4 328 -> 310 to 312 us (docs/benchmarks.md, sixteenth session).
+# Environment: CONSTANT_STATE_DECODE_BULK (0/1).
 BULK = _env_int("CONSTANT_STATE_DECODE_BULK", "1", ("0", "1"))
-BULK_BLOCK_SIZE = 16
+BULK_BLOCK_SIZES = {"int4": 16, "kivi2": 32}
 # Per-split cost besides its tiles for decode.wave_splits, in 16-token tiles: a warp's prologue (queries,
 # the first tiles' latency), its partial, its share of the merge. 8 (not Triton's 1) keeps one wave
 # where a near-tie of the tile counts offered several. H200 (docs/benchmarks.md, eleventh session),
@@ -292,14 +293,15 @@ def paired_for(kind: str, group: int, g: int, staged: int, paired: int | None = 
                and g <= PAIR_MAX_G)
 
 
-def int4_chunk_error(tensors) -> str | None:
-    """Why int4's ``(k, v, ks, vs, kz, vz)`` do not lie in the chunks of ``ref.head_chunks`` in the order
-    ``ref.CHUNK_PARTS`` (key codes, value codes, key scales, key zero points, value scales, value zero
-    points) that decode4_bulk_kernel reads, or None."""
+def chunk_error(kind: str, tensors) -> str | None:
+    """Why ``(k, v, ks, vs, kz, vz)`` of int4 or kivi2 do not lie in the chunks of ``ref.head_chunks`` in the
+    order ``ref.CHUNK_PARTS`` (key codes, value codes, key scales, key zero points, value scales, value zero
+    points; kivi2's key scales and zero points per channel, ``[N, H, D]``) that the kernels fed by bulk
+    copies read (decode4_bulk_kernel, decode2_bulk_kernel), or None."""
     k, v, ks, vs, kz, vz = tensors
     n, bs, h, width = k.shape
-    groups = ks.shape[3]
-    sizes = (bs * width, bs * width) + (2 * bs * groups,) * 4
+    key_scales = 2 * ks.shape[-1] * (1 if kind == "kivi2" else bs)
+    sizes = (bs * width, bs * width, key_scales, key_scales, 2 * bs * vs.shape[3], 2 * bs * vs.shape[3])
     chunk = sum(sizes)
     if k.stride() != (h * chunk, width, chunk, 1):
         return f"key codes are not in chunks of {chunk} bytes"
@@ -307,19 +309,21 @@ def int4_chunk_error(tensors) -> str | None:
     for name, x, size in zip(("value codes", "key scales", "key zero points", "value scales", "value zero points"),
                              (v, ks, kz, vs, vz), sizes):
         off += size
+        head_dim = 1 if x.dim() == 3 else 2  # kivi2's key scales [N, H, D]
         if x.data_ptr() - k.data_ptr() != off or x.stride(0) * x.element_size() != h * chunk \
-                or x.stride(2) * x.element_size() != chunk:
+                or x.stride(head_dim) * x.element_size() != chunk:
             return f"{name} are not part {off} of the key codes' chunks"
     return None
 
 
 def bulk_for(kind: str, paired: int, tensors, bulk: int | None = None) -> int:
-    """2 (``DecodeParams::paired``) where int4's paired loop is fed by bulk copies: ``bulk`` (default
-    :data:`BULK`) on, the paired loop serving (``paired``, :func:`paired_for`), 16-token blocks and the
-    cache in chunks (:func:`int4_chunk_error`); else ``paired``."""
+    """2 (``DecodeParams::paired``) where the paired loop is fed by bulk copies: ``bulk`` (default
+    :data:`BULK`) on, the paired loop serving (``paired``, :func:`paired_for`), the format's block size
+    (:data:`BULK_BLOCK_SIZES`: int4 16, kivi2 32 tokens) and the cache in chunks (:func:`chunk_error`);
+    else ``paired``."""
     on = BULK if bulk is None else bulk
-    serves = (on and paired and kind == "int4" and tensors[0].shape[1] == BULK_BLOCK_SIZE
-              and int4_chunk_error(tensors) is None)
+    serves = (on and paired and tensors[0].shape[1] == BULK_BLOCK_SIZES.get(kind)
+              and chunk_error(kind, tensors) is None)
     return 2 if serves else paired
 
 

@@ -485,8 +485,9 @@ def paged_attention(q: torch.Tensor, cache, block_tables: torch.Tensor, seq_lens
     if block_tables.shape[0] != b or seq_lens.shape != (b,):
         raise ValueError(f"block_tables [B, M] / seq_lens [B] expected B={b}, got {tuple(block_tables.shape)} / "
                          f"{tuple(seq_lens.shape)}")
-    for x in (k, ks, vs):
-        if not (x.is_contiguous() or (kind != "dense" and x.dim() == 4 and is_head_major(x))):
+    for x in (k, ks, vs):  # kivi2's key channel scales [N, H, D]: each block's and head's dims contiguous
+        if not (x.is_contiguous() or (kind != "dense" and (x.dim() == 4 and is_head_major(x)
+                                                           or x.dim() == 3 and x.stride(2) == 1))):
             raise ValueError("cache tensors must be contiguous or (quantized) head-major (see ref.head_major)")
     if v.shape != k.shape or not (v.stride() == k.stride() or (kind != "dense" and is_token_contiguous(v))):
         raise ValueError("value codes must match the keys' shape: contiguous, or (quantized) tokens contiguous "

@@ -140,7 +140,7 @@ def head_chunks(n: int, h: int, parts, device) -> list[torch.Tensor]:
 
 
 # The order of a chunk's parts (QuantKV fields): the CUDA kernel reads them at these offsets
-# (paged_decode.cu, Bulk4; cuda_decode.int4_chunk_error checks a cache against it).
+# (paged_decode.cu, Bulk4 and Bulk2; cuda_decode.chunk_error checks a cache against it).
 CHUNK_PARTS = ("k", "v", "k_scale", "k_zero", "v_scale", "v_zero")
 
 
@@ -149,10 +149,11 @@ def as_head_chunks(cache: "QuantKV") -> None:
     :data:`CHUNK_PARTS` order, each keeping its in-block layout (A/B runs: ``ab_quant_decode.py ...:chunk``)."""
     names = [x for x in CHUNK_PARTS if getattr(cache, x) is not None]
     olds = [getattr(cache, x) for x in names]
-    parts = [(x.shape[1], x.shape[3], x.dtype, is_token_contiguous(x)) for x in olds]
+    olds4 = [x[:, None] if x.dim() == 3 else x for x in olds]  # kivi2's key channel scales [N, H, D]: [N, 1, H, D]
+    parts = [(x.shape[1], x.shape[3], x.dtype, is_token_contiguous(x)) for x in olds4]
     n, h, dev = olds[0].shape[0], olds[0].shape[2], olds[0].device
     for name, old, new in zip(names, olds, head_chunks(n, h, parts, dev)):
-        setattr(cache, name, new.copy_(old))
+        setattr(cache, name, (new[:, 0] if old.dim() == 3 else new).copy_(old))
 
 
 def as_token_major(cache: "QuantKV") -> None:

@@ -124,7 +124,8 @@ def _pack2(q, ROWS: tl.constexpr, D: tl.constexpr):
 def _kivi_flush_kernel(wk_ptr, wv_ptr, seq_ptr, bt_ptr, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr,
                        T, L, H, M, R,
                        stride_cb, stride_ct, stride_ch, stride_wb, stride_wt, stride_wh, stride_wc,
-                       stride_vb, stride_vt, stride_vh, D: tl.constexpr, GROUP: tl.constexpr, BS: tl.constexpr):
+                       stride_vb, stride_vt, stride_vh, stride_kb, stride_kh,
+                       D: tl.constexpr, GROUP: tl.constexpr, BS: tl.constexpr):
     """One block of one head of one row's open-group window: quantize and store it if its group of
     ``R`` tokens is complete (keys per channel over the block, values per token and group)."""
     b = tl.program_id(0)
@@ -147,8 +148,8 @@ def _kivi_flush_kernel(wk_ptr, wv_ptr, seq_ptr, bt_ptr, kc_ptr, vc_ptr, ks_ptr, 
         q = tl.floor(_div(x - z.to(tl.float32)[None, :], s.to(tl.float32)[None, :]) + 0.5)
         q = tl.minimum(tl.maximum(q, 0.0), 3.0).to(tl.int32)
         tl.store(kc_ptr + row[:, None] + tl.arange(0, D // 4)[None, :], _pack2(q, BS, D))
-        tl.store(ks_ptr + (blk * H + h) * D + dim, s)
-        tl.store(kz_ptr + (blk * H + h) * D + dim, z)
+        tl.store(ks_ptr + blk * stride_kb + h * stride_kh + dim, s)
+        tl.store(kz_ptr + blk * stride_kb + h * stride_kh + dim, z)
         # Values: scale and zero per token and group of GROUP dims (contiguous in unpacked order).
         NG: tl.constexpr = D // GROUP
         xv = tl.reshape(tl.load(wv_ptr + src), [BS, NG, GROUP])
@@ -179,5 +180,6 @@ def kivi_flush(cache: QuantKV, wk: torch.Tensor, wv: torch.Tensor, seq_lens: tor
         t, L, h, block_tables.shape[1], cache.residual,
         cache.k.stride(0), cache.k.stride(1), cache.k.stride(2),
         cache.v.stride(0), cache.v.stride(1), cache.v.stride(2), cache.v.stride(3), vs.stride(0), vs.stride(1), vs.stride(2),
+        cache.k_scale.stride(0), cache.k_scale.stride(1),
         D=d, GROUP=cache.group, BS=bs, num_warps=4,
     )

@@ -180,6 +180,18 @@ __device__ __forceinline__ uint32_t pack_half2(float lo, float hi) {
   return *reinterpret_cast<uint32_t*>(&h);
 }
 
+// x * y of two fp16 pairs held as bits (copied, not cast: the emulated build's compiler may assume a
+// uint32_t and a __half2 never alias).
+__device__ __forceinline__ uint32_t hmul2_bits(uint32_t x, uint32_t y) {
+  __half2 a, b;
+  memcpy(&a, &x, 4);
+  memcpy(&b, &y, 4);
+  const __half2 r = __hmul2(a, b);
+  uint32_t bits;
+  memcpy(&bits, &r, 4);
+  return bits;
+}
+
 __device__ __forceinline__ float2 unpack_half2(uint32_t x) {
   return __half22float2(*reinterpret_cast<__half2*>(&x));
 }
@@ -1696,6 +1708,93 @@ template <int D, int GP> struct KeyScales {
 
 __device__ __forceinline__ uint32_t pack_bits(uint16_t lo, uint16_t hi) { return uint32_t(lo) | (uint32_t(hi) << 16); }
 
+// kivi2's residual steps [nq, n) of the warp's split (decode2_kernel, decode2_bulk_kernel): the fp16 keys
+// and values of row b's window (tokens from f_res on), with the queries' B operand qh (pairs (d, d + 2),
+// (d + 1, d + 3) of k-step (wi, s), unscaled), into the running softmax, O^T and the value sums. Rows as
+// decode2_kernel's steps (row r < 8: token 2 r of a tile, row r + 8: token 2 r + 1); the value rows are
+// added x 4^slot 2^-24, the unit of the quantized steps' value products.
+template <int D, int GP>
+__device__ __forceinline__ void kivi2_residual(const DecodeParams& p, const WarpWork<32>& w, int nq, int f_res,
+                                               const uint32_t (&qh)[Kivi2Shape<D, GP>::KW][4][2], Softmax& sm,
+                                               float (&o)[Kivi2Shape<D, GP>::MT][4],
+                                               GroupSums<Kivi2Shape<D, GP>::NG>& sums) {
+  using S = Kivi2Shape<D, GP>;
+  constexpr int CH = S::CH, KW = S::KW, MB = S::MB;
+  const int g = w.g, t = w.t, b = w.b, h = w.h, seq_len = w.seq_len;
+  const auto& tiles = w.tiles;
+  const int64_t res_tok = int64_t(p.hkv) * D;  // elements between a window's tokens
+  const int64_t res_base = (int64_t(b) * p.r * p.hkv + h) * D - f_res * res_tok;  // + token * res_tok
+  const uint16_t* rk = reinterpret_cast<const uint16_t*>(p.rk) + res_base;
+  const uint16_t* rv = reinterpret_cast<const uint16_t*>(p.rv) + res_base;
+  for (int i = nq; i < tiles.n; ++i) {
+    const int start = tiles.start(i);
+    float s[2][4];
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+      s[u][0] = s[u][1] = s[u][2] = s[u][3] = 0.f;
+      const uint16_t* k0 = rk + (start + 16 * u + 2 * g) * res_tok;
+#pragma unroll
+      for (int wi = 0; wi < KW; ++wi) {
+#pragma unroll
+        for (int sl = 0; sl < 4; ++sl) {
+          const int d = S::dim(t * CH + 4 * wi, sl);
+          const uint2 a = __ldg(reinterpret_cast<const uint2*>(k0 + d));
+          const uint2 c = __ldg(reinterpret_cast<const uint2*>(k0 + res_tok + d));
+          cs_mma16816(s[u], even_halves(a.x, a.y), even_halves(c.x, c.y), odd_halves(a.x, a.y), odd_halves(c.x, c.y),
+                      qh[wi][sl][0], qh[wi][sl][1]);
+        }
+      }
+    }
+    bool ok[2][2];
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+      ok[u][0] = visible(p, start + 16 * u + 2 * g, seq_len);
+      ok[u][1] = visible(p, start + 16 * u + 2 * g + 1, seq_len);
+    }
+    float alpha[2];
+    if (sm.tiles(s, ok, o, alpha)) sums.rescale(alpha);
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+      const uint32_t pb0 = cs_transpose8x8(pack_half2(s[u][0], s[u][1]));
+      const uint32_t pb1 = cs_transpose8x8(pack_half2(s[u][2], s[u][3]));
+      const uint16_t* v0 = rv + (start + 16 * u + 4 * t) * res_tok;  // tokens 4t .. 4t + 3
+#pragma unroll
+      for (int mb = 0; mb < MB; ++mb) {
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+          const int da = S::dim(8 * mb + g, 2 * hh), db = da + GP;  // rows g, g + 8
+          auto at = [&](int tok, int d) { return v0[tok * res_tok + d]; };
+          float c[4] = {0.f, 0.f, 0.f, 0.f};
+          cs_mma16816(c, pack_bits(at(0, da), at(2, da)), pack_bits(at(0, db), at(2, db)),
+                      pack_bits(at(1, da), at(3, da)), pack_bits(at(1, db), at(3, db)), pb0, pb1);
+          float(&acc)[4] = o[2 * mb + hh];
+          const float f0 = slot_factor(2 * hh) * SUBNORMAL, f1 = slot_factor(2 * hh + 1) * SUBNORMAL;  // as codes
+          acc[0] += f0 * c[0];
+          acc[1] += f0 * c[1];
+          acc[2] += f1 * c[2];
+          acc[3] += f1 * c[3];
+        }
+      }
+    }
+  }
+}
+
+// kivi2's outputs (decode2_kernel, decode2_bulk_kernel): o[mt][j] is dim(8 mb + g, 2 hh) of head 2t + j,
+// o[mt][2 + j] dim(8 mb + g, 2 hh + 1) (x 4), mt = 2 mb + hh.
+template <int D, int GP>
+__device__ __forceinline__ void kivi2_store(const DecodeParams& p, const WarpWork<32>& w, const Softmax& sm,
+                                            const float (&o)[Kivi2Shape<D, GP>::MT][4],
+                                            const GroupSums<Kivi2Shape<D, GP>::NG>& sums) {
+  using S = Kivi2Shape<D, GP>;
+  const int g = w.g;
+  store_packed<D>(p, w.b, w.h, w.split, g, w.t, sm, o, sums, [](int mt) { return 8 * (mt >> 1) / GP; },
+                  [](int mt, int r) { return slot_factor(2 * (mt & 1) + r) * SUBNORMAL; },
+                  [&](int e) {
+                    const int mt = e >> 1;
+                    return S::dim(8 * (mt >> 1) + g, 2 * (mt & 1) + (e & 1));
+                  });
+}
+
 // PAIRED (G <= 4, as decode4_pair_kernel): the step's two tiles share one score fragment (lanes t < 2
 // keep tile 0's scores, t >= 2 tile 1's), so one softmax step and one P' serve the 32 tokens; the
 // columns' partials are merged after the quantized steps, and the residual steps then add the same
@@ -1884,63 +1983,192 @@ __global__ void __launch_bounds__(128, Kivi2Shape<D, GP>::MIN_BLOCKS) decode2_ke
 
   // ---- residual steps: fp16 keys and values of the row's window ----
   q_read(qh);
-  const int64_t res_tok = int64_t(p.hkv) * D;  // elements between a window's tokens
-  const int64_t res_base = (int64_t(b) * p.r * p.hkv + h) * D - f_res * res_tok;  // + token * res_tok
-  const uint16_t* rk = reinterpret_cast<const uint16_t*>(p.rk) + res_base;
-  const uint16_t* rv = reinterpret_cast<const uint16_t*>(p.rv) + res_base;
-  for (int i = nq; i < tiles.n; ++i) {
-    const int start = tiles.start(i);
-    float s[2][4];
+  kivi2_residual<D, GP>(p, w, nq, f_res, qh, sm, o, sums);
+  kivi2_store<D, GP>(p, w, sm, o, sums);
+}
+
+
+// kivi2's paired loop fed by bulk copies (cuda_decode.bulk_for: 32-token blocks, at most 4 query heads per
+// KV head, the storage's chunk layout, ref.head_chunks: a block's key codes [32, D/4], value codes [D/4, 32]
+// (token-contiguous), key channel scales and zero points [D] each, value scales and zero points [32, NG]
+// each, of one KV head side by side in one chunk of CH bytes, in ref.CHUNK_PARTS order). A step is one
+// block: lane 0 copies its chunk with one cp.async.bulk into a ring of CS_BULK_STAGES chunks in the warp's
+// shared memory, CS_BULK_STAGES steps ahead, and the lanes read their operands from the ring where they are
+// used: no per-lane addresses, nothing in flight holding registers or L1, no cp.async of the channel
+// scales two steps ahead (decode2_kernel's KeyScales), and 4 blocks (16 warps) per SM.
+// Tokens: tile u of a step holds tokens 8 t' + 4 u + 0..3 (t' = 0..3), so that a lane's value words of
+// both tiles (byte 8 mb + g of tokens 8t .. 8t + 7) are one 8-byte read: row g of tile u is token
+// 8 (g >> 1) + 4 u + 2 (g & 1), row g + 8 the token after it (the value product's k order, as decode2_kernel's
+// k = 2t + j <-> the word's byte 2j).
+// The fold reads the block's channel scales in dim order: the queries wait in shared memory in dim order,
+// unscaled (for the block's constant sum_d q_d kz_d, products with the zero points as A rows alike) and
+// divided by 4^s (for B = q ks / 4^s: multiplied in dim order, then paired (d, d + 2), (d + 1, d + 3)).
+template <int D, int GP> struct Bulk2 {
+  using S = Kivi2Shape<D, GP>;
+  static constexpr int NG = S::NG, BS = 32, STAGES = CS_BULK_STAGES;
+  // the chunk's parts (bytes from its start), in ref.CHUNK_PARTS order
+  static constexpr int VO = BS * D / 4, KSO = 2 * VO, KZO = KSO + 2 * D, VSO = KZO + 2 * D, VZO = VSO + 2 * BS * NG,
+                       CH = VZO + 2 * BS * NG;
+  static_assert(CH % 16 == 0, "bulk copies move multiples of 16 bytes");
+  static constexpr int QW = 8 * S::KW;              // bytes of one slot's query words (dims dim(t CH, s) ..)
+  static constexpr int RING = STAGES * CH, QO = RING, QB = 2 * 4 * QW * 32;  // ring, then the queries
+  static constexpr int SMEM_PER_WARP = (QO + QB + 8 * STAGES + 127) / 128 * 128;  // then the barriers
+};
+
+template <int D, int GP>
+__global__ void __launch_bounds__(128, 4) decode2_bulk_kernel(const DecodeParams p) {
+  using S = Kivi2Shape<D, GP>;
+  using B = Bulk2<D, GP>;
+  constexpr int NG = S::NG, CH = S::CH, KW = S::KW, MB = S::MB, MT = S::MT, SS = B::STAGES;
+  CS_DYNAMIC_SMEM(smem);
+  const WarpWork<32> w(p);
+  uint8_t* ring = smem + (threadIdx.x >> 5) * B::SMEM_PER_WARP;
+  uint64_t* bars = reinterpret_cast<uint64_t*>(ring + B::QO + B::QB);
+  if (!w.valid) return;
+  const int g = w.g, t = w.t, h = w.h, seq_len = w.seq_len;
+  const auto& tiles = w.tiles;
+  const int f_res = seq_len - seq_len % p.r;  // tokens from here on are in the residual window
+  const int nq = tiles.below(f_res);         // quantized steps first, then residual ones
+  const int up = t >> 1;                     // this lane's tile of a step (its scores' columns)
+  const bool col_a = g < 4;                  // this lane's B-operand column holds tile 0's probabilities
+
+  // The queries (x scale log2 e) at dims dim(t CH, s) + 0 .. CH - 1 of each slot s, fp16 pairs in dim order:
+  // slot s's words at qslot(s) (unscaled) and qslot(4 + s) (/ 4^s).
+  auto qslot = [&](int i) { return ring + B::QO + (i * 32 + (threadIdx.x & 31)) * B::QW; };
+  {
+    const QueryRow qv(p, w.b, h, g & 3, D);
 #pragma unroll
-    for (int u = 0; u < 2; ++u) {
-      s[u][0] = s[u][1] = s[u][2] = s[u][3] = 0.f;
-      const uint16_t* k0 = rk + (start + 16 * u + 2 * g) * res_tok;
+    for (int s = 0; s < 4; ++s) {
+      const int d0 = S::dim(t * CH, s);
+      uint32_t x[2 * KW], y[2 * KW];
 #pragma unroll
-      for (int wi = 0; wi < KW; ++wi) {
-#pragma unroll
-        for (int sl = 0; sl < 4; ++sl) {
-          const int d = S::dim(t * CH + 4 * wi, sl);
-          const uint2 a = __ldg(reinterpret_cast<const uint2*>(k0 + d));
-          const uint2 c = __ldg(reinterpret_cast<const uint2*>(k0 + res_tok + d));
-          cs_mma16816(s[u], even_halves(a.x, a.y), even_halves(c.x, c.y), odd_halves(a.x, a.y), odd_halves(c.x, c.y),
-                      qh[wi][sl][0], qh[wi][sl][1]);
-        }
+      for (int i = 0; i < 2 * KW; ++i) {
+        x[i] = pack_half2(qv(d0 + 2 * i), qv(d0 + 2 * i + 1));
+        y[i] = pack_half2(qv(d0 + 2 * i) * (1.f / slot_factor(s)), qv(d0 + 2 * i + 1) * (1.f / slot_factor(s)));
       }
-    }
-    bool ok[2][2];
-    softmax_step(s, start, ok);
 #pragma unroll
-    for (int u = 0; u < 2; ++u) {
-      const uint32_t pb0 = cs_transpose8x8(pack_half2(s[u][0], s[u][1]));
-      const uint32_t pb1 = cs_transpose8x8(pack_half2(s[u][2], s[u][3]));
-      const uint16_t* v0 = rv + (start + 16 * u + 4 * t) * res_tok;  // tokens 4t .. 4t + 3
-#pragma unroll
-      for (int mb = 0; mb < MB; ++mb) {
-#pragma unroll
-        for (int hh = 0; hh < 2; ++hh) {
-          const int da = S::dim(8 * mb + g, 2 * hh), db = da + GP;  // rows g, g + 8
-          auto at = [&](int tok, int d) { return v0[tok * res_tok + d]; };
-          float c[4] = {0.f, 0.f, 0.f, 0.f};
-          cs_mma16816(c, pack_bits(at(0, da), at(2, da)), pack_bits(at(0, db), at(2, db)),
-                      pack_bits(at(1, da), at(3, da)), pack_bits(at(1, db), at(3, db)), pb0, pb1);
-          float(&acc)[4] = o[2 * mb + hh];
-          const float f0 = slot_factor(2 * hh) * SUBNORMAL, f1 = slot_factor(2 * hh + 1) * SUBNORMAL;  // as codes
-          acc[0] += f0 * c[0];
-          acc[1] += f0 * c[1];
-          acc[2] += f1 * c[2];
-          acc[3] += f1 * c[3];
-        }
+      for (int i = 0; i < 2 * KW; ++i) {
+        reinterpret_cast<uint32_t*>(qslot(s))[i] = x[i];
+        reinterpret_cast<uint32_t*>(qslot(4 + s))[i] = y[i];
       }
     }
   }
 
-  // Head 2t + j: o[mt][j] is dim(8 mb + g, 2 hh), o[mt][2 + j] dim(8 mb + g, 2 hh + 1) (x 4), mt = 2 mb + hh.
-  store_packed<D>(p, b, h, split, g, t, sm, o, sums, [](int mt) { return 8 * (mt >> 1) / GP; },
-                  [](int mt, int r) { return slot_factor(2 * (mt & 1) + r) * SUBNORMAL; },
-                  [&](int e) {
-                    const int mt = e >> 1;
-                    return S::dim(8 * (mt >> 1) + g, 2 * (mt & 1) + (e & 1));
-                  });
+  float o[MT][4];
+#pragma unroll
+  for (int mi = 0; mi < MT; ++mi) o[mi][0] = o[mi][1] = o[mi][2] = o[mi][3] = 0.f;
+  GroupSums<NG> sums;
+  Softmax sm;
+
+  const uint8_t* head = p.k + int64_t(h) * p.k_sh;  // chunk (block 0, head h)
+  if (cs_bulk_leader()) {
+#pragma unroll
+    for (int s = 0; s < SS; ++s) cs_bulk_init(bars + s);
+    cs_bulk_init_fence();
+  }
+  __syncwarp();
+  auto issue = [&](int k) {  // step k's chunk (its block's) into stage k % SS
+    if (!cs_bulk_leader()) return;
+    cs_bulk_expect(bars + k % SS, B::CH);
+    cs_bulk_copy(ring + (k % SS) * B::CH, head + int64_t(w.bt_row[tiles.start(k) >> 5]) * p.k_sb, B::CH,
+                 bars + k % SS);
+  };
+  for (int k = 0; k < min(SS, nq); ++k) issue(k);
+  const int row0 = 8 * (g >> 1) + 2 * (g & 1);  // this lane's rows g / g + 8 of tile u: tokens row0 + 4u (+ 1)
+  const int own = row0 + 4 * up;                 // ... of its own tile
+  for (int k = 0; k < nq; ++k) {
+    cs_bulk_wait(bars + k % SS, (k / SS) & 1);
+    const uint8_t* st = ring + (k % SS) * B::CH;
+    // The block's key operand qf = q ks / 4^s (k-step (wi, s): pairs (d, d + 2), (d + 1, d + 3)) and
+    // constant per column 2t + j, cb[j] = sum_d q_d kz_d.
+    uint32_t qf[KW][4][2];
+    float cb[4] = {-0.f, -0.f, -0.f, -0.f};
+#pragma unroll
+    for (int s = 0; s < 4; ++s) {
+      const int d0 = S::dim(t * CH, s);
+      uint32_t q[2 * KW], q4[2 * KW], sc[2 * KW], zp[2 * KW];
+      read_words<B::QW>(qslot(s), q);
+      read_words<B::QW>(qslot(4 + s), q4);
+      read_words<B::QW>(st + B::KSO + 2 * d0, sc);
+      read_words<B::QW>(st + B::KZO + 2 * d0, zp);
+#pragma unroll
+      for (int wi = 0; wi < KW; ++wi) {
+        const uint32_t p01 = hmul2_bits(q4[2 * wi], sc[2 * wi]), p23 = hmul2_bits(q4[2 * wi + 1], sc[2 * wi + 1]);
+        qf[wi][s][0] = even_halves(p01, p23);
+        qf[wi][s][1] = odd_halves(p01, p23);
+        // Rows g + 8 of A are not read (cb[2], cb[3]): left undefined rather than filled by copies.
+        cs_mma16816(cb, zp[2 * wi], cs_undefined(), zp[2 * wi + 1], cs_undefined(), q[2 * wi], q[2 * wi + 1]);
+      }
+    }
+    // Key products of both tiles (x 2^-24): rows g / g + 8 are tokens row0 + 4u / + 1, bytes [t CH, (t + 1) CH).
+    float s2[2][4];
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+      uint32_t ka[KW], kb[KW];
+      read_words<CH>(st + (row0 + 4 * u) * (D / 4) + t * CH, ka);
+      read_words<CH>(st + (row0 + 4 * u + 1) * (D / 4) + t * CH, kb);
+      s2[u][0] = s2[u][1] = s2[u][2] = s2[u][3] = -0.f;
+#pragma unroll
+      for (int wi = 0; wi < KW; ++wi) {
+#pragma unroll
+        for (int sl = 0; sl < 4; ++sl) {
+          const uint32_t m = slot_mask(sl);
+          cs_mma16816(s2[u], subnormal_codes(ka[wi], m), subnormal_codes(kb[wi], m), subnormal_codes(ka[wi] >> 8, m),
+                      subnormal_codes(kb[wi] >> 8, m), qf[wi][sl][0], qf[wi][sl][1]);
+        }
+      }
+    }
+    float so[4];  // this lane's tile's scores
+#pragma unroll
+    for (int e = 0; e < 4; ++e) so[e] = fmaf(up ? s2[1][e] : s2[0][e], 1.f / SUBNORMAL, cb[e & 1]);
+    const int start = tiles.start(k);
+    const bool ok0 = visible(p, start + own, seq_len), ok1 = visible(p, start + own + 1, seq_len);
+    float alpha[2];
+    if (sm.tile(so, ok0, ok1, o, alpha)) sums.rescale(alpha);
+    Halves<2 * NG> vs, vz;  // this lane's tile's rows' value scales and zero points (tokens own, own + 1)
+    read_words<4 * NG>(st + B::VSO + 2 * NG * own, vs.x.w);
+    read_words<4 * NG>(st + B::VZO + 2 * NG * own, vz.x.w);
+    uint32_t v[MB][2];  // byte 8 mb + g of tokens 8t .. 8t + 3 (tile 0) and 8t + 4 .. 8t + 7 (tile 1)
+#pragma unroll
+    for (int mb = 0; mb < MB; ++mb) read_words<8>(st + B::VO + (8 * mb + g) * B::BS + 8 * t, v[mb]);
+#pragma unroll
+    for (int gi = 0; gi < NG; ++gi) {
+      uint32_t pb0, pb1;
+      sums.operand(gi, so, ok0 ? vs[gi] : 0.f, ok1 ? vs[NG + gi] : 0.f, ok0 ? vz[gi] : 0.f, ok1 ? vz[NG + gi] : 0.f,
+                   pb0, pb1);
+#pragma unroll
+      for (int u = 0; u < 2; ++u) {  // tile u's values times the columns of its probabilities
+        const uint32_t b0 = (u == 0) == col_a ? pb0 : 0u, b1 = (u == 0) == col_a ? pb1 : 0u;
+#pragma unroll
+        for (int mb = gi * GP / 8; mb < (gi + 1) * GP / 8; ++mb) {
+#pragma unroll
+          for (int hh = 0; hh < 2; ++hh) {
+            const uint32_t x = v[mb][u], m0 = slot_mask(2 * hh), m1 = slot_mask(2 * hh + 1);
+            cs_mma16816(o[2 * mb + hh], subnormal_codes(x, m0), subnormal_codes(x, m1), subnormal_codes(x >> 8, m0),
+                        subnormal_codes(x >> 8, m1), b0, b1);
+          }
+        }
+      }
+    }
+    __syncwarp();  // every lane is done with the stage before it is refilled
+    if (k + SS < nq) issue(k + SS);
+  }
+  merge_pair_columns(sm, o, sums);
+
+  // ---- residual steps: fp16 keys and values of the row's window, the queries paired as decode2_kernel's ----
+  uint32_t qh[KW][4][2];
+#pragma unroll
+  for (int s = 0; s < 4; ++s) {
+    uint32_t q[2 * KW];
+    read_words<B::QW>(qslot(s), q);
+#pragma unroll
+    for (int wi = 0; wi < KW; ++wi) {
+      qh[wi][s][0] = even_halves(q[2 * wi], q[2 * wi + 1]);
+      qh[wi][s][1] = odd_halves(q[2 * wi], q[2 * wi + 1]);
+    }
+  }
+  kivi2_residual<D, GP>(p, w, nq, f_res, qh, sm, o, sums);
+  kivi2_store<D, GP>(p, w, sm, o, sums);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -1964,6 +2192,14 @@ template <int BS, bool PAIRED> Variant select_kivi2(int d, int group) {
     return {group == 32 ? decode2_kernel<64, 8, BS, PAIRED> : group == 64 ? decode2_kernel<64, 16, BS, PAIRED> : nullptr,
             KeyScales<64, 8>::SMEM_PER_WARP};
   }
+  return {};
+}
+
+template <int D, int GP> Variant kivi2_bulk() { return {decode2_bulk_kernel<D, GP>, Bulk2<D, GP>::SMEM_PER_WARP}; }
+Variant select_kivi2_bulk(int d, int group) {
+  if (d == 128) return group == 32 ? kivi2_bulk<128, 8>() : group == 64 ? kivi2_bulk<128, 16>()
+                     : group == 128 ? kivi2_bulk<128, 32>() : Variant();
+  if (d == 64) return group == 32 ? kivi2_bulk<64, 8>() : group == 64 ? kivi2_bulk<64, 16>() : Variant();
   return {};
 }
 
@@ -1992,6 +2228,11 @@ template <bool ST, int BS> Variant select_packed(int kind, int d, int group, int
   }
   if constexpr (BS >= 32 && !ST) {
     if (kind != 4) return {};
+#if !defined(CS_LOADS_ONLY) && !defined(CS_COMPUTE_ONLY)  // the diagnostics time the register loop
+    if constexpr (BS == 32) {
+      if (paired == 2) return select_kivi2_bulk(d, group);
+    }
+#endif
     if (paired) return select_kivi2<BS, true>(d, group);
     return select_kivi2<BS, false>(d, group);
   }
