@@ -68,7 +68,8 @@ PAIR_MAX_G = 4
 # as cache/quant.py stores int4 with groups of 64 in 16-token blocks and kivi2 in 32-token blocks), its
 # operands come by bulk copies of whole chunks into a shared-memory ring (paged_decode.cu,
 # decode4_bulk_kernel, decode2_bulk_kernel) instead of loads into registers: 16 warps per SM instead of
-# 12. H200, batch 32 / 32k: int4 328 -> 310 to 312 us (docs/benchmarks.md, sixteenth session).
+# 12. H200, batch 32 / 32k: int4 328 -> 310 to 312 us, kivi2 332 -> 248 (docs/benchmarks.md, sixteenth
+# and seventeenth sessions).
 # Environment: CONSTANT_STATE_DECODE_BULK (0/1).
 BULK = _env_int("CONSTANT_STATE_DECODE_BULK", "1", ("0", "1"))
 BULK_BLOCK_SIZES = {"int4": 16, "kivi2": 32}
