@@ -14,7 +14,10 @@
 // second product by two movmatrix transposes. Scales multiply the rows of S^T or fold into P'.
 // With at most 4 query heads per KV head, int4 (groups of 64) and kivi2 run the paired loop: two
 // 16-token tiles share one S^T fragment (tile A's tokens in columns 0-3, tile B's in 4-7; PairFeed,
-// decode4_pair_kernel, decode2_kernel<PAIRED>), so one softmax step serves 32 tokens.
+// decode4_pair_kernel, decode2_kernel<PAIRED>), so one softmax step serves 32 tokens. Where the storage
+// keeps a block's parts in one chunk (int4 in 16-token blocks, kivi2 in 32-token blocks), the paired
+// loops are fed by bulk copies of whole chunks into shared memory instead (decode4_bulk_kernel,
+// decode2_bulk_kernel).
 // The next tile's codes and scales are loaded before the current tile is used, into the second of two
 // register buffers used in turn (tile_loop; copied where the unrolled loop would spill), from block ids
 // read from the block table ahead; int4 and kivi2 tiles are also prefetched into L2 a tile earlier
@@ -1995,7 +1998,8 @@ __global__ void __launch_bounds__(128, Kivi2Shape<D, GP>::MIN_BLOCKS) decode2_ke
 // block: lane 0 copies its chunk with one cp.async.bulk into a ring of CS_BULK_STAGES chunks in the warp's
 // shared memory, CS_BULK_STAGES steps ahead, and the lanes read their operands from the ring where they are
 // used: no per-lane addresses, nothing in flight holding registers or L1, no cp.async of the channel
-// scales two steps ahead (decode2_kernel's KeyScales), and 4 blocks (16 warps) per SM.
+// scales two steps ahead (decode2_kernel's KeyScales), and 4 blocks (16 warps) per SM. H200, batch 32 /
+// 32k (docs/benchmarks.md, seventeenth session): 332 -> 248 us; main loop 707 -> 523 instructions per step.
 // Tokens: tile u of a step holds tokens 8 t' + 4 u + 0..3 (t' = 0..3), so that a lane's value words of
 // both tiles (byte 8 mb + g of tokens 8t .. 8t + 7) are one 8-byte read: row g of tile u is token
 // 8 (g >> 1) + 4 u + 2 (g & 1), row g + 8 the token after it (the value product's k order, as decode2_kernel's
