@@ -1990,7 +1990,6 @@ __global__ void __launch_bounds__(128, Kivi2Shape<D, GP>::MIN_BLOCKS) decode2_ke
   kivi2_store<D, GP>(p, w, sm, o, sums);
 }
 
-
 // kivi2's paired loop fed by bulk copies (cuda_decode.bulk_for: 32-token blocks, at most 4 query heads per
 // KV head, the storage's chunk layout, ref.head_chunks: a block's key codes [32, D/4], value codes [D/4, 32]
 // (token-contiguous), key channel scales and zero points [D] each, value scales and zero points [32, NG]
