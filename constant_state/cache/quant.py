@@ -188,11 +188,11 @@ class KiviFormat(KVFormat):
         # key codes and value scales head-major (as QuantStorage)
         vsc = lambda: head_major(n, bs, h, d // g, torch.float16, device)  # noqa: E731
         if self.chunked(bs, d):
-            # one chunk per block and head (ref.head_chunks; the key channel scales and zero points [1, D] of
-            # each), which the CUDA kernel copies whole into shared memory (cuda_decode.bulk_for): same bytes
+            # one chunk per block and head (ref.head_chunks; the key channel scales and zero points [N, H, D]),
+            # which the CUDA kernel copies whole into shared memory (cuda_decode.bulk_for): same bytes
             parts = head_chunks(n, h, [(bs, d // 4, torch.uint8, False), (bs, d // 4, torch.uint8, True)]
-                                + [(1, d, torch.float16, False)] * 2 + [(bs, d // g, torch.float16, False)] * 2, device)
-            parts[2], parts[3] = parts[2][:, 0], parts[3][:, 0]  # key channel scales / zero points [N, H, D]
+                                + [(None, d, torch.float16, False)] * 2 + [(bs, d // g, torch.float16, False)] * 2,
+                                device)
             st.cache = QuantKV("kivi2", **dict(zip(CHUNK_PARTS, parts)), group_size=g, residual=self.residual)
             return st
         st.cache = QuantKV("kivi2", head_major(n, bs, h, d // 4, torch.uint8, device),

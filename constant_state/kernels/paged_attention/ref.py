@@ -127,13 +127,14 @@ def head_chunks(n: int, h: int, parts, device) -> list[torch.Tensor]:
     """Zeroed tensors ``[N, bs, H, width]``, one per part ``(bs, width, dtype, token_contiguous)``, whose
     pieces of one block and head lie side by side in one chunk of memory (a ``[N, H, C]`` byte buffer):
     each piece head-major (``[bs, width]``, as :func:`head_major`) or token-contiguous (``[width, bs]``,
-    as :func:`token_contiguous`). Views: index them like the other layouts, kernels take their strides."""
-    sizes = [bs * w * torch.empty((), dtype=dt).element_size() for bs, w, dt, _ in parts]
+    as :func:`token_contiguous`); a part with ``bs`` None is one row per block and head, ``[N, H, width]``
+    (kivi2's key channel scales). Views: index them like the other layouts, kernels take their strides."""
+    sizes = [(bs or 1) * w * torch.empty((), dtype=dt).element_size() for bs, w, dt, _ in parts]
     buf = torch.zeros((n, h, sum(sizes)), dtype=torch.uint8, device=device)
     out, off = [], 0
     for (bs, w, dt, tc), size in zip(parts, sizes):
         piece = buf[:, :, off:off + size].view(dt)
-        out.append(piece.unflatten(2, (w, bs)).permute(0, 3, 1, 2) if tc
+        out.append(piece if bs is None else piece.unflatten(2, (w, bs)).permute(0, 3, 1, 2) if tc
                    else piece.unflatten(2, (bs, w)).permute(0, 2, 1, 3))
         off += size
     return out
@@ -149,11 +150,11 @@ def as_head_chunks(cache: "QuantKV") -> None:
     :data:`CHUNK_PARTS` order, each keeping its in-block layout (A/B runs: ``ab_quant_decode.py ...:chunk``)."""
     names = [x for x in CHUNK_PARTS if getattr(cache, x) is not None]
     olds = [getattr(cache, x) for x in names]
-    olds4 = [x[:, None] if x.dim() == 3 else x for x in olds]  # kivi2's key channel scales [N, H, D]: [N, 1, H, D]
-    parts = [(x.shape[1], x.shape[3], x.dtype, is_token_contiguous(x)) for x in olds4]
+    parts = [(None, x.shape[2], x.dtype, False) if x.dim() == 3  # kivi2's key channel scales [N, H, D]
+             else (x.shape[1], x.shape[3], x.dtype, is_token_contiguous(x)) for x in olds]
     n, h, dev = olds[0].shape[0], olds[0].shape[2], olds[0].device
     for name, old, new in zip(names, olds, head_chunks(n, h, parts, dev)):
-        setattr(cache, name, (new[:, 0] if old.dim() == 3 else new).copy_(old))
+        setattr(cache, name, new.copy_(old))
 
 
 def as_token_major(cache: "QuantKV") -> None:
