@@ -88,14 +88,15 @@ def test_emulated_cuda_decode(fmt, case, variant):
 
 @pytest.mark.parametrize("fmt", ["int4", "int4-g32", "fp8", "kivi2"])
 @pytest.mark.parametrize("bs", [16, 32])
-def test_chunks_feed_the_bulk_copies(fmt, bs):
+@pytest.mark.parametrize("hkv", [2, 1])
+def test_chunks_feed_the_bulk_copies(fmt, bs, hkv):
     """int4 with groups of 64 in 16-token blocks and kivi2 in 32-token blocks are stored in chunks
     (ref.head_chunks) and their paired loops are fed by bulk copies (paired = 2); other formats and block
     sizes keep one tensor per part. A chunk cache copied into separate tensors runs the register loop,
-    and the error names the part."""
+    and the error names the part. One KV head: its head stride is any (a size-1 dimension)."""
     if fmt == "kivi2" and bs == 16:
         bs = 64  # kivi2's blocks are 32 or 64 tokens
-    st = get_format(fmt).make_storage(6, bs, 2, 128, "cpu")
+    st = get_format(fmt).make_storage(6, bs, hkv, 128, "cpu")
     kind, _, group, tensors = _cache_args(st.cache)
     chunked = (fmt, bs) in (("int4", 16), ("kivi2", 32))
     if kind in ("int4", "kivi2"):
@@ -195,6 +196,22 @@ def test_merge_splits_ref_weights_by_max_and_sum():
     ml = torch.tensor([[0.0, 1.0], [1.0, 1.0], [float("-inf"), 0.0]])  # third split saw no token
     out = merge_splits_ref(part, ml, 3)
     torch.testing.assert_close(out, torch.tensor([[1 / 3, 2 / 3]]))
+
+
+@pytest.mark.parametrize("fmt", ["int4", "kivi2"])
+@pytest.mark.parametrize("window", [None, 1300], ids=["full", "sinks-window"])
+def test_emulated_bulk_loops_cross_block_table_windows(fmt, window):
+    """One split of more than 64 chunks: the loops fed by bulk copies read their block-table entries 32
+    chunks at a time (TileBlocks), the next 32 loaded a window ahead; with sinks and a sliding window the
+    chunks jump from the sinks' to the window's blocks inside a window of entries."""
+    case = dict(lens=[2250, 70], gqa=4, d=128, bs=16 if fmt == "int4" else 32, num_splits=1, hkv=1)
+    if window is not None:
+        case.update(window=window, sinks=20)
+    assert bulk_serves(fmt, case)
+    if fmt == "int4":
+        run(fmt, **case, paired=1, bulk=1)
+    else:
+        test_emulated_cuda_decode_kivi2(case)
 
 
 @pytest.mark.parametrize("index", [0, 3], ids=["residual-mixes", "g128-r64-sinks-window"])

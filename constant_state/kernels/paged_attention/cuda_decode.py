@@ -304,7 +304,11 @@ def chunk_error(kind: str, tensors) -> str | None:
     key_scales = 2 * ks.shape[-1] * (1 if kind == "kivi2" else bs)
     sizes = (bs * width, bs * width, key_scales, key_scales, 2 * bs * vs.shape[3], 2 * bs * vs.shape[3])
     chunk = sum(sizes)
-    if k.stride() != (h * chunk, width, chunk, 1):
+
+    def heads_apart(x, dim):  # a head's chunk follows the previous head's (any stride for a single head)
+        return h == 1 or x.stride(dim) * x.element_size() == chunk
+
+    if k.stride(0) != h * chunk or k.stride(1) != width or k.stride(3) != 1 or not heads_apart(k, 2):
         return f"key codes are not in chunks of {chunk} bytes"
     off = 0
     for name, x, size in zip(("value codes", "key scales", "key zero points", "value scales", "value zero points"),
@@ -312,7 +316,7 @@ def chunk_error(kind: str, tensors) -> str | None:
         off += size
         head_dim = 1 if x.dim() == 3 else 2  # kivi2's key scales [N, H, D]
         if x.data_ptr() - k.data_ptr() != off or x.stride(0) * x.element_size() != h * chunk \
-                or x.stride(head_dim) * x.element_size() != chunk:
+                or not heads_apart(x, head_dim):
             return f"{name} are not part {off} of the key codes' chunks"
     return None
 

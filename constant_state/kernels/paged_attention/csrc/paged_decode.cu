@@ -477,6 +477,31 @@ template <int STEP = 16> struct WarpWork {
         bt_row(p.bt + int64_t(b) * p.m), tiles(p, split, seq_len) {}
 };
 
+// The blocks of a warp's first n tiles (one chunk each) for the loops fed by bulk copies, 32 tiles at a
+// time: lane l holds tile 32 c + l's block-table entry for the current window c and the next one (loaded a
+// window ahead), and the copies take theirs by a shuffle: no global load, and no wait on one, in front of
+// each copy. Every lane calls get with the same tiles i .. i + C - 1 (i a multiple of C, C dividing 32),
+// i non-decreasing by at most 32 between calls.
+template <int STEP> struct TileBlocks {
+  int cur, nxt, win = 0;
+  __device__ __forceinline__ TileBlocks(const DecodeParams& p, const WarpWork<STEP>& w, int n)
+      : cur(load(p, w, n, 0)), nxt(load(p, w, n, 1)) {}
+  static __device__ __forceinline__ int load(const DecodeParams& p, const WarpWork<STEP>& w, int n, int c) {
+    const int i = 32 * c + int(threadIdx.x & 31);
+    return i < n ? w.bt_row[w.tiles.start(i) >> p.bs_shift] : 0;  // tiles past n: block 0, never read
+  }
+  template <int C>
+  __device__ __forceinline__ void get(const DecodeParams& p, const WarpWork<STEP>& w, int n, int i, int (&blk)[C]) {
+    static_assert(32 % C == 0, "a call's tiles share a window");
+    if ((i >> 5) != win) {  // warp-uniform: the next window (its entries arrived long ago)
+      cur = nxt;
+      nxt = load(p, w, n, ++win + 1);
+    }
+#pragma unroll
+    for (int x = 0; x < C; ++x) blk[x] = __shfl_sync(FULL, cur, (i + x) & 31);
+  }
+};
+
 // The shared memory of a staged kernel: CS_STAGES stages of LANE_BYTES x 32 per warp.
 #ifdef CS_EMULATE
 #define CS_DYNAMIC_SMEM(name) alignas(16) static thread_local uint8_t name[1 << 18]
@@ -646,6 +671,10 @@ struct QueryRow {
 
 __device__ __forceinline__ bool visible(const DecodeParams& p, int tok, int seq_len) {
   return tok < seq_len && (!p.has_window || tok > seq_len - 1 - p.window || tok < p.sinks);
+}
+// The same without branches (the loops fed by bulk copies): compares against the parameters in place.
+__device__ __forceinline__ bool visible_flat(const DecodeParams& p, int tok, int seq_len) {
+  return (tok < seq_len) & ((p.has_window == 0) | (tok > seq_len - 1 - p.window) | (tok < p.sinks));
 }
 
 // Online softmax over NT tiles for heads 2t, 2t+1 (columns), rows = this lane's tokens r0, r1 of each
@@ -1499,19 +1528,21 @@ __global__ void __launch_bounds__(128, 4) decode4_bulk_kernel(const DecodeParams
   const int n = tiles.n, steps = (n + 1) >> 1;
   const uint8_t* head = p.k + int64_t(h) * p.k_sh;  // chunk (block 0, head h)
   // tile i's chunk (tiles past the split: block 0's, copied and never used: their rows are masked)
-  auto chunk = [&](int i) { return head + int64_t(i < n ? w.bt_row[tiles.start(i) >> p.bs_shift] : 0) * p.k_sb; };
+  TileBlocks<16> blocks(p, w, n);
   if (cs_bulk_leader()) {
 #pragma unroll
     for (int s = 0; s < SS; ++s) cs_bulk_init(bars + s);
     cs_bulk_init_fence();
   }
   __syncwarp();
-  auto issue = [&](int k) {  // step k's two chunks into stage k % SS
+  auto issue = [&](int k) {  // step k's two chunks into stage k % SS (every lane: the blocks' shuffles)
+    int blk[2];
+    blocks.get(p, w, n, 2 * k, blk);
     if (!cs_bulk_leader()) return;
     uint8_t* st = ring + (k % SS) * 2 * B::CH;
     cs_bulk_expect(bars + k % SS, 2 * B::CH);
-    cs_bulk_copy(st, chunk(2 * k), B::CH, bars + k % SS);
-    cs_bulk_copy(st + B::CH, chunk(2 * k + 1), B::CH, bars + k % SS);
+    cs_bulk_copy(st, head + int64_t(blk[0]) * p.k_sb, B::CH, bars + k % SS);
+    cs_bulk_copy(st + B::CH, head + int64_t(blk[1]) * p.k_sb, B::CH, bars + k % SS);
   };
   for (int k = 0; k < min(SS, steps); ++k) issue(k);
   // this lane's operands inside a chunk: key words (Tile4's), value words, scales of rows r0, r0 + 1
@@ -1544,7 +1575,8 @@ __global__ void __launch_bounds__(128, 4) decode4_bulk_kernel(const DecodeParams
     }
     const int own = 2 * k + up;
     const int start = tiles.start(own);
-    const bool ok0 = own < n && visible(p, start + r0, seq_len), ok1 = own < n && visible(p, start + r0 + 1, seq_len);
+    const bool ok0 = (own < n) & visible_flat(p, start + r0, seq_len);
+    const bool ok1 = (own < n) & visible_flat(p, start + r0 + 1, seq_len);
     float so_own[NG][4];
     ops.own_products(sg, up, so_own);
     float s[4];
@@ -2016,6 +2048,11 @@ template <int D, int GP> struct Bulk2 {
   static constexpr int QW = 8 * S::KW;              // bytes of one slot's query words (dims dim(t CH, s) ..)
   static constexpr int RING = STAGES * CH, QO = RING, QB = 2 * 4 * QW * 32;  // ring, then the queries
   static constexpr int SMEM_PER_WARP = (QO + QB + 8 * STAGES + 127) / 128 * 128;  // then the barriers
+  // The unscaled query words of a slot wait in shared memory with words 1 and 2 of each four swapped,
+  // so that one 16-byte read gives the B operands (q0, q2) and (q1, q3) of the block constant's products
+  // (decode2_bulk_kernel). QPERM(i): where word i is kept (its own inverse).
+  static constexpr bool QSWAP = (2 * S::KW) % 4 == 0;
+  static __device__ __forceinline__ constexpr int QPERM(int i) { return QSWAP ? (i & ~3) | ((i & 1) << 1) | ((i >> 1) & 1) : i; }
 };
 
 template <int D, int GP>
@@ -2051,7 +2088,7 @@ __global__ void __launch_bounds__(128, 4) decode2_bulk_kernel(const DecodeParams
       }
 #pragma unroll
       for (int i = 0; i < 2 * KW; ++i) {
-        reinterpret_cast<uint32_t*>(qslot(s))[i] = x[i];
+        reinterpret_cast<uint32_t*>(qslot(s))[B::QPERM(i)] = x[i];
         reinterpret_cast<uint32_t*>(qslot(4 + s))[i] = y[i];
       }
     }
@@ -2070,11 +2107,13 @@ __global__ void __launch_bounds__(128, 4) decode2_bulk_kernel(const DecodeParams
     cs_bulk_init_fence();
   }
   __syncwarp();
-  auto issue = [&](int k) {  // step k's chunk (its block's) into stage k % SS
+  TileBlocks<32> blocks(p, w, nq);
+  auto issue = [&](int k) {  // step k's chunk (its block's) into stage k % SS (every lane: the block's shuffle)
+    int blk[1];
+    blocks.get(p, w, nq, k, blk);
     if (!cs_bulk_leader()) return;
     cs_bulk_expect(bars + k % SS, B::CH);
-    cs_bulk_copy(ring + (k % SS) * B::CH, head + int64_t(w.bt_row[tiles.start(k) >> 5]) * p.k_sb, B::CH,
-                 bars + k % SS);
+    cs_bulk_copy(ring + (k % SS) * B::CH, head + int64_t(blk[0]) * p.k_sb, B::CH, bars + k % SS);
   };
   for (int k = 0; k < min(SS, nq); ++k) issue(k);
   const int row0 = 8 * (g >> 1) + 2 * (g & 1);  // this lane's rows g / g + 8 of tile u: tokens row0 + 4u (+ 1)
@@ -2085,12 +2124,13 @@ __global__ void __launch_bounds__(128, 4) decode2_bulk_kernel(const DecodeParams
     // The block's key operand qf = q ks / 4^s (k-step (wi, s): pairs (d, d + 2), (d + 1, d + 3)) and
     // constant per column 2t + j, cb[j] = sum_d q_d kz_d.
     uint32_t qf[KW][4][2];
-    float cb[4] = {-0.f, -0.f, -0.f, -0.f};
+    // The block constant: rows g of cb and rows g + 8 of cb8 (the other rows are not read).
+    float cb[4] = {-0.f, -0.f, -0.f, -0.f}, cb8[4] = {-0.f, -0.f, -0.f, -0.f};
 #pragma unroll
     for (int s = 0; s < 4; ++s) {
       const int d0 = S::dim(t * CH, s);
       uint32_t q[2 * KW], q4[2 * KW], sc[2 * KW], zp[2 * KW];
-      read_words<B::QW>(qslot(s), q);
+      read_words<B::QW>(qslot(s), q);  // words 1 and 2 of each four swapped (QPERM)
       read_words<B::QW>(qslot(4 + s), q4);
       read_words<B::QW>(st + B::KSO + 2 * d0, sc);
       read_words<B::QW>(st + B::KZO + 2 * d0, zp);
@@ -2099,9 +2139,24 @@ __global__ void __launch_bounds__(128, 4) decode2_bulk_kernel(const DecodeParams
         const uint32_t p01 = hmul2_bits(q4[2 * wi], sc[2 * wi]), p23 = hmul2_bits(q4[2 * wi + 1], sc[2 * wi + 1]);
         qf[wi][s][0] = even_halves(p01, p23);
         qf[wi][s][1] = odd_halves(p01, p23);
-        // Rows g + 8 of A are not read (cb[2], cb[3]): left undefined rather than filled by copies.
-        cs_mma16816(cb, zp[2 * wi], cs_undefined(), zp[2 * wi + 1], cs_undefined(), q[2 * wi], q[2 * wi + 1]);
       }
+      if constexpr (B::QSWAP) {
+        // The zero points' words z0..z3 are A as read: rows g take z0, z2 (B = q0, q2 into cb), rows g + 8
+        // take z1, z3 (B = q1, q3 into cb8): no copies into operand registers.
+#pragma unroll
+        for (int j = 0; j < 2 * KW; j += 4) {
+          cs_mma16816(cb, zp[j], zp[j + 1], zp[j + 2], zp[j + 3], q[j], q[j + 1]);
+          cs_mma16816(cb8, zp[j], zp[j + 1], zp[j + 2], zp[j + 3], q[j + 2], q[j + 3]);
+        }
+      } else {
+#pragma unroll
+        for (int wi = 0; wi < KW; ++wi)  // rows g + 8 of A are not read: left undefined
+          cs_mma16816(cb, zp[2 * wi], cs_undefined(), zp[2 * wi + 1], cs_undefined(), q[2 * wi], q[2 * wi + 1]);
+      }
+    }
+    if constexpr (B::QSWAP) {
+      cb[0] += cb8[2];
+      cb[1] += cb8[3];
     }
     // Key products of both tiles (x 2^-24): rows g / g + 8 are tokens row0 + 4u / + 1, bytes [t CH, (t + 1) CH).
     float s2[2][4];
@@ -2125,7 +2180,7 @@ __global__ void __launch_bounds__(128, 4) decode2_bulk_kernel(const DecodeParams
 #pragma unroll
     for (int e = 0; e < 4; ++e) so[e] = fmaf(up ? s2[1][e] : s2[0][e], 1.f / SUBNORMAL, cb[e & 1]);
     const int start = tiles.start(k);
-    const bool ok0 = visible(p, start + own, seq_len), ok1 = visible(p, start + own + 1, seq_len);
+    const bool ok0 = visible_flat(p, start + own, seq_len), ok1 = visible_flat(p, start + own + 1, seq_len);
     float alpha[2];
     if (sm.tile(so, ok0, ok1, o, alpha)) sums.rescale(alpha);
     Halves<2 * NG> vs, vz;  // this lane's tile's rows' value scales and zero points (tokens own, own + 1)
@@ -2166,8 +2221,9 @@ __global__ void __launch_bounds__(128, 4) decode2_bulk_kernel(const DecodeParams
     read_words<B::QW>(qslot(s), q);
 #pragma unroll
     for (int wi = 0; wi < KW; ++wi) {
-      qh[wi][s][0] = even_halves(q[2 * wi], q[2 * wi + 1]);
-      qh[wi][s][1] = odd_halves(q[2 * wi], q[2 * wi + 1]);
+      const uint32_t a = q[B::QPERM(2 * wi)], c = q[B::QPERM(2 * wi + 1)];
+      qh[wi][s][0] = even_halves(a, c);
+      qh[wi][s][1] = odd_halves(a, c);
     }
   }
   kivi2_residual<D, GP>(p, w, nq, f_res, qh, sm, o, sums);
