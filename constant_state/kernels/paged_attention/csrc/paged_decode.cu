@@ -481,7 +481,8 @@ template <int STEP = 16> struct WarpWork {
 // time: lane l holds tile 32 c + l's block-table entry for the current window c and the next one (loaded a
 // window ahead), and the copies take theirs by a shuffle: no global load, and no wait on one, in front of
 // each copy. Every lane calls get with the same tiles i .. i + C - 1 (i a multiple of C, C dividing 32),
-// i non-decreasing by at most 32 between calls.
+// i non-decreasing by at most 32 between calls. H200, batch 32 / 32k (docs/benchmarks.md, eighteenth
+// session): int4 310 -> 304 us, kivi2 252 -> 247 (each copy had waited on its own block-table load).
 template <int STEP> struct TileBlocks {
   int cur, nxt, win = 0;
   __device__ __forceinline__ TileBlocks(const DecodeParams& p, const WarpWork<STEP>& w, int n)
@@ -493,6 +494,7 @@ template <int STEP> struct TileBlocks {
   template <int C>
   __device__ __forceinline__ void get(const DecodeParams& p, const WarpWork<STEP>& w, int n, int i, int (&blk)[C]) {
     static_assert(32 % C == 0, "a call's tiles share a window");
+    cs_check((i >> 5) == win || (i >> 5) == win + 1);
     if ((i >> 5) != win) {  // warp-uniform: the next window (its entries arrived long ago)
       cur = nxt;
       nxt = load(p, w, n, ++win + 1);
