@@ -679,6 +679,12 @@ __device__ __forceinline__ bool visible_flat(const DecodeParams& p, int tok, int
   return (tok < seq_len) & ((p.has_window == 0) | (tok > seq_len - 1 - p.window) | (tok < p.sinks));
 }
 
+// The output accumulators O^T, zeroed before a split's first tile.
+template <int MT> __device__ __forceinline__ void zero_outputs(float (&o)[MT][4]) {
+#pragma unroll
+  for (int mi = 0; mi < MT; ++mi) o[mi][0] = o[mi][1] = o[mi][2] = o[mi][3] = 0.f;
+}
+
 // Online softmax over NT tiles for heads 2t, 2t+1 (columns), rows = this lane's tokens r0, r1 of each
 // tile: s[u][0..1] row r0, s[u][2..3] row r1. Returns p in s, alpha per head.
 struct Softmax {
@@ -1022,8 +1028,7 @@ __global__ void __launch_bounds__(128, 3) decode8_kernel(const DecodeParams p) {
   }
 
   float o[MT][4];
-#pragma unroll
-  for (int mi = 0; mi < MT; ++mi) o[mi][0] = o[mi][1] = o[mi][2] = o[mi][3] = 0.f;
+  zero_outputs(o);
   float psum[2] = {0.f, 0.f};  // int8: sum of the rounded P' per head 2t + j, this lane's rows
   Softmax sm;
 
@@ -1117,6 +1122,15 @@ __global__ void __launch_bounds__(128, 3) decode8_kernel(const DecodeParams p) {
 // Values: m-tile mi rows g / g+8 are the low / high nibble of byte 8 mi + g (group 8 mi / GP), one
 // word of tokens 4t..4t+3 per m-tile; the B operand of group gi is P'_gi = p s_v,gi. O rows are
 // x 2^-24, high rows x 16 2^-24.
+
+// A lane's place in int4's paired loops (decode4_pair_kernel, decode4_bulk_kernel): its tokens in a tile
+// (rows g and g + 8 are tokens r0 and r0 + 1), its own tile of a step (A 0, B 1), and whether its B-operand
+// column is one of tile A's.
+struct PairLane {
+  int r0, up;
+  bool col_a;
+  __device__ __forceinline__ PairLane(int g, int t) : r0(2 * g), up(t >> 1), col_a(g < 4) {}
+};
 
 template <int D, int GP> struct Int4Shape {
   static constexpr int NG = D / (2 * GP);  // groups per token
@@ -1324,8 +1338,7 @@ __global__ void __launch_bounds__(128, 3) decode4_kernel(const DecodeParams p) {
 
   Int4Ops<D, GP> ops(p, b, h, g, g, t);
   float o[MT][4];
-#pragma unroll
-  for (int mi = 0; mi < MT; ++mi) o[mi][0] = o[mi][1] = o[mi][2] = o[mi][3] = 0.f;
+  zero_outputs(o);
   GroupSums<NG> sums;
   Softmax sm;
 
@@ -1413,14 +1426,13 @@ __global__ void __launch_bounds__(128, 3) decode4_pair_kernel(const DecodeParams
   if (!w.valid) return;
   const int g = w.g, t = w.t, b = w.b, h = w.h, split = w.split, seq_len = w.seq_len;
   const auto& tiles = w.tiles;
-  const int r0 = 2 * g;     // this lane's tokens in a tile: rows g (r0) and g+8 (r0 + 1)
-  const int up = t >> 1;    // this lane's tile in a step: A (0) or B (1)
-  const bool col_a = g < 4;  // this lane's B-operand column is one of tile A's
+  const PairLane pl(g, t);
+  const int r0 = pl.r0, up = pl.up;
+  const bool col_a = pl.col_a;
 
   Int4Ops<D, GP> ops(p, b, h, g & 3, g, t);
   float o[MT][4];
-#pragma unroll
-  for (int mi = 0; mi < MT; ++mi) o[mi][0] = o[mi][1] = o[mi][2] = o[mi][3] = 0.f;
+  zero_outputs(o);
   GroupSums<NG> sums;
   Softmax sm;
 
@@ -1516,14 +1528,13 @@ __global__ void __launch_bounds__(128, 4) decode4_bulk_kernel(const DecodeParams
   if (!w.valid) return;
   const int g = w.g, t = w.t, b = w.b, h = w.h, split = w.split, seq_len = w.seq_len;
   const auto& tiles = w.tiles;
-  const int r0 = 2 * g;      // this lane's tokens in a tile: rows r0, r0 + 1 (as decode4_pair_kernel)
-  const int up = t >> 1;     // this lane's tile in a step: A (0) or B (1)
-  const bool col_a = g < 4;  // this lane's B-operand column is one of tile A's
+  const PairLane pl(g, t);
+  const int r0 = pl.r0, up = pl.up;
+  const bool col_a = pl.col_a;
 
   Int4Ops<D, GP> ops(p, b, h, g & 3, g, t);
   float o[MT][4];
-#pragma unroll
-  for (int mi = 0; mi < MT; ++mi) o[mi][0] = o[mi][1] = o[mi][2] = o[mi][3] = 0.f;
+  zero_outputs(o);
   GroupSums<NG> sums;
   Softmax sm;
 
@@ -1725,15 +1736,14 @@ template <int D, int GP> struct KeyScales {
         const uint32_t s1 = odd_halves(sc[s].w[2 * wi], sc[s].w[2 * wi + 1]);
         const uint32_t z0 = even_halves(zp[s].w[2 * wi], zp[s].w[2 * wi + 1]);
         const uint32_t z1 = odd_halves(zp[s].w[2 * wi], zp[s].w[2 * wi + 1]);
-        __half2 f0 = __hmul2(*reinterpret_cast<const __half2*>(&qh[wi][s][0]), *reinterpret_cast<const __half2*>(&s0));
-        __half2 f1 = __hmul2(*reinterpret_cast<const __half2*>(&qh[wi][s][1]), *reinterpret_cast<const __half2*>(&s1));
+        uint32_t f0 = hmul2_bits(qh[wi][s][0], s0), f1 = hmul2_bits(qh[wi][s][1], s1);
         if (s > 0) {  // slot s is read x 4^s (slot_mask): its queries / 4^s
-          const __half2 f = __float2half2_rn(1.f / slot_factor(s));
-          f0 = __hmul2(f0, f);
-          f1 = __hmul2(f1, f);
+          const uint32_t f = pack_half2(1.f / slot_factor(s), 1.f / slot_factor(s));
+          f0 = hmul2_bits(f0, f);
+          f1 = hmul2_bits(f1, f);
         }
-        qf[wi][s][0] = *reinterpret_cast<uint32_t*>(&f0);
-        qf[wi][s][1] = *reinterpret_cast<uint32_t*>(&f1);
+        qf[wi][s][0] = f0;
+        qf[wi][s][1] = f1;
         // Rows g + 8 of A are not read (c[2], c[3]): left undefined rather than filled by copies.
         cs_mma16816(c, z0, cs_undefined(), z1, cs_undefined(), qh[wi][s][0], qh[wi][s][1]);  // sum q kz
       }
@@ -1865,8 +1875,7 @@ __global__ void __launch_bounds__(128, Kivi2Shape<D, GP>::MIN_BLOCKS) decode2_ke
   }
 
   float o[MT][4];
-#pragma unroll
-  for (int mi = 0; mi < MT; ++mi) o[mi][0] = o[mi][1] = o[mi][2] = o[mi][3] = 0.f;
+  zero_outputs(o);
   GroupSums<NG> sums;
   Softmax sm;
   float alpha[2];
@@ -2097,8 +2106,7 @@ __global__ void __launch_bounds__(128, 4) decode2_bulk_kernel(const DecodeParams
   }
 
   float o[MT][4];
-#pragma unroll
-  for (int mi = 0; mi < MT; ++mi) o[mi][0] = o[mi][1] = o[mi][2] = o[mi][3] = 0.f;
+  zero_outputs(o);
   GroupSums<NG> sums;
   Softmax sm;
 
