@@ -2042,6 +2042,11 @@ __global__ void __launch_bounds__(128, Kivi2Shape<D, GP>::MIN_BLOCKS) decode2_ke
 // used: no per-lane addresses, nothing in flight holding registers or L1, no cp.async of the channel
 // scales two steps ahead (decode2_kernel's KeyScales), and 4 blocks (16 warps) per SM. H200, batch 32 /
 // 32k (docs/benchmarks.md, seventeenth session): 332 -> 248 us; main loop 707 -> 523 instructions per step.
+// A loop iteration takes CS_KIVI2_PER steps (one stage of the ring, one copy each): their scores, one
+// softmax step over all of them, then their values, so the steps' independent products interleave and
+// the softmax's reductions, votes and branches are paid once per iteration. Two steps need 168 registers
+// (3 blocks, 12 warps per SM; 16 warps would not fit their ring in shared memory). H200, batch 32 / 32k
+// (nineteenth session): 243 -> 231 us; main loop 522 instructions per 32 tokens -> 896 per 64.
 // Tokens: tile u of a step holds tokens 8 t' + 4 u + 0..3 (t' = 0..3), so that a lane's value words of
 // both tiles (byte 8 mb + g of tokens 8t .. 8t + 7) are one 8-byte read: row g of tile u is token
 // 8 (g >> 1) + 4 u + 2 (g & 1), row g + 8 the token after it (the value product's k order, as decode2_kernel's
@@ -2049,16 +2054,22 @@ __global__ void __launch_bounds__(128, Kivi2Shape<D, GP>::MIN_BLOCKS) decode2_ke
 // The fold reads the block's channel scales in dim order: the queries wait in shared memory in dim order,
 // unscaled (for the block's constant sum_d q_d kz_d, products with the zero points as A rows alike) and
 // divided by 4^s (for B = q ks / 4^s: multiplied in dim order, then paired (d, d + 2), (d + 1, d + 3)).
+#ifndef CS_KIVI2_PER
+#define CS_KIVI2_PER 2
+#endif
+static_assert(CS_KIVI2_PER == 1 || CS_KIVI2_PER == 2, "CS_KIVI2_PER: 1 or 2 steps per iteration");
 template <int D, int GP> struct Bulk2 {
   using S = Kivi2Shape<D, GP>;
   static constexpr int NG = S::NG, BS = 32, STAGES = CS_BULK_STAGES;
+  static constexpr int PER = CS_KIVI2_PER;  // steps (chunks) per loop iteration, one stage of the ring
   // the chunk's parts (bytes from its start), in ref.CHUNK_PARTS order
   static constexpr int VO = BS * D / 4, KSO = 2 * VO, KZO = KSO + 2 * D, VSO = KZO + 2 * D, VZO = VSO + 2 * BS * NG,
                        CH = VZO + 2 * BS * NG;
   static_assert(CH % 16 == 0, "bulk copies move multiples of 16 bytes");
   static constexpr int QW = 8 * S::KW;              // bytes of one slot's query words (dims dim(t CH, s) ..)
-  static constexpr int RING = STAGES * CH, QO = RING, QB = 2 * 4 * QW * 32;  // ring, then the queries
+  static constexpr int RING = STAGES * PER * CH, QO = RING, QB = 2 * 4 * QW * 32;  // ring, then the queries
   static constexpr int SMEM_PER_WARP = (QO + QB + 8 * STAGES + 127) / 128 * 128;  // then the barriers
+  static constexpr int MIN_BLOCKS = PER == 1 ? 4 : 3;
   // The unscaled query words of a slot wait in shared memory with words 1 and 2 of each four swapped,
   // so that one 16-byte read gives the B operands (q0, q2) and (q1, q3) of the block constant's products
   // (decode2_bulk_kernel). QPERM(i): where word i is kept (its own inverse).
@@ -2067,10 +2078,10 @@ template <int D, int GP> struct Bulk2 {
 };
 
 template <int D, int GP>
-__global__ void __launch_bounds__(128, 4) decode2_bulk_kernel(const DecodeParams p) {
+__global__ void __launch_bounds__(128, Bulk2<D, GP>::MIN_BLOCKS) decode2_bulk_kernel(const DecodeParams p) {
   using S = Kivi2Shape<D, GP>;
   using B = Bulk2<D, GP>;
-  constexpr int NG = S::NG, CH = S::CH, KW = S::KW, MB = S::MB, MT = S::MT, SS = B::STAGES;
+  constexpr int NG = S::NG, CH = S::CH, KW = S::KW, MB = S::MB, MT = S::MT, SS = B::STAGES, PER = B::PER;
   CS_DYNAMIC_SMEM(smem);
   const WarpWork<32> w(p);
   uint8_t* ring = smem + (threadIdx.x >> 5) * B::SMEM_PER_WARP;
@@ -2110,6 +2121,7 @@ __global__ void __launch_bounds__(128, 4) decode2_bulk_kernel(const DecodeParams
   GroupSums<NG> sums;
   Softmax sm;
 
+  const int iters = (nq + PER - 1) / PER;
   const uint8_t* head = p.k + int64_t(h) * p.k_sh;  // chunk (block 0, head h)
   if (cs_bulk_leader()) {
 #pragma unroll
@@ -2117,22 +2129,25 @@ __global__ void __launch_bounds__(128, 4) decode2_bulk_kernel(const DecodeParams
     cs_bulk_init_fence();
   }
   __syncwarp();
+  // steps past nq: block 0's chunk, copied and never used (their rows are masked)
   TileBlocks<32> blocks(p, w, nq);
-  auto issue = [&](int k) {  // step k's chunk (its block's) into stage k % SS (every lane: the block's shuffle)
-    int blk[1];
-    blocks.get(p, w, nq, k, blk);
+  auto issue = [&](int k) {  // iteration k's PER chunks into stage k % SS (every lane: the blocks' shuffles)
+    int blk[PER];
+    blocks.get(p, w, nq, PER * k, blk);
     if (!cs_bulk_leader()) return;
-    cs_bulk_expect(bars + k % SS, B::CH);
-    cs_bulk_copy(ring + (k % SS) * B::CH, head + int64_t(blk[0]) * p.k_sb, B::CH, bars + k % SS);
+    uint8_t* st = ring + (k % SS) * PER * B::CH;
+    cs_bulk_expect(bars + k % SS, PER * B::CH);
+#pragma unroll
+    for (int x = 0; x < PER; ++x) cs_bulk_copy(st + x * B::CH, head + int64_t(blk[x]) * p.k_sb, B::CH, bars + k % SS);
   };
-  for (int k = 0; k < min(SS, nq); ++k) issue(k);
+  for (int k = 0; k < min(SS, iters); ++k) issue(k);
   const int row0 = 8 * (g >> 1) + 2 * (g & 1);  // this lane's rows g / g + 8 of tile u: tokens row0 + 4u (+ 1)
   const int own = row0 + 4 * up;                 // ... of its own tile
-  for (int k = 0; k < nq; ++k) {
-    cs_bulk_wait(bars + k % SS, (k / SS) & 1);
-    const uint8_t* st = ring + (k % SS) * B::CH;
-    // The block's key operand qf = q ks / 4^s (k-step (wi, s): pairs (d, d + 2), (d + 1, d + 3)) and
-    // constant per column 2t + j, cb[j] = sum_d q_d kz_d.
+
+  // A chunk's scores of this lane's tile (x log2 e): the block's key operand qf = q ks / 4^s (k-step
+  // (wi, s): pairs (d, d + 2), (d + 1, d + 3)) and constant per column 2t + j, cb[j] = sum_d q_d kz_d,
+  // then the key products of both tiles.
+  auto scores = [&](const uint8_t* st, float (&so)[4]) {
     uint32_t qf[KW][4][2];
     // The block constant: rows g of cb and rows g + 8 of cb8 (the other rows are not read).
     float cb[4] = {-0.f, -0.f, -0.f, -0.f}, cb8[4] = {-0.f, -0.f, -0.f, -0.f};
@@ -2186,13 +2201,12 @@ __global__ void __launch_bounds__(128, 4) decode2_bulk_kernel(const DecodeParams
         }
       }
     }
-    float so[4];  // this lane's tile's scores
 #pragma unroll
     for (int e = 0; e < 4; ++e) so[e] = fmaf(up ? s2[1][e] : s2[0][e], 1.f / SUBNORMAL, cb[e & 1]);
-    const int start = tiles.start(k);
-    const bool ok0 = visible_flat(p, start + own, seq_len), ok1 = visible_flat(p, start + own + 1, seq_len);
-    float alpha[2];
-    if (sm.tile(so, ok0, ok1, o, alpha)) sums.rescale(alpha);
+  };
+
+  // A chunk's values times the probabilities so of this lane's tile (rows masked by ok0 / ok1).
+  auto values = [&](const uint8_t* st, const float (&so)[4], bool ok0, bool ok1) {
     Halves<2 * NG> vs, vz;  // this lane's tile's rows' value scales and zero points (tokens own, own + 1)
     read_words<4 * NG>(st + B::VSO + 2 * NG * own, vs.x.w);
     read_words<4 * NG>(st + B::VZO + 2 * NG * own, vz.x.w);
@@ -2218,8 +2232,26 @@ __global__ void __launch_bounds__(128, 4) decode2_bulk_kernel(const DecodeParams
         }
       }
     }
+  };
+
+  for (int k = 0; k < iters; ++k) {
+    cs_bulk_wait(bars + k % SS, (k / SS) & 1);
+    const uint8_t* st = ring + (k % SS) * PER * B::CH;
+    float so[PER][4];  // this lane's tile's scores, per step
+    bool ok[PER][2];
+#pragma unroll
+    for (int x = 0; x < PER; ++x) {
+      scores(st + x * B::CH, so[x]);
+      const int i = PER * k + x, start = tiles.start(i);
+      ok[x][0] = (PER == 1 || i < nq) & visible_flat(p, start + own, seq_len);
+      ok[x][1] = (PER == 1 || i < nq) & visible_flat(p, start + own + 1, seq_len);
+    }
+    float alpha[2];
+    if (sm.tiles(so, ok, o, alpha)) sums.rescale(alpha);
+#pragma unroll
+    for (int x = 0; x < PER; ++x) values(st + x * B::CH, so[x], ok[x][0], ok[x][1]);
     __syncwarp();  // every lane is done with the stage before it is refilled
-    if (k + SS < nq) issue(k + SS);
+    if (k + SS < iters) issue(k + SS);
   }
   merge_pair_columns(sm, o, sums);
 
