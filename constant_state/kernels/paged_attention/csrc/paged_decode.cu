@@ -2205,19 +2205,38 @@ __global__ void __launch_bounds__(128, Bulk2<D, GP>::MIN_BLOCKS) decode2_bulk_ke
     for (int e = 0; e < 4; ++e) so[e] = fmaf(up ? s2[1][e] : s2[0][e], 1.f / SUBNORMAL, cb[e & 1]);
   };
 
-  // A chunk's values times the probabilities so of this lane's tile (rows masked by ok0 / ok1).
-  auto values = [&](const uint8_t* st, const float (&so)[4], bool ok0, bool ok1) {
-    Halves<2 * NG> vs, vz;  // this lane's tile's rows' value scales and zero points (tokens own, own + 1)
-    read_words<4 * NG>(st + B::VSO + 2 * NG * own, vs.x.w);
-    read_words<4 * NG>(st + B::VZO + 2 * NG * own, vz.x.w);
-    uint32_t v[MB][2];  // byte 8 mb + g of tokens 8t .. 8t + 3 (tile 0) and 8t + 4 .. 8t + 7 (tile 1)
+  // A chunk's value operands: this lane's tile's rows' value scales and zero points (tokens own, own + 1),
+  // and byte 8 mb + g of tokens 8t .. 8t + 3 (tile 0) and 8t + 4 .. 8t + 7 (tile 1).
+  struct ValueOps {
+    Halves<2 * NG> vs, vz;
+    uint32_t v[MB][2];
+  };
+  auto value_ops = [&](const uint8_t* st, ValueOps& x) {
+    read_words<4 * NG>(st + B::VSO + 2 * NG * own, x.vs.x.w);
+    read_words<4 * NG>(st + B::VZO + 2 * NG * own, x.vz.x.w);
 #pragma unroll
-    for (int mb = 0; mb < MB; ++mb) read_words<8>(st + B::VO + (8 * mb + g) * B::BS + 8 * t, v[mb]);
+    for (int mb = 0; mb < MB; ++mb) read_words<8>(st + B::VO + (8 * mb + g) * B::BS + 8 * t, x.v[mb]);
+  };
+  // A chunk's values times the probabilities so of this lane's tile (rows masked by ok0 / ok1).
+  auto values = [&](const ValueOps& x, const float (&so)[4], bool ok0, bool ok1) {
+    const auto& vs = x.vs;
+    const auto& vz = x.vz;
+    const auto& v = x.v;
+    // P' = p vs in fp16 arithmetic: p rounded to fp16 once per chunk, each group's scale pair broadcast
+    const uint32_t p01 = pack_half2(so[0], so[1]), p23 = pack_half2(so[2], so[3]);
+    const uint32_t m0 = ok0 ? ~0u : 0u, m1 = ok1 ? ~0u : 0u;  // masked rows: scale 0
 #pragma unroll
     for (int gi = 0; gi < NG; ++gi) {
       uint32_t pb0, pb1;
-      sums.operand(gi, so, ok0 ? vs[gi] : 0.f, ok1 ? vs[NG + gi] : 0.f, ok0 ? vz[gi] : 0.f, ok1 ? vz[NG + gi] : 0.f,
-                   pb0, pb1);
+      {
+        const uint32_t r0 = __byte_perm(vs.x.w[gi >> 1] & m0, 0, (gi & 1) ? 0x3232 : 0x1010);
+        const uint32_t r1 = __byte_perm(vs.x.w[(NG + gi) >> 1] & m1, 0, ((NG + gi) & 1) ? 0x3232 : 0x1010);
+        const float z0 = ok0 ? vz[gi] : 0.f, z1 = ok1 ? vz[NG + gi] : 0.f;
+        sums.zacc[gi][0] = fmaf(so[2], z1, fmaf(so[0], z0, sums.zacc[gi][0]));
+        sums.zacc[gi][1] = fmaf(so[3], z1, fmaf(so[1], z0, sums.zacc[gi][1]));
+        pb0 = cs_transpose8x8(hmul2_bits(p01, r0));
+        pb1 = cs_transpose8x8(hmul2_bits(p23, r1));
+      }
 #pragma unroll
       for (int u = 0; u < 2; ++u) {  // tile u's values times the columns of its probabilities
         const uint32_t b0 = (u == 0) == col_a ? pb0 : 0u, b1 = (u == 0) == col_a ? pb1 : 0u;
@@ -2246,10 +2265,13 @@ __global__ void __launch_bounds__(128, Bulk2<D, GP>::MIN_BLOCKS) decode2_bulk_ke
       ok[x][0] = (PER == 1 || i < nq) & visible_flat(p, start + own, seq_len);
       ok[x][1] = (PER == 1 || i < nq) & visible_flat(p, start + own + 1, seq_len);
     }
+    ValueOps vx[PER];  // read before the softmax step: their latency overlaps it
+#pragma unroll
+    for (int x = 0; x < PER; ++x) value_ops(st + x * B::CH, vx[x]);
     float alpha[2];
     if (sm.tiles(so, ok, o, alpha)) sums.rescale(alpha);
 #pragma unroll
-    for (int x = 0; x < PER; ++x) values(st + x * B::CH, so[x], ok[x][0], ok[x][1]);
+    for (int x = 0; x < PER; ++x) values(vx[x], so[x], ok[x][0], ok[x][1]);
     __syncwarp();  // every lane is done with the stage before it is refilled
     if (k + SS < iters) issue(k + SS);
   }
