@@ -2046,7 +2046,8 @@ __global__ void __launch_bounds__(128, Kivi2Shape<D, GP>::MIN_BLOCKS) decode2_ke
 // softmax step over all of them, then their values, so the steps' independent products interleave and
 // the softmax's reductions, votes and branches are paid once per iteration. Two steps need 168 registers
 // (3 blocks, 12 warps per SM; 16 warps would not fit their ring in shared memory). H200, batch 32 / 32k
-// (nineteenth session): 243 -> 231 us; main loop 522 instructions per 32 tokens -> 896 per 64.
+// (nineteenth session): 243 -> 231 us; main loop 522 instructions per 32 tokens -> 896 per 64 (887, and
+// 230 to 232 us, with the value operands read before the softmax step and P' formed in fp16).
 // Tokens: tile u of a step holds tokens 8 t' + 4 u + 0..3 (t' = 0..3), so that a lane's value words of
 // both tiles (byte 8 mb + g of tokens 8t .. 8t + 7) are one 8-byte read: row g of tile u is token
 // 8 (g >> 1) + 4 u + 2 (g & 1), row g + 8 the token after it (the value product's k order, as decode2_kernel's
