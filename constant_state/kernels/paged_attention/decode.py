@@ -35,6 +35,8 @@ def _pack_order(offs_d, P: tl.constexpr, GROUP: tl.constexpr):
     """Head-dim index of unpacked position ``offs_d`` (mirrors ``ref.pack_order``)."""
     i = offs_d // P
     j = offs_d % P
+    if P == 4:  # bytes 1 and 2 of each 4-byte word swapped (ref.swap_bytes12)
+        i = (i & ~3) | ((i & 1) << 1) | ((i >> 1) & 1)
     gp = GROUP // P
     return (i // gp) * GROUP + j * gp + i % gp
 

@@ -176,11 +176,21 @@ def is_token_contiguous(codes: torch.Tensor) -> bool:
 
 
 def pack_order(d: int, g: int, p: int) -> torch.Tensor:
-    """Head-dim index held by unpacked position ``i * p + j`` (byte i, value j)."""
+    """Head-dim index held by unpacked position ``i * p + j`` (byte i, value j). With four values per
+    byte (kivi2) bytes 1 and 2 of every 4-byte word trade places (``swap_bytes12``), so that bytes 0
+    and 2 of a word hold consecutive dims: the CUDA kernel's fp16 pairs of a word's codes (bytes 0, 2
+    and 1, 3) then meet the queries' pairs in dim order (paged_decode.cu, Kivi2Shape::dim)."""
     flat = torch.arange(d)
     i, j = flat // p, flat % p
+    if p == 4:
+        i = swap_bytes12(i)
     gp = g // p
     return (i // gp) * g + j * gp + i % gp
+
+
+def swap_bytes12(i: torch.Tensor) -> torch.Tensor:
+    """Byte index ``i`` with bytes 1 and 2 of each 4-byte word swapped (its own inverse)."""
+    return (i & ~3) | ((i & 1) << 1) | ((i >> 1) & 1)
 
 
 def _div(x: torch.Tensor, c: float) -> torch.Tensor:

@@ -1611,8 +1611,11 @@ __global__ void __launch_bounds__(128, 4) decode4_bulk_kernel(const DecodeParams
 }
 
 // ------------------------------------------------------------------------------------------------
-// kivi2: 2-bit codes c in [0, 3]; byte i of a token's head vector holds dims dim(i, s) = (i / GP) G +
-// s GP + i % GP in slots s = 0..3 (bits 2s, 2s + 1), GP = G / 4 (ref.pack_order). Keys per channel over
+// kivi2: 2-bit codes c in [0, 3]; byte i of a token's head vector holds dims dim(i, s) = (i' / GP) G +
+// s GP + i' % GP in slots s = 0..3 (bits 2s, 2s + 1), GP = G / 4, i' = i with bytes 1 and 2 of each
+// 4-byte word swapped (ref.pack_order, ref.swap_bytes12): bytes 0, 1, 2, 3 of a word hold dims d, d + 2,
+// d + 1, d + 3 of a slot, so the fp16 pairs of a word's codes (bytes 0 and 2, bytes 1 and 3) are dims
+// (d, d + 1) and (d + 2, d + 3), the queries' and scales' pairs in dim order. Keys per channel over
 // each block: K = c ks + kz, ks / kz [N, Hkv, D]; values per token and group of G dims: V = c vs + vz.
 // A row's newest tokens [F, n), F = n - n % R, are fp16 in its residual window res_k / res_v [B, R, Hkv, D].
 // Slots decode in place as fp16 subnormals (subnormal_codes): w & slot_mask(s) is 4^s c 2^-24 for slot
@@ -1623,7 +1626,7 @@ __global__ void __launch_bounds__(128, 4) decode4_bulk_kernel(const DecodeParams
 // A warp step is 32 tokens: two 16-token tiles u, inside one block (blocks of a multiple of 32 tokens),
 // rows as for int4 (row r < 8 is token 2 r of the tile, row r + 8 token 2 r + 1).
 // Keys: thread (g, t) loads bytes [t D/16, (t+1) D/16) of its tokens; k-step (wi, s) is slot s of word
-// wi, whose dims are d .. d + 3, d = dim(t D/16 + 4 wi, s): A pairs (d, d + 2) and (d + 1, d + 3). The
+// wi, whose dims are d .. d + 3, d = dim(t D/16 + 4 wi, s): A pairs (d, d + 1) and (d + 2, d + 3). The
 // block's channel scales fold into the queries, B = q ks / 4^s, recomputed per block from the queries
 // and the scales in shared memory (KeyScales); the block's constant C = sum_d q_d kz_d per head comes
 // from products whose A operand is the zero points (rows alike) and starts the tiles' score
@@ -1647,12 +1650,12 @@ template <int D, int GP> struct Kivi2Shape {
   // 168 registers (3 blocks), so it takes 2 blocks and up to 255 registers.
   static constexpr int MIN_BLOCKS = D == 128 && GP == 8 ? 2 : 3;
   static constexpr bool PINGPONG = D == 64 || GP == 8;  // tile_loop (spills at 168 registers otherwise)
-  static __device__ __forceinline__ int dim(int i, int s) { return (i / GP) * 4 * GP + s * GP + i % GP; }
+  static __device__ __forceinline__ int dim(int i, int s) {
+    const int j = (i & ~3) | ((i & 1) << 1) | ((i >> 1) & 1);  // bytes 1 and 2 of the word swapped
+    return (j / GP) * 4 * GP + s * GP + j % GP;
+  }
 };
 
-// (low halves of x, y) and (high halves): the pairs (d, d + 2) and (d + 1, d + 3) of halves d .. d + 3.
-__device__ __forceinline__ uint32_t even_halves(uint32_t x, uint32_t y) { return __byte_perm(x, y, 0x5410); }
-__device__ __forceinline__ uint32_t odd_halves(uint32_t x, uint32_t y) { return __byte_perm(x, y, 0x7632); }
 
 template <int D, int GP, int BS> struct Step2 {  // one 32-token step of codes and value scales; BS as Tile4
   using S = Kivi2Shape<D, GP>;
@@ -1732,10 +1735,8 @@ template <int D, int GP> struct KeyScales {
     for (int wi = 0; wi < S::KW; ++wi) {
 #pragma unroll
       for (int s = 0; s < 4; ++s) {
-        const uint32_t s0 = even_halves(sc[s].w[2 * wi], sc[s].w[2 * wi + 1]);
-        const uint32_t s1 = odd_halves(sc[s].w[2 * wi], sc[s].w[2 * wi + 1]);
-        const uint32_t z0 = even_halves(zp[s].w[2 * wi], zp[s].w[2 * wi + 1]);
-        const uint32_t z1 = odd_halves(zp[s].w[2 * wi], zp[s].w[2 * wi + 1]);
+        const uint32_t s0 = sc[s].w[2 * wi], s1 = sc[s].w[2 * wi + 1];  // dims (d, d + 1), (d + 2, d + 3)
+        const uint32_t z0 = zp[s].w[2 * wi], z1 = zp[s].w[2 * wi + 1];
         uint32_t f0 = hmul2_bits(qh[wi][s][0], s0), f1 = hmul2_bits(qh[wi][s][1], s1);
         if (s > 0) {  // slot s is read x 4^s (slot_mask): its queries / 4^s
           const uint32_t f = pack_half2(1.f / slot_factor(s), 1.f / slot_factor(s));
@@ -1756,8 +1757,8 @@ template <int D, int GP> struct KeyScales {
 __device__ __forceinline__ uint32_t pack_bits(uint16_t lo, uint16_t hi) { return uint32_t(lo) | (uint32_t(hi) << 16); }
 
 // kivi2's residual steps [nq, n) of the warp's split (decode2_kernel, decode2_bulk_kernel): the fp16 keys
-// and values of row b's window (tokens from f_res on), with the queries' B operand qh (pairs (d, d + 2),
-// (d + 1, d + 3) of k-step (wi, s), unscaled), into the running softmax, O^T and the value sums. Rows as
+// and values of row b's window (tokens from f_res on), with the queries' B operand qh (pairs (d, d + 1),
+// (d + 2, d + 3) of k-step (wi, s), unscaled), into the running softmax, O^T and the value sums. Rows as
 // decode2_kernel's steps (row r < 8: token 2 r of a tile, row r + 8: token 2 r + 1); the value rows are
 // added x 4^slot 2^-24, the unit of the quantized steps' value products.
 template <int D, int GP>
@@ -1787,8 +1788,7 @@ __device__ __forceinline__ void kivi2_residual(const DecodeParams& p, const Warp
           const int d = S::dim(t * CH + 4 * wi, sl);
           const uint2 a = __ldg(reinterpret_cast<const uint2*>(k0 + d));
           const uint2 c = __ldg(reinterpret_cast<const uint2*>(k0 + res_tok + d));
-          cs_mma16816(s[u], even_halves(a.x, a.y), even_halves(c.x, c.y), odd_halves(a.x, a.y), odd_halves(c.x, c.y),
-                      qh[wi][sl][0], qh[wi][sl][1]);
+          cs_mma16816(s[u], a.x, c.x, a.y, c.y, qh[wi][sl][0], qh[wi][sl][1]);
         }
       }
     }
@@ -1857,7 +1857,7 @@ __global__ void __launch_bounds__(128, Kivi2Shape<D, GP>::MIN_BLOCKS) decode2_ke
   const int f_res = seq_len - seq_len % p.r;  // tokens from here on are in the residual window
   const int nq = tiles.below(f_res);         // quantized steps first, then residual ones
 
-  // Queries (B operand, x scale log2 e): k-step (wi, s) pairs dims (d, d + 2) [reg0] and (d + 1, d + 3).
+  // Queries (B operand, x scale log2 e): k-step (wi, s) pairs dims (d, d + 1) [reg0] and (d + 2, d + 3).
   uint32_t qh[KW][4][2];
   const int up = t >> 1;     // PAIRED: this lane's tile of a step (its scores' columns)
   const bool col_a = g < 4;  // PAIRED: this lane's B-operand column holds tile 0's probabilities
@@ -1868,8 +1868,8 @@ __global__ void __launch_bounds__(128, Kivi2Shape<D, GP>::MIN_BLOCKS) decode2_ke
 #pragma unroll
       for (int s = 0; s < 4; ++s) {
         const int d = S::dim(t * CH + 4 * wi, s);
-        qh[wi][s][0] = pack_half2(qv(d), qv(d + 2));
-        qh[wi][s][1] = pack_half2(qv(d + 1), qv(d + 3));
+        qh[wi][s][0] = pack_half2(qv(d), qv(d + 1));
+        qh[wi][s][1] = pack_half2(qv(d + 2), qv(d + 3));
       }
     }
   }
@@ -2054,7 +2054,8 @@ __global__ void __launch_bounds__(128, Kivi2Shape<D, GP>::MIN_BLOCKS) decode2_ke
 // k = 2t + j <-> the word's byte 2j).
 // The fold reads the block's channel scales in dim order: the queries wait in shared memory in dim order,
 // unscaled (for the block's constant sum_d q_d kz_d, products with the zero points as A rows alike) and
-// divided by 4^s (for B = q ks / 4^s: multiplied in dim order, then paired (d, d + 2), (d + 1, d + 3)).
+// divided by 4^s (for B = q ks / 4^s: multiplied in dim order, whose pairs (d, d + 1), (d + 2, d + 3) are
+// the A operand's, Kivi2Shape::dim).
 #ifndef CS_KIVI2_PER
 #define CS_KIVI2_PER 2
 #endif
@@ -2146,7 +2147,7 @@ __global__ void __launch_bounds__(128, Bulk2<D, GP>::MIN_BLOCKS) decode2_bulk_ke
   const int own = row0 + 4 * up;                 // ... of its own tile
 
   // A chunk's scores of this lane's tile (x log2 e): the block's key operand qf = q ks / 4^s (k-step
-  // (wi, s): pairs (d, d + 2), (d + 1, d + 3)) and constant per column 2t + j, cb[j] = sum_d q_d kz_d,
+  // (wi, s): pairs (d, d + 1), (d + 2, d + 3)) and constant per column 2t + j, cb[j] = sum_d q_d kz_d,
   // then the key products of both tiles.
   auto scores = [&](const uint8_t* st, float (&so)[4]) {
     uint32_t qf[KW][4][2];
@@ -2162,9 +2163,8 @@ __global__ void __launch_bounds__(128, Bulk2<D, GP>::MIN_BLOCKS) decode2_bulk_ke
       read_words<B::QW>(st + B::KZO + 2 * d0, zp);
 #pragma unroll
       for (int wi = 0; wi < KW; ++wi) {
-        const uint32_t p01 = hmul2_bits(q4[2 * wi], sc[2 * wi]), p23 = hmul2_bits(q4[2 * wi + 1], sc[2 * wi + 1]);
-        qf[wi][s][0] = even_halves(p01, p23);
-        qf[wi][s][1] = odd_halves(p01, p23);
+        qf[wi][s][0] = hmul2_bits(q4[2 * wi], sc[2 * wi]);  // dims (d, d + 1)
+        qf[wi][s][1] = hmul2_bits(q4[2 * wi + 1], sc[2 * wi + 1]);  // (d + 2, d + 3)
       }
       if constexpr (B::QSWAP) {
         // The zero points' words z0..z3 are A as read: rows g take z0, z2 (B = q0, q2 into cb), rows g + 8
@@ -2286,9 +2286,8 @@ __global__ void __launch_bounds__(128, Bulk2<D, GP>::MIN_BLOCKS) decode2_bulk_ke
     read_words<B::QW>(qslot(s), q);
 #pragma unroll
     for (int wi = 0; wi < KW; ++wi) {
-      const uint32_t a = q[B::QPERM(2 * wi)], c = q[B::QPERM(2 * wi + 1)];
-      qh[wi][s][0] = even_halves(a, c);
-      qh[wi][s][1] = odd_halves(a, c);
+      qh[wi][s][0] = q[B::QPERM(2 * wi)];
+      qh[wi][s][1] = q[B::QPERM(2 * wi + 1)];
     }
   }
   kivi2_residual<D, GP>(p, w, nq, f_res, qh, sm, o, sums);
