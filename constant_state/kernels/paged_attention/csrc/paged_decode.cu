@@ -828,10 +828,22 @@ template <int NG> struct GroupSums {
   __device__ __forceinline__ void operand(int gi, const float (&s)[4], float v0s, float v1s, float v0z, float v1z,
                                           uint32_t& pb0, uint32_t& pb1) {
     const uint32_t top = pack_half2(s[0] * v0s, s[1] * v0s), bot = pack_half2(s[2] * v1s, s[3] * v1s);
-    zacc[gi][0] = fmaf(s[2], v1z, fmaf(s[0], v0z, zacc[gi][0]));  // two FFMA (a product and two adds: 3)
-    zacc[gi][1] = fmaf(s[3], v1z, fmaf(s[1], v0z, zacc[gi][1]));
+    add_zeros(gi, s, v0z, v1z);
     pb0 = cs_transpose8x8(top);
     pb1 = cs_transpose8x8(bot);
+  }
+  // The same with P' formed in fp16 (kivi2's bulk loop): p01 / p23 = s[0..1] / s[2..3] as fp16 pairs, s0w /
+  // s1w the value scales of rows r0 / r1 broadcast to both halves (0 for masked rows).
+  __device__ __forceinline__ void operand_h(int gi, const float (&s)[4], uint32_t p01, uint32_t p23, uint32_t s0w,
+                                            uint32_t s1w, float v0z, float v1z, uint32_t& pb0, uint32_t& pb1) {
+    add_zeros(gi, s, v0z, v1z);
+    pb0 = cs_transpose8x8(hmul2_bits(p01, s0w));
+    pb1 = cs_transpose8x8(hmul2_bits(p23, s1w));
+  }
+  // Group gi's zero points (rows r0 / r1) times p, added to the sums.
+  __device__ __forceinline__ void add_zeros(int gi, const float (&s)[4], float v0z, float v1z) {
+    zacc[gi][0] = fmaf(s[2], v1z, fmaf(s[0], v0z, zacc[gi][0]));  // two FFMA (a product and two adds: 3)
+    zacc[gi][1] = fmaf(s[3], v1z, fmaf(s[1], v0z, zacc[gi][1]));
   }
 };
 
@@ -2229,15 +2241,9 @@ __global__ void __launch_bounds__(128, Bulk2<D, GP>::MIN_BLOCKS) decode2_bulk_ke
 #pragma unroll
     for (int gi = 0; gi < NG; ++gi) {
       uint32_t pb0, pb1;
-      {
-        const uint32_t r0 = __byte_perm(vs.x.w[gi >> 1] & m0, 0, (gi & 1) ? 0x3232 : 0x1010);
-        const uint32_t r1 = __byte_perm(vs.x.w[(NG + gi) >> 1] & m1, 0, ((NG + gi) & 1) ? 0x3232 : 0x1010);
-        const float z0 = ok0 ? vz[gi] : 0.f, z1 = ok1 ? vz[NG + gi] : 0.f;
-        sums.zacc[gi][0] = fmaf(so[2], z1, fmaf(so[0], z0, sums.zacc[gi][0]));
-        sums.zacc[gi][1] = fmaf(so[3], z1, fmaf(so[1], z0, sums.zacc[gi][1]));
-        pb0 = cs_transpose8x8(hmul2_bits(p01, r0));
-        pb1 = cs_transpose8x8(hmul2_bits(p23, r1));
-      }
+      sums.operand_h(gi, so, p01, p23, __byte_perm(vs.x.w[gi >> 1] & m0, 0, (gi & 1) ? 0x3232 : 0x1010),
+                     __byte_perm(vs.x.w[(NG + gi) >> 1] & m1, 0, ((NG + gi) & 1) ? 0x3232 : 0x1010),
+                     ok0 ? vz[gi] : 0.f, ok1 ? vz[NG + gi] : 0.f, pb0, pb1);
 #pragma unroll
       for (int u = 0; u < 2; ++u) {  // tile u's values times the columns of its probabilities
         const uint32_t b0 = (u == 0) == col_a ? pb0 : 0u, b1 = (u == 0) == col_a ? pb1 : 0u;
