@@ -133,9 +133,8 @@ def cuda_main(kind: str, staged: bool, top: int, paired: bool = False, bulk: boo
     if bulk and kind not in CUDA_BULK:
         raise SystemExit(f"--bulk: {kind} has no loop fed by bulk copies (bulk: {', '.join(CUDA_BULK)})")
     name, step_tokens, step_mma = CUDA_BULK[kind] if bulk else CUDA_PAIRED[kind] if paired else CUDA_KERNELS[kind]
-    if bulk:  # template parameters D, GP only
-        pass
-    elif kind != "kivi2" and not paired:  # kivi2 and the paired loops have no staged variant
+    # the bulk loops' template parameters are D and GP only
+    if kind != "kivi2" and not paired and not bulk:  # kivi2 and the paired loops have no staged variant
         name += "Lb1E" if staged else "Lb0E"
     if kind in ("int4", "int4-g32", "kivi2") and not bulk:  # packed formats: the block size is a template parameter
         name += f"Li{FORMATS[kind][3]}E"

@@ -1648,6 +1648,10 @@ __global__ void __launch_bounds__(128, 4) decode4_bulk_kernel(const DecodeParams
 // P'_gi = p vs_gi as for int4. Residual steps load fp16 keys and values into the same fragments (their
 // value rows added x 4^slot 2^-24 to match).
 
+// Index i with items 1 and 2 of each four swapped (its own inverse): kivi2's bytes in a code word
+// (Kivi2Shape::dim, ref.swap_bytes12) and the query words its bulk loop keeps (Bulk2::QPERM).
+__device__ __forceinline__ constexpr int swap12(int i) { return (i & ~3) | ((i & 1) << 1) | ((i >> 1) & 1); }
+
 // kivi2 slot s of bytes 0 and 2 of a word, read in place (no shift): mask, and factor 4^s.
 __device__ __forceinline__ constexpr uint32_t slot_mask(int s) { return 0x00030003u << (2 * s); }
 __device__ __forceinline__ constexpr float slot_factor(int s) { return float(1 << (2 * s)); }
@@ -1663,7 +1667,7 @@ template <int D, int GP> struct Kivi2Shape {
   static constexpr int MIN_BLOCKS = D == 128 && GP == 8 ? 2 : 3;
   static constexpr bool PINGPONG = D == 64 || GP == 8;  // tile_loop (spills at 168 registers otherwise)
   static __device__ __forceinline__ int dim(int i, int s) {
-    const int j = (i & ~3) | ((i & 1) << 1) | ((i >> 1) & 1);  // bytes 1 and 2 of the word swapped
+    const int j = swap12(i);  // bytes 1 and 2 of the word swapped
     return (j / GP) * 4 * GP + s * GP + j % GP;
   }
 };
@@ -2088,7 +2092,7 @@ template <int D, int GP> struct Bulk2 {
   // so that one 16-byte read gives the B operands (q0, q2) and (q1, q3) of the block constant's products
   // (decode2_bulk_kernel). QPERM(i): where word i is kept (its own inverse).
   static constexpr bool QSWAP = (2 * S::KW) % 4 == 0;
-  static __device__ __forceinline__ constexpr int QPERM(int i) { return QSWAP ? (i & ~3) | ((i & 1) << 1) | ((i >> 1) & 1) : i; }
+  static __device__ __forceinline__ constexpr int QPERM(int i) { return QSWAP ? swap12(i) : i; }
 };
 
 template <int D, int GP>
