@@ -20,7 +20,8 @@ Three tables (markdown), all in one run on one GPU:
 
 A format may carry a decode backend, ``fp8:cuda`` / ``fp8:triton`` (``decode.DECODE_BACKEND`` for
 its rows: the CUDA warp-per-split kernel of ``cuda_decode`` or the Triton one); without one the
-default backend runs.
+default backend runs; and a block size, ``kivi2@64`` (kivi2's key groups are its blocks: 64-token
+groups, 9% fewer bytes than the default 32 and coarser keys, benchmarks/kv_accuracy.py).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from constant_state.state import ModelState, spec_bytes_per_sequence
 
 HQ, HKV, D, BS = 32, 8, 128, 16
 DEVICE = "cuda"  # --smoke: "cpu" under TRITON_INTERPRET=1, tiny shapes, no graphs
-FORMATS = ["bf16", "fp8", "int8", "int4", "int4-g32", "kivi2"]
+FORMATS = ["bf16", "fp8", "int8", "int4", "int4-g32", "kivi2", "kivi2@64"]
 
 
 def bench_graph(fn, warmup: int = 3) -> float:
@@ -64,14 +65,22 @@ def bench_graph(fn, warmup: int = 3) -> float:
 
 
 def block_size(fmt: str) -> int:
-    """kivi2 quantizes keys per channel over a block: 32-token blocks halve its key-scale bytes."""
-    return 32 if fmt.startswith("kivi2") else BS
+    """The block size of ``fmt[@bs]`` (e.g. ``kivi2@64``): ``bs`` if given, else the format's default
+    (``KVConfig``): kivi2 quantizes keys per channel over a block, and 32-token blocks halve its
+    key-scale bytes; other formats 16."""
+    name, _, bs = fmt.partition("@")
+    return int(bs) if bs else 32 if name.startswith("kivi2") else BS
+
+
+def format_name(fmt: str) -> str:
+    """The format of ``fmt[@bs]``."""
+    return fmt.partition("@")[0]
 
 
 def random_storage(fmt: str, num_blocks: int, batch: int, bs: int | None = None):
     """A storage of ``num_blocks`` blocks filled with random codes and plausible scales, and the
     per-row tensors of formats that have them (kivi2's residual windows)."""
-    f = get_format(fmt)
+    f = get_format(format_name(fmt))
     st = f.make_storage(num_blocks, bs or block_size(fmt), HKV, D, DEVICE)
     rows = f.row_tensors(batch, HKV, D, DEVICE)
     for t in st.tensors() + list(rows.values()):
@@ -140,7 +149,7 @@ def attn_table(formats, batches, contexts, tuned=None) -> list[dict]:
                     t = bench_graph(lambda: paged_attention(q, cache, bt, seq, D ** -0.5, **kw))
                 # Bytes read: every block (codes, scales, zeros; kivi2's residual holds ctx % R tokens).
                 res = (ctx % st.cache.residual) * HKV * D * 2 * 2 * b if extra else 0
-                nbytes = b * m * get_format(fmt).page_bytes(bs, HKV, D) + res + q.numel() * 2 * 2 + bt.numel() * 4
+                nbytes = b * m * get_format(format_name(fmt)).page_bytes(bs, HKV, D) + res + q.numel() * 2 * 2 + bt.numel() * 4
                 rows.append(dict(impl=f"paged-{spec}", batch=b, context=ctx, us=t, bytes=nbytes,
                                  tb_s=nbytes / t / 1e6, vs_sdpa=t / us))
                 del st, bt
@@ -187,7 +196,7 @@ def tune_table(formats, batch: int, ctx: int, configs=None, splits=(2, 8, 16)) -
         bt = torch.randperm(batch * m, device=DEVICE).int().view(batch, m)
         cache = st.cache if hasattr(st, "cache") else (st.k, st.v)
         kind = getattr(getattr(st, "cache", None), "kind", "dense")
-        nbytes = batch * m * get_format(fmt).page_bytes(bs, HKV, D)
+        nbytes = batch * m * get_format(format_name(fmt)).page_bytes(bs, HKV, D)
         default = default_config(kind)
         runs = [("transposed" if kind != "dense" else "general", cfg, None) for cfg in (configs or TUNE_CONFIGS[kind])]
         runs += [(runs[0][0], default, n) for n in splits if n != 0]
@@ -254,7 +263,7 @@ def e2e_table(formats, preset: str, batch: int, context: int) -> list[dict]:
 
 def e2e_row(model, weights: int, fmt: str, spec: str, batch: int, context: int) -> dict:
     """One decode step of ``model`` at ``batch x context`` in format ``fmt`` (``spec``: its table name)."""
-    kv = cs.KVConfig(format=fmt, block_size=block_size(fmt))
+    kv = cs.KVConfig(format=format_name(fmt), block_size=block_size(fmt))
     per_seq = spec_bytes_per_sequence(model.state_specs(kv), context + BS)
     free = torch.cuda.mem_get_info()[0] - 6 * 2 ** 30 if DEVICE == "cuda" else 2 ** 40  # minus activations
     b = min(batch, max(1, free // per_seq))
@@ -285,7 +294,7 @@ def capacity_table(formats, preset: str, context: int, budget_gib: float) -> lis
     torch.cuda.set_per_process_memory_fraction(min(1.0, budget_gib * 2 ** 30 / total))
     rows = []
     for fmt in formats:
-        specs = cfg.state_specs(cs.KVConfig(format=fmt, block_size=block_size(fmt)))
+        specs = cfg.state_specs(cs.KVConfig(format=format_name(fmt), block_size=block_size(fmt)))
         per_seq = spec_bytes_per_sequence(specs, context)
         lo, hi = 0, int(budget_gib * 2 ** 30 // per_seq) + 2
 

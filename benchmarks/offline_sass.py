@@ -16,6 +16,7 @@ loops with their instruction counts (the main loop walks 16-token tiles, kivi2's
 warp per split, so per-token figures are loop body / tokens per iteration).
 
     python benchmarks/offline_sass.py --cuda --kind int4 [--staged | --paired | --bulk]
+    python benchmarks/offline_sass.py --cuda --kind kivi2 --bulk --block-size 64
 """
 
 from __future__ import annotations
@@ -116,9 +117,12 @@ def loops(sass: str, innermost: bool = False) -> list[list[str]]:
 # The paired loops (two 16-token tiles share a score fragment, G <= 4): (mangled name prefix, tokens, HMMA per step).
 CUDA_PAIRED = {"int4": ("decode4_pair_kernelILi128ELi32E", 32, 32), "kivi2": ("decode2_kernelILi128ELi16E", 32, 40)}
 CUDA_BULK = {"int4": ("decode4_bulk_kernelILi128ELi32E", 32, 32), "kivi2": ("decode2_bulk_kernelILi128ELi16E", 32, 40)}
+# kivi2's bulk loop per block size (a template parameter): (tokens, HMMA) of an iteration's block constant and
+# steps (one constant per block: 8 + 32 per 32-token block, 8 + 64 per 64-token one)
+CUDA_BULK_KIVI2 = {32: (32, 40), 64: (64, 72)}
 
 
-def cuda_main(kind: str, staged: bool, top: int, paired: bool = False, bulk: bool = False) -> None:
+def cuda_main(kind: str, staged: bool, top: int, paired: bool = False, bulk: bool = False, block_size: int = 32) -> None:
     from constant_state.kernels.paged_attention import cuda_decode
 
     nvcc = cuda_decode._nvcc()
@@ -133,7 +137,10 @@ def cuda_main(kind: str, staged: bool, top: int, paired: bool = False, bulk: boo
     if bulk and kind not in CUDA_BULK:
         raise SystemExit(f"--bulk: {kind} has no loop fed by bulk copies (bulk: {', '.join(CUDA_BULK)})")
     name, step_tokens, step_mma = CUDA_BULK[kind] if bulk else CUDA_PAIRED[kind] if paired else CUDA_KERNELS[kind]
-    # the bulk loops' template parameters are D and GP only
+    # the bulk loops' template parameters are D and GP (kivi2's also the block size)
+    if kind == "kivi2" and bulk:
+        name += f"Li{block_size}E"
+        step_tokens, step_mma = CUDA_BULK_KIVI2[block_size]
     if kind != "kivi2" and not paired and not bulk:  # kivi2 and the paired loops have no staged variant
         name += "Lb1E" if staged else "Lb0E"
     if kind in ("int4", "int4-g32", "kivi2") and not bulk:  # packed formats: the block size is a template parameter
@@ -172,9 +179,11 @@ def main() -> None:
                     help="--cuda: the paired loop (two tiles share a score fragment, G <= 4; int4, kivi2)")
     ap.add_argument("--bulk", action="store_true",
                     help="--cuda: the paired loop fed by bulk copies of chunks (int4, kivi2)")
+    ap.add_argument("--block-size", type=int, choices=sorted(CUDA_BULK_KIVI2), default=32,
+                    help="--cuda --bulk --kind kivi2: the kernel for this block size")
     a = ap.parse_args()
     if a.cuda:
-        cuda_main(a.kind, a.staged, a.top, a.paired, a.bulk)
+        cuda_main(a.kind, a.staged, a.top, a.paired, a.bulk, a.block_size)
         return
     cfg = [int(x) for x in a.config.split(",")] if a.config else list(decode_quant.TILE_CONFIGS[a.kind.split("-")[0]])
     block_n, warps, stages, *cap = cfg

@@ -97,7 +97,7 @@ def paired_serves(fmt: str, case: dict) -> bool:
 
 def bulk_serves(fmt: str, case: dict) -> bool:
     """Whether the paired loop of a decode test case of ``fmt`` is fed by bulk copies (int4 with groups
-    of 64 in 16-token blocks, kivi2 in 32-token blocks: the storage's chunk layout): only then does its
+    of 64 in 16-token blocks, kivi2 in 32- and 64-token blocks: the storage's chunk layout): only then does its
     ``unbulked`` variant (the paired loop's loads into registers) run another kernel than the default."""
     from constant_state.cache.formats import get_format
     from constant_state.cache.quant import kivi_name
@@ -157,6 +157,9 @@ KIVI2_DECODE_CASES = [
     dict(lens=[600, 270], gqa=5, d=128, bs=32, group=32, window=200),
     dict(lens=[40], gqa=1, d=64, bs=32, num_splits=1, hkv=1),
     dict(lens=[1000], gqa=4, d=128, bs=64, num_splits=3),
+    dict(lens=[700, 97, 64], gqa=2, d=128, bs=64, group=128, residual=64, window=150, sinks=4),
+    dict(lens=[450, 200], gqa=4, d=64, bs=64, group=32, qdtype=torch.float16),
 ]
 KIVI2_DECODE_IDS = ["residual-mixes", "fp16-queries", "d64-g32-splits5", "g128-r64-sinks-window",
-                    "g32-gqa5-window", "residual-only-mha", "bs64-splits3"]
+                    "g32-gqa5-window", "residual-only-mha", "bs64-splits3", "bs64-g128-r64-sinks-window",
+                    "bs64-d64-g32-fp16-queries"]

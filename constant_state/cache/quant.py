@@ -158,9 +158,9 @@ class KiviFormat(KVFormat):
 
     def chunked(self, block_size: int, head_dim: int) -> bool:
         """Whether a block's codes, channel scales, value scales and zero points of one KV head lie in one
-        chunk of memory (``ref.head_chunks``, parts in ``ref.CHUNK_PARTS`` order): 32-token blocks, one
-        32-token step of the CUDA decode kernel, which copies the chunk whole (``cuda_decode.bulk_for``)."""
-        return block_size == 32
+        chunk of memory (``ref.head_chunks``, parts in ``ref.CHUNK_PARTS`` order): 32- and 64-token blocks,
+        which the CUDA decode kernel copies whole (``cuda_decode.bulk_for``)."""
+        return block_size in (32, 64)
 
     def page_bytes(self, block_size, num_kv_heads, head_dim):
         g = self.group_for(head_dim)

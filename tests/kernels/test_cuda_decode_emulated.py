@@ -87,18 +87,18 @@ def test_emulated_cuda_decode(fmt, case, variant):
 
 
 @pytest.mark.parametrize("fmt", ["int4", "int4-g32", "fp8", "kivi2"])
-@pytest.mark.parametrize("bs", [16, 32])
+@pytest.mark.parametrize("bs", [16, 32, 64])
 @pytest.mark.parametrize("hkv", [2, 1])
 def test_chunks_feed_the_bulk_copies(fmt, bs, hkv):
-    """int4 with groups of 64 in 16-token blocks and kivi2 in 32-token blocks are stored in chunks
+    """int4 with groups of 64 in 16-token blocks and kivi2 in 32- and 64-token blocks are stored in chunks
     (ref.head_chunks) and their paired loops are fed by bulk copies (paired = 2); other formats and block
     sizes keep one tensor per part. A chunk cache copied into separate tensors runs the register loop,
     and the error names the part. One KV head: its head stride is any (a size-1 dimension)."""
     if fmt == "kivi2" and bs == 16:
-        bs = 64  # kivi2's blocks are 32 or 64 tokens
+        pytest.skip("kivi2's blocks are 32 or 64 tokens")
     st = get_format(fmt).make_storage(6, bs, hkv, 128, "cpu")
     kind, _, group, tensors = _cache_args(st.cache)
-    chunked = (fmt, bs) in (("int4", 16), ("kivi2", 32))
+    chunked = (fmt, bs) in (("int4", 16), ("kivi2", 32), ("kivi2", 64))
     if kind in ("int4", "kivi2"):
         assert (cuda_decode.chunk_error(kind, tensors) is None) == chunked
     assert cuda_decode.bulk_for(kind, 1, tensors, bulk=1) == (2 if chunked else 1)
@@ -198,13 +198,15 @@ def test_merge_splits_ref_weights_by_max_and_sum():
     torch.testing.assert_close(out, torch.tensor([[1 / 3, 2 / 3]]))
 
 
-@pytest.mark.parametrize("fmt", ["int4", "kivi2"])
+@pytest.mark.parametrize("fmt", ["int4", "kivi2", "kivi2-bs64"])
 @pytest.mark.parametrize("window", [None, 1300], ids=["full", "sinks-window"])
 def test_emulated_bulk_loops_cross_block_table_windows(fmt, window):
     """One split of more than 64 chunks: the loops fed by bulk copies read their block-table entries 32
     chunks at a time (TileBlocks), the next 32 loaded a window ahead; with sinks and a sliding window the
     chunks jump from the sinks' to the window's blocks inside a window of entries."""
-    case = dict(lens=[2250, 70], gqa=4, d=128, bs=16 if fmt == "int4" else 32, num_splits=1, hkv=1)
+    bs = {"int4": 16, "kivi2": 32, "kivi2-bs64": 64}[fmt]
+    fmt = fmt.split("-")[0]
+    case = dict(lens=[2250 if bs < 64 else 4300, 70], gqa=4, d=128, bs=bs, num_splits=1, hkv=1)
     if window is not None:
         case.update(window=window, sinks=20)
     assert bulk_serves(fmt, case)
@@ -214,7 +216,7 @@ def test_emulated_bulk_loops_cross_block_table_windows(fmt, window):
         test_emulated_cuda_decode_kivi2(case)
 
 
-@pytest.mark.parametrize("index", [0, 3], ids=["residual-mixes", "g128-r64-sinks-window"])
+@pytest.mark.parametrize("index", [0, 3, 7], ids=["residual-mixes", "g128-r64-sinks-window", "bs64-g128-r64-sinks-window"])
 def test_emulated_cuda_decode_kivi2_unbulked(index):
     """The paired loop's loads into registers (decode2_kernel) on chunk caches the bulk copies serve by
     default (decode2_bulk_kernel)."""
@@ -226,7 +228,7 @@ def test_emulated_cuda_decode_kivi2_unbulked(index):
 @pytest.mark.parametrize("case", KIVI2_DECODE_CASES, ids=KIVI2_DECODE_IDS)
 def test_emulated_cuda_decode_kivi2(case, staged=0, paired=None, bulk=None):
     """Default kernels: with at most 4 query heads per KV head the paired loop, fed by bulk copies of
-    chunks in 32-token blocks (decode2_bulk_kernel); else the one-tile loop."""
+    chunks in 32- or 64-token blocks (decode2_bulk_kernel); else the one-tile loop."""
     case = dict(case)
     num_splits = case.pop("num_splits", None)
     a, ref = kivi2_decode_case(**case)

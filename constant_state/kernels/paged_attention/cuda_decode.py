@@ -72,7 +72,7 @@ PAIR_MAX_G = 4
 # and seventeenth sessions).
 # Environment: CONSTANT_STATE_DECODE_BULK (0/1).
 BULK = _env_int("CONSTANT_STATE_DECODE_BULK", "1", ("0", "1"))
-BULK_BLOCK_SIZES = {"int4": 16, "kivi2": 32}
+BULK_BLOCK_SIZES = {"int4": (16,), "kivi2": (32, 64)}
 # Per-split cost besides its tiles for decode.wave_splits, in 16-token tiles: a warp's prologue (queries,
 # the first tiles' latency), its partial, its share of the merge. 8 (not Triton's 1) keeps one wave
 # where a near-tie of the tile counts offered several. H200 (docs/benchmarks.md, eleventh session),
@@ -324,10 +324,10 @@ def chunk_error(kind: str, tensors) -> str | None:
 def bulk_for(kind: str, paired: int, tensors, bulk: int | None = None) -> int:
     """2 (``DecodeParams::paired``) where the paired loop is fed by bulk copies: ``bulk`` (default
     :data:`BULK`) on, the paired loop serving (``paired``, :func:`paired_for`), the format's block size
-    (:data:`BULK_BLOCK_SIZES`: int4 16, kivi2 32 tokens) and the cache in chunks (:func:`chunk_error`);
+    (:data:`BULK_BLOCK_SIZES`: int4 16, kivi2 32 or 64 tokens) and the cache in chunks (:func:`chunk_error`);
     else ``paired``."""
     on = BULK if bulk is None else bulk
-    serves = (on and paired and tensors[0].shape[1] == BULK_BLOCK_SIZES.get(kind)
+    serves = (on and paired and tensors[0].shape[1] in BULK_BLOCK_SIZES.get(kind, ())
               and chunk_error(kind, tensors) is None)
     return 2 if serves else paired
 
@@ -343,6 +343,8 @@ def _params(q, kind, group, tensors, block_tables, seq_lens, scale, sliding_wind
     n, bs, hkv = k.shape[:3]
     m = block_tables.shape[1]
     step = 2 * TILE if paired else STEPS.get(kind, TILE)
+    if paired == 2:
+        step = max(step, bs)  # the loops fed by bulk copies take whole blocks (kivi2: 64-token ones)
     n_tiles = -(-(m * bs) // step)
     if num_splits is None:
         num_splits = wave_splits(b * hkv, n_tiles, slots(), SPLIT_OVERHEAD_TILES * TILE / step)

@@ -1844,8 +1844,8 @@ __device__ __forceinline__ void kivi2_residual(const DecodeParams& p, const Warp
 
 // kivi2's outputs (decode2_kernel, decode2_bulk_kernel): o[mt][j] is dim(8 mb + g, 2 hh) of head 2t + j,
 // o[mt][2 + j] dim(8 mb + g, 2 hh + 1) (x 4), mt = 2 mb + hh.
-template <int D, int GP>
-__device__ __forceinline__ void kivi2_store(const DecodeParams& p, const WarpWork<32>& w, const Softmax& sm,
+template <int D, int GP, int STEP>
+__device__ __forceinline__ void kivi2_store(const DecodeParams& p, const WarpWork<STEP>& w, const Softmax& sm,
                                             const float (&o)[Kivi2Shape<D, GP>::MT][4],
                                             const GroupSums<Kivi2Shape<D, GP>::NG>& sums) {
   using S = Kivi2Shape<D, GP>;
@@ -2049,11 +2049,11 @@ __global__ void __launch_bounds__(128, Kivi2Shape<D, GP>::MIN_BLOCKS) decode2_ke
   kivi2_store<D, GP>(p, w, sm, o, sums);
 }
 
-// kivi2's paired loop fed by bulk copies (cuda_decode.bulk_for: 32-token blocks, at most 4 query heads per
-// KV head, the storage's chunk layout, ref.head_chunks: a block's key codes [32, D/4], value codes [D/4, 32]
-// (token-contiguous), key channel scales and zero points [D] each, value scales and zero points [32, NG]
+// kivi2's paired loop fed by bulk copies (cuda_decode.bulk_for: 32- or 64-token blocks, at most 4 query heads per
+// KV head, the storage's chunk layout, ref.head_chunks: a block's key codes [BS, D/4], value codes [D/4, BS]
+// (token-contiguous), key channel scales and zero points [D] each, value scales and zero points [BS, NG]
 // each, of one KV head side by side in one chunk of CH bytes, in ref.CHUNK_PARTS order). A step is one
-// block: lane 0 copies its chunk with one cp.async.bulk into a ring of CS_BULK_STAGES chunks in the warp's
+// 32-token block: lane 0 copies its chunk with one cp.async.bulk into a ring of CS_BULK_STAGES chunks in the warp's
 // shared memory, CS_BULK_STAGES steps ahead, and the lanes read their operands from the ring where they are
 // used: no per-lane addresses, nothing in flight holding registers or L1, no cp.async of the channel
 // scales two steps ahead (decode2_kernel's KeyScales), and 4 blocks (16 warps) per SM. H200, batch 32 /
@@ -2064,6 +2064,9 @@ __global__ void __launch_bounds__(128, Kivi2Shape<D, GP>::MIN_BLOCKS) decode2_ke
 // (3 blocks, 12 warps per SM; 16 warps would not fit their ring in shared memory). H200, batch 32 / 32k
 // (nineteenth session): 243 -> 231 us; main loop 522 instructions per 32 tokens -> 896 per 64 (887, and
 // 230 to 232 us, with the value operands read before the softmax step and P' formed in fp16).
+// 64-token blocks (BS 64: kivi2's key groups of 64 tokens, --kv-block-size 64): a chunk is one block
+// and one iteration, its two 32-token steps sharing the block's fold and constant: 793 instructions per
+// 64 tokens instead of 854, and 9% fewer bytes. H200, batch 32 / 32k (twentieth session): 224 -> 207 us.
 // Tokens: tile u of a step holds tokens 8 t' + 4 u + 0..3 (t' = 0..3), so that a lane's value words of
 // both tiles (byte 8 mb + g of tokens 8t .. 8t + 7) are one 8-byte read: row g of tile u is token
 // 8 (g >> 1) + 4 u + 2 (g & 1), row g + 8 the token after it (the value product's k order, as decode2_kernel's
@@ -2076,10 +2079,13 @@ __global__ void __launch_bounds__(128, Kivi2Shape<D, GP>::MIN_BLOCKS) decode2_ke
 #define CS_KIVI2_PER 2
 #endif
 static_assert(CS_KIVI2_PER == 1 || CS_KIVI2_PER == 2, "CS_KIVI2_PER: 1 or 2 steps per iteration");
-template <int D, int GP> struct Bulk2 {
+template <int D, int GP, int BS> struct Bulk2 {
   using S = Kivi2Shape<D, GP>;
-  static constexpr int NG = S::NG, BS = 32, STAGES = CS_BULK_STAGES;
-  static constexpr int PER = CS_KIVI2_PER;  // steps (chunks) per loop iteration, one stage of the ring
+  static_assert(BS == 32 || BS == 64, "kivi2's bulk loop: 32- or 64-token blocks");
+  static constexpr int NG = S::NG, STAGES = CS_BULK_STAGES;
+  static constexpr int SUB = BS / 32;  // 32-token steps of a block (chunk): one fold and block constant
+  static constexpr int PER = BS == 32 ? CS_KIVI2_PER : 1;  // chunks per loop iteration, one stage of the ring
+  static constexpr int STEPS = PER * SUB;  // 32-token steps per iteration
   // the chunk's parts (bytes from its start), in ref.CHUNK_PARTS order
   static constexpr int VO = BS * D / 4, KSO = 2 * VO, KZO = KSO + 2 * D, VSO = KZO + 2 * D, VZO = VSO + 2 * BS * NG,
                        CH = VZO + 2 * BS * NG;
@@ -2087,7 +2093,7 @@ template <int D, int GP> struct Bulk2 {
   static constexpr int QW = 8 * S::KW;              // bytes of one slot's query words (dims dim(t CH, s) ..)
   static constexpr int RING = STAGES * PER * CH, QO = RING, QB = 2 * 4 * QW * 32;  // ring, then the queries
   static constexpr int SMEM_PER_WARP = (QO + QB + 8 * STAGES + 127) / 128 * 128;  // then the barriers
-  static constexpr int MIN_BLOCKS = PER == 1 ? 4 : 3;
+  static constexpr int MIN_BLOCKS = STEPS == 1 ? 4 : 3;
   // The unscaled query words of a slot wait in shared memory with words 1 and 2 of each four swapped,
   // so that one 16-byte read gives the B operands (q0, q2) and (q1, q3) of the block constant's products
   // (decode2_bulk_kernel). QPERM(i): where word i is kept (its own inverse).
@@ -2095,20 +2101,21 @@ template <int D, int GP> struct Bulk2 {
   static __device__ __forceinline__ constexpr int QPERM(int i) { return QSWAP ? swap12(i) : i; }
 };
 
-template <int D, int GP>
-__global__ void __launch_bounds__(128, Bulk2<D, GP>::MIN_BLOCKS) decode2_bulk_kernel(const DecodeParams p) {
+template <int D, int GP, int BS>
+__global__ void __launch_bounds__(128, Bulk2<D, GP, BS>::MIN_BLOCKS) decode2_bulk_kernel(const DecodeParams p) {
   using S = Kivi2Shape<D, GP>;
-  using B = Bulk2<D, GP>;
-  constexpr int NG = S::NG, CH = S::CH, KW = S::KW, MB = S::MB, MT = S::MT, SS = B::STAGES, PER = B::PER;
+  using B = Bulk2<D, GP, BS>;
+  constexpr int NG = S::NG, CH = S::CH, KW = S::KW, MB = S::MB, MT = S::MT, SS = B::STAGES, PER = B::PER,
+                SUB = B::SUB, STEPS = B::STEPS;
   CS_DYNAMIC_SMEM(smem);
-  const WarpWork<32> w(p);
+  const WarpWork<BS> w(p);  // steps of a block
   uint8_t* ring = smem + (threadIdx.x >> 5) * B::SMEM_PER_WARP;
   uint64_t* bars = reinterpret_cast<uint64_t*>(ring + B::QO + B::QB);
   if (!w.valid) return;
   const int g = w.g, t = w.t, h = w.h, seq_len = w.seq_len;
   const auto& tiles = w.tiles;
   const int f_res = seq_len - seq_len % p.r;  // tokens from here on are in the residual window
-  const int nq = tiles.below(f_res);         // quantized steps first, then residual ones
+  const int nq = tiles.below(f_res);         // quantized blocks
   const int up = t >> 1;                     // this lane's tile of a step (its scores' columns)
   const bool col_a = g < 4;                  // this lane's B-operand column holds tile 0's probabilities
 
@@ -2147,8 +2154,8 @@ __global__ void __launch_bounds__(128, Bulk2<D, GP>::MIN_BLOCKS) decode2_bulk_ke
     cs_bulk_init_fence();
   }
   __syncwarp();
-  // steps past nq: block 0's chunk, copied and never used (their rows are masked)
-  TileBlocks<32> blocks(p, w, nq);
+  // blocks past nq: block 0's chunk, copied and never used (their rows are masked)
+  TileBlocks<BS> blocks(p, w, nq);
   auto issue = [&](int k) {  // iteration k's PER chunks into stage k % SS (every lane: the blocks' shuffles)
     int blk[PER];
     blocks.get(p, w, nq, PER * k, blk);
@@ -2162,10 +2169,10 @@ __global__ void __launch_bounds__(128, Bulk2<D, GP>::MIN_BLOCKS) decode2_bulk_ke
   const int row0 = 8 * (g >> 1) + 2 * (g & 1);  // this lane's rows g / g + 8 of tile u: tokens row0 + 4u (+ 1)
   const int own = row0 + 4 * up;                 // ... of its own tile
 
-  // A chunk's scores of this lane's tile (x log2 e): the block's key operand qf = q ks / 4^s (k-step
-  // (wi, s): pairs (d, d + 1), (d + 2, d + 3)) and constant per column 2t + j, cb[j] = sum_d q_d kz_d,
-  // then the key products of both tiles.
-  auto scores = [&](const uint8_t* st, float (&so)[4]) {
+  // A chunk's scores of this lane's tile (x log2 e) into so[x0 + x], x < SUB: the block's key operand
+  // qf = q ks / 4^s (k-step (wi, s): pairs (d, d + 1), (d + 2, d + 3)) and constant per column 2t + j,
+  // cb[j] = sum_d q_d kz_d, then the key products of both tiles of each of its SUB steps.
+  auto scores = [&](const uint8_t* st, float (&so)[STEPS][4], int x0) {
     uint32_t qf[KW][4][2];
     // The block constant: rows g of cb and rows g + 8 of cb8 (the other rows are not read).
     float cb[4] = {-0.f, -0.f, -0.f, -0.f}, cb8[4] = {-0.f, -0.f, -0.f, -0.f};
@@ -2200,39 +2207,44 @@ __global__ void __launch_bounds__(128, Bulk2<D, GP>::MIN_BLOCKS) decode2_bulk_ke
       cb[0] += cb8[2];
       cb[1] += cb8[3];
     }
-    // Key products of both tiles (x 2^-24): rows g / g + 8 are tokens row0 + 4u / + 1, bytes [t CH, (t + 1) CH).
-    float s2[2][4];
+    // Key products of both tiles of step x (x 2^-24): rows g / g + 8 are tokens 32 x + row0 + 4u / + 1,
+    // bytes [t CH, (t + 1) CH).
 #pragma unroll
-    for (int u = 0; u < 2; ++u) {
-      uint32_t ka[KW], kb[KW];
-      read_words<CH>(st + (row0 + 4 * u) * (D / 4) + t * CH, ka);
-      read_words<CH>(st + (row0 + 4 * u + 1) * (D / 4) + t * CH, kb);
-      s2[u][0] = s2[u][1] = s2[u][2] = s2[u][3] = -0.f;
+    for (int x = 0; x < SUB; ++x) {
+      float s2[2][4];
 #pragma unroll
-      for (int wi = 0; wi < KW; ++wi) {
+      for (int u = 0; u < 2; ++u) {
+        uint32_t ka[KW], kb[KW];
+        read_words<CH>(st + (32 * x + row0 + 4 * u) * (D / 4) + t * CH, ka);
+        read_words<CH>(st + (32 * x + row0 + 4 * u + 1) * (D / 4) + t * CH, kb);
+        s2[u][0] = s2[u][1] = s2[u][2] = s2[u][3] = -0.f;
 #pragma unroll
-        for (int sl = 0; sl < 4; ++sl) {
-          const uint32_t m = slot_mask(sl);
-          cs_mma16816(s2[u], subnormal_codes(ka[wi], m), subnormal_codes(kb[wi], m), subnormal_codes(ka[wi] >> 8, m),
-                      subnormal_codes(kb[wi] >> 8, m), qf[wi][sl][0], qf[wi][sl][1]);
+        for (int wi = 0; wi < KW; ++wi) {
+#pragma unroll
+          for (int sl = 0; sl < 4; ++sl) {
+            const uint32_t m = slot_mask(sl);
+            cs_mma16816(s2[u], subnormal_codes(ka[wi], m), subnormal_codes(kb[wi], m),
+                        subnormal_codes(ka[wi] >> 8, m), subnormal_codes(kb[wi] >> 8, m), qf[wi][sl][0],
+                        qf[wi][sl][1]);
+          }
         }
       }
-    }
 #pragma unroll
-    for (int e = 0; e < 4; ++e) so[e] = fmaf(up ? s2[1][e] : s2[0][e], 1.f / SUBNORMAL, cb[e & 1]);
+      for (int e = 0; e < 4; ++e) so[x0 + x][e] = fmaf(up ? s2[1][e] : s2[0][e], 1.f / SUBNORMAL, cb[e & 1]);
+    }
   };
 
-  // A chunk's value operands: this lane's tile's rows' value scales and zero points (tokens own, own + 1),
-  // and byte 8 mb + g of tokens 8t .. 8t + 3 (tile 0) and 8t + 4 .. 8t + 7 (tile 1).
+  // Step x's value operands in a chunk: this lane's tile's rows' value scales and zero points (tokens
+  // 32 x + own, + 1), and byte 8 mb + g of tokens 32 x + 8t .. + 3 (tile 0) and 32 x + 8t + 4 .. + 7 (tile 1).
   struct ValueOps {
     Halves<2 * NG> vs, vz;
     uint32_t v[MB][2];
   };
-  auto value_ops = [&](const uint8_t* st, ValueOps& x) {
-    read_words<4 * NG>(st + B::VSO + 2 * NG * own, x.vs.x.w);
-    read_words<4 * NG>(st + B::VZO + 2 * NG * own, x.vz.x.w);
+  auto value_ops = [&](const uint8_t* st, int x, ValueOps& vo) {
+    read_words<4 * NG>(st + B::VSO + 2 * NG * (32 * x + own), vo.vs.x.w);
+    read_words<4 * NG>(st + B::VZO + 2 * NG * (32 * x + own), vo.vz.x.w);
 #pragma unroll
-    for (int mb = 0; mb < MB; ++mb) read_words<8>(st + B::VO + (8 * mb + g) * B::BS + 8 * t, x.v[mb]);
+    for (int mb = 0; mb < MB; ++mb) read_words<8>(st + B::VO + (8 * mb + g) * BS + 32 * x + 8 * t, vo.v[mb]);
   };
   // A chunk's values times the probabilities so of this lane's tile (rows masked by ok0 / ok1).
   auto values = [&](const ValueOps& x, const float (&so)[4], bool ok0, bool ok1) {
@@ -2267,22 +2279,23 @@ __global__ void __launch_bounds__(128, Bulk2<D, GP>::MIN_BLOCKS) decode2_bulk_ke
   for (int k = 0; k < iters; ++k) {
     cs_bulk_wait(bars + k % SS, (k / SS) & 1);
     const uint8_t* st = ring + (k % SS) * PER * B::CH;
-    float so[PER][4];  // this lane's tile's scores, per step
-    bool ok[PER][2];
+    float so[STEPS][4];  // this lane's tile's scores, per 32-token step (SUB per chunk)
+    bool ok[STEPS][2];
 #pragma unroll
-    for (int x = 0; x < PER; ++x) {
-      scores(st + x * B::CH, so[x]);
-      const int i = PER * k + x, start = tiles.start(i);
+    for (int c = 0; c < PER; ++c) scores(st + c * B::CH, so, c * SUB);
+#pragma unroll
+    for (int x = 0; x < STEPS; ++x) {
+      const int i = PER * k + x / SUB, start = tiles.start(i) + 32 * (x % SUB);
       ok[x][0] = (PER == 1 || i < nq) & visible_flat(p, start + own, seq_len);
       ok[x][1] = (PER == 1 || i < nq) & visible_flat(p, start + own + 1, seq_len);
     }
-    ValueOps vx[PER];  // read before the softmax step: their latency overlaps it
+    ValueOps vx[STEPS];  // read before the softmax step: their latency overlaps it
 #pragma unroll
-    for (int x = 0; x < PER; ++x) value_ops(st + x * B::CH, vx[x]);
+    for (int x = 0; x < STEPS; ++x) value_ops(st + (x / SUB) * B::CH, x % SUB, vx[x]);
     float alpha[2];
     if (sm.tiles(so, ok, o, alpha)) sums.rescale(alpha);
 #pragma unroll
-    for (int x = 0; x < PER; ++x) values(vx[x], so[x], ok[x][0], ok[x][1]);
+    for (int x = 0; x < STEPS; ++x) values(vx[x], so[x], ok[x][0], ok[x][1]);
     __syncwarp();  // every lane is done with the stage before it is refilled
     if (k + SS < iters) issue(k + SS);
   }
@@ -2300,7 +2313,12 @@ __global__ void __launch_bounds__(128, Bulk2<D, GP>::MIN_BLOCKS) decode2_bulk_ke
       qh[wi][s][1] = q[B::QPERM(2 * wi + 1)];
     }
   }
-  kivi2_residual<D, GP>(p, w, nq, f_res, qh, sm, o, sums);
+  if constexpr (BS == 32) {
+    kivi2_residual<D, GP>(p, w, nq, f_res, qh, sm, o, sums);
+  } else {  // the residual loop's 32-token steps
+    const WarpWork<32> w32(p);
+    kivi2_residual<D, GP>(p, w32, w32.tiles.below(f_res), f_res, qh, sm, o, sums);
+  }
   kivi2_store<D, GP>(p, w, sm, o, sums);
 }
 
@@ -2328,11 +2346,13 @@ template <int BS, bool PAIRED> Variant select_kivi2(int d, int group) {
   return {};
 }
 
-template <int D, int GP> Variant kivi2_bulk() { return {decode2_bulk_kernel<D, GP>, Bulk2<D, GP>::SMEM_PER_WARP}; }
-Variant select_kivi2_bulk(int d, int group) {
-  if (d == 128) return group == 32 ? kivi2_bulk<128, 8>() : group == 64 ? kivi2_bulk<128, 16>()
-                     : group == 128 ? kivi2_bulk<128, 32>() : Variant();
-  if (d == 64) return group == 32 ? kivi2_bulk<64, 8>() : group == 64 ? kivi2_bulk<64, 16>() : Variant();
+template <int D, int GP, int BS> Variant kivi2_bulk() {
+  return {decode2_bulk_kernel<D, GP, BS>, Bulk2<D, GP, BS>::SMEM_PER_WARP};
+}
+template <int BS> Variant select_kivi2_bulk(int d, int group) {
+  if (d == 128) return group == 32 ? kivi2_bulk<128, 8, BS>() : group == 64 ? kivi2_bulk<128, 16, BS>()
+                     : group == 128 ? kivi2_bulk<128, 32, BS>() : Variant();
+  if (d == 64) return group == 32 ? kivi2_bulk<64, 8, BS>() : group == 64 ? kivi2_bulk<64, 16, BS>() : Variant();
   return {};
 }
 
@@ -2362,9 +2382,7 @@ template <bool ST, int BS> Variant select_packed(int kind, int d, int group, int
   if constexpr (BS >= 32 && !ST) {
     if (kind != 4) return {};
 #if !defined(CS_LOADS_ONLY) && !defined(CS_COMPUTE_ONLY)  // the diagnostics time the register loop
-    if constexpr (BS == 32) {
-      if (paired == 2) return select_kivi2_bulk(d, group);
-    }
+    if (paired == 2) return select_kivi2_bulk<BS>(d, group);
 #endif
     if (paired) return select_kivi2<BS, true>(d, group);
     return select_kivi2<BS, false>(d, group);
