@@ -149,7 +149,8 @@ def attn_table(formats, batches, contexts, tuned=None) -> list[dict]:
                     t = bench_graph(lambda: paged_attention(q, cache, bt, seq, D ** -0.5, **kw))
                 # Bytes read: every block (codes, scales, zeros; kivi2's residual holds ctx % R tokens).
                 res = (ctx % st.cache.residual) * HKV * D * 2 * 2 * b if extra else 0
-                nbytes = b * m * get_format(format_name(fmt)).page_bytes(bs, HKV, D) + res + q.numel() * 2 * 2 + bt.numel() * 4
+                nbytes = (b * m * get_format(format_name(fmt)).page_bytes(bs, HKV, D) + res + q.numel() * 2 * 2
+                          + bt.numel() * 4)
                 rows.append(dict(impl=f"paged-{spec}", batch=b, context=ctx, us=t, bytes=nbytes,
                                  tb_s=nbytes / t / 1e6, vs_sdpa=t / us))
                 del st, bt

@@ -3,9 +3,10 @@
 Keys are drawn before RoPE with a mean and a scale per channel (log-normal scales, a few rotary pairs
 8x larger: the per-channel outliers KIVI and KVQuant describe), then rotated at their positions with
 Llama-3's RoPE (theta 500000), as the cache holds them (docs/kv_cache.md, "Positions"). Values are
-normal with a scale per token. Each format's storage is written token by token's groups as a model
-writes it (``KVStorage.write``; kivi2 through its residual window), read back dequantized
-(``ref.dequantize_ref``, kivi2's newest tokens from the window), and attended in fp32.
+normal with a scale per token. Each format's storage is written as a prefill writes it
+(``KVStorage.write`` of the whole context; kivi2 quantizes whole groups of its residual window into
+blocks and keeps the rest in fp16), read back dequantized (``ref.dequantize_ref``, kivi2's newest
+tokens from the window), and attended in fp32.
 
 Two kinds of query per KV head and query head (GQA 4):
 
@@ -25,7 +26,6 @@ its worst case.
 from __future__ import annotations
 
 import argparse
-import math
 
 import torch
 

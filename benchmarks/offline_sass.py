@@ -122,7 +122,8 @@ CUDA_BULK = {"int4": ("decode4_bulk_kernelILi128ELi32E", 32, 32), "kivi2": ("dec
 CUDA_BULK_KIVI2 = {32: (32, 40), 64: (64, 72)}
 
 
-def cuda_main(kind: str, staged: bool, top: int, paired: bool = False, bulk: bool = False, block_size: int = 32) -> None:
+def cuda_main(kind: str, staged: bool, top: int, paired: bool = False, bulk: bool = False,
+              block_size: int = 32) -> None:
     from constant_state.kernels.paged_attention import cuda_decode
 
     nvcc = cuda_decode._nvcc()

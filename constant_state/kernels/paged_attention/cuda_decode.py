@@ -65,7 +65,7 @@ PAIRED = _env_int("CONSTANT_STATE_DECODE_PAIRED", "1", ("0", "1"))
 PAIRED_KINDS = {"int4": (64,), "kivi2": None}
 PAIR_MAX_G = 4
 # 1: where the paired loop serves blocks of BULK_BLOCK_SIZES tokens stored in chunks (``ref.head_chunks``,
-# as cache/quant.py stores int4 with groups of 64 in 16-token blocks and kivi2 in 32-token blocks), its
+# as cache/quant.py stores int4 with groups of 64 in 16-token blocks and kivi2 in 32- and 64-token blocks), its
 # operands come by bulk copies of whole chunks into a shared-memory ring (paged_decode.cu,
 # decode4_bulk_kernel, decode2_bulk_kernel) instead of loads into registers: 16 warps per SM instead of
 # 12. H200, batch 32 / 32k: int4 328 -> 310 to 312 us, kivi2 332 -> 248 (docs/benchmarks.md, sixteenth

@@ -15,7 +15,7 @@
 // With at most 4 query heads per KV head, int4 (groups of 64) and kivi2 run the paired loop: two
 // 16-token tiles share one S^T fragment (tile A's tokens in columns 0-3, tile B's in 4-7; PairFeed,
 // decode4_pair_kernel, decode2_kernel<PAIRED>), so one softmax step serves 32 tokens. Where the storage
-// keeps a block's parts in one chunk (int4 in 16-token blocks, kivi2 in 32-token blocks), the paired
+// keeps a block's parts in one chunk (int4 in 16-token blocks, kivi2 in 32- and 64-token blocks), the paired
 // loops are fed by bulk copies of whole chunks into shared memory instead (decode4_bulk_kernel,
 // decode2_bulk_kernel).
 // The next tile's codes and scales are loaded before the current tile is used, into the second of two
