@@ -37,7 +37,6 @@ def _kv_config(args: argparse.Namespace, fmt: str | None = None):
 
 def cmd_memory(args: argparse.Namespace) -> int:
     """Exact KV / state bytes per sequence and for a batch, read off the state specs."""
-    from .cache.config import KVConfig
     from .eval.memory import format_table, memory_rows, parse_tokens, resolve_kv_formats
     from .models.hf import resolve_config
 
@@ -45,11 +44,12 @@ def cmd_memory(args: argparse.Namespace) -> int:
     if args.batch <= 0:
         raise ValueError(f"--batch must be positive, got {args.batch}")
     formats = resolve_kv_formats(args.kv)
-    kv = _kv_config(args, "auto")  # validates the --kv-* flags
+    _kv_config(args, "auto")  # validates the --kv-* flags
     rows = []
     for name in args.model or DEFAULT_MEMORY_MODELS:
         cfg = resolve_config(name)
-        for r in memory_rows(name, cfg, context, args.batch, formats, kv):
+        # each format with its own default block size (kivi2 32) unless --kv-block-size says one
+        for r in memory_rows(name, cfg, context, args.batch, formats, lambda fmt: _kv_config(args, fmt)):
             rows.append(r)
     if args.json:
         print(json.dumps([r.to_dict() for r in rows], indent=2))

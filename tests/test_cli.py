@@ -48,6 +48,19 @@ def test_memory_of_a_local_config_json(tmp_path, capsys):
     assert main(["memory", "--model", str(d), "--context", "100", "--kv", "fp16", "--json"]) == 0
 
 
+def test_memory_keeps_each_formats_block_size(capsys):
+    """kivi2's default block size is 32 (KVConfig), so its row is what load(kv="kivi2") allocates:
+    Llama-3-8B at 32k, 88 bytes per token and head + the residual window = 720 MiB (848 at 16-token
+    blocks); --kv-block-size sets every format's."""
+    def rows(*extra):
+        assert main(["memory", "--model", "llama-3-8b", "--context", "32k", "--kv", "bf16", "--kv", "kivi2",
+                     "--json", *extra]) == 0
+        return {r["kv_format"]: r["per_sequence"] for r in json.loads(capsys.readouterr().out)}
+
+    assert rows() == {"bf16": 4 * 2 ** 30, "kivi2": 720 * 2 ** 20}
+    assert rows("--kv-block-size", "64") == {"bf16": 4 * 2 ** 30, "kivi2": 656 * 2 ** 20}
+
+
 def test_memory_table_default_runs(capsys):
     assert main(["memory"]) == 0
     out = capsys.readouterr().out
