@@ -262,7 +262,9 @@ def test_generate_on_gpu(fmt):
     cfg = TransformerConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_layers=2, num_heads=8,
                             num_kv_heads=2, head_dim=64, dtype="bfloat16")
     m = cs.build_model(cfg, dtype="bfloat16", seed=0).to("cuda")
-    m.kv_config = cs.KVConfig(format=fmt, **({"residual_window": 32} if fmt == "kivi2" else {}))
+    fmt, _, bs = fmt.partition("@")
+    kivi = {"residual_window": int(bs or 32), "block_size": int(bs or 32)} if fmt == "kivi2" else {}
+    m.kv_config = cs.KVConfig(format=fmt, **kivi)
     ids = torch.randint(0, 256, (3, 50), generator=torch.Generator().manual_seed(0)).to("cuda")
     out = m.generate(ids, max_new_tokens=20)
     assert out.shape == (3, 70)
@@ -276,10 +278,11 @@ def test_generate_on_gpu(fmt):
     assert (a.float() - b.float()).abs().max().item() <= 0.1
 
 
-@pytest.mark.parametrize("fmt", ["fp8", "int8", "int4", "kivi2"])
+@pytest.mark.parametrize("fmt", ["fp8", "int8", "int4", "kivi2", "kivi2@64"])
 def test_model_decode_step_cuda_kernel(fmt, monkeypatch):
     """A model's decode steps through the CUDA decode kernel (CONSTANT_STATE_DECODE=cuda) give the logits
-    of the same steps through the Triton kernel (same weights, same prompt, same cache format)."""
+    of the same steps through the Triton kernel (same weights, same prompt, same cache format; kivi2@64:
+    64-token blocks, which the CUDA kernel's 64-token bulk loop serves)."""
     import constant_state as cs
     from constant_state.kernels.paged_attention import decode
     from constant_state.models.config import TransformerConfig
@@ -288,7 +291,9 @@ def test_model_decode_step_cuda_kernel(fmt, monkeypatch):
     cfg = TransformerConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_layers=2, num_heads=8,
                             num_kv_heads=2, head_dim=64, dtype="bfloat16")
     m = cs.build_model(cfg, dtype="bfloat16", seed=0).to("cuda")
-    m.kv_config = cs.KVConfig(format=fmt, **({"residual_window": 32} if fmt == "kivi2" else {}))
+    fmt, _, bs = fmt.partition("@")
+    kivi = {"residual_window": int(bs or 32), "block_size": int(bs or 32)} if fmt == "kivi2" else {}
+    m.kv_config = cs.KVConfig(format=fmt, **kivi)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 256, (3, 70), generator=gen).to("cuda")
     steps = torch.randint(0, 256, (3, 5), generator=gen).to("cuda")
@@ -303,22 +308,23 @@ def test_model_decode_step_cuda_kernel(fmt, monkeypatch):
     assert (a - b).abs().max().item() <= 0.05 * a.abs().max().item(), fmt
 
 
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("backend", ["triton", "cuda", "cuda-bs64"])
 @pytest.mark.parametrize("gqa", [1, 4, 8])
 @pytest.mark.parametrize("d", [64, 128])
 def test_kivi2(gqa, d, backend, monkeypatch):
     """KIVI 2-bit: a 1500-token prefill then decode steps across a flush, kernels vs the reference
     path (bit-equal blocks and residual windows; attention tight) and vs full precision (loose).
-    ``cuda``: decode steps on the CUDA decode kernel (blocks of 32 tokens)."""
+    ``cuda``: decode steps on the CUDA decode kernel (blocks of 32 tokens; ``cuda-bs64``: 64)."""
     from constant_state.cache.quant import kivi_name
     from constant_state.kernels.paged_attention import decode
     from constant_state.kernels.paged_attention.ref import paged_attention_ref
 
+    backend, _, bs64 = backend.partition("-")
     if backend == "cuda":
         _need_cuda_decode()
     monkeypatch.setattr(decode, "DECODE_BACKEND", backend)
     fmt = get_format(kivi_name(64, 128))
-    hkv, bs, b = 2, 32 if backend == "cuda" else 16, 3
+    hkv, bs, b = 2, (64 if bs64 else 32) if backend == "cuda" else 16, 3
     m = 2048 // bs
     n_blocks = b * m + 11
     gen = torch.Generator().manual_seed(0)
