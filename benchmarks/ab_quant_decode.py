@@ -1,5 +1,6 @@
 """A/B of the quantized decode kernel's variants at one shape, in one run (H200 method as
-bench_kv_decode.py: CUDA-graph replays, triton.testing.do_bench median, L2 flushed).
+bench_kv_decode.py: CUDA-graph replays, median, the L2 emptied before each by reads; ``--flush write``:
+by writes, as triton.testing.do_bench and this script before the twentieth session).
 
 Each argument is a format followed by ``:``-separated switches:
 
@@ -169,7 +170,10 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--context", type=int, default=32768)
     p.add_argument("--smoke", action="store_true", help="CPU check (set TRITON_INTERPRET=1): batch 1, context 64")
+    p.add_argument("--flush", choices=["read", "write"], default="read",
+                   help="how the L2 is emptied before each timed replay (bench_kv_decode.FLUSH)")
     a = p.parse_args()
+    bench_kv_decode.FLUSH = a.flush
     dev = "cuda"
     if a.smoke:
         dev = bench_kv_decode.DEVICE = "cpu"

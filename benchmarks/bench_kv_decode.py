@@ -5,7 +5,9 @@ Three tables (markdown), all in one run on one GPU:
 1. Decode attention, one layer, 32 query heads / 8 KV heads / head dim 128, for every format at
    batch 1, 8, 32 and context 4k, 32k, 128k, beside ``F.scaled_dot_product_attention`` on a
    contiguous bf16 cache (``enable_gqa=True``; torch picks cuDNN on the H200). Both are captured in
-   CUDA graphs and timed by ``triton.testing.do_bench`` (median, L2 flushed between calls).
+   CUDA graphs and timed by CUDA events around each replay (median over about 100 ms of replays),
+   the L2 emptied before each by reading a 256 MB buffer (``--flush read``; ``--flush write`` zeroes
+   it as ``triton.testing.do_bench`` does, which leaves dirty lines for the timed kernel to write back).
    Bandwidth = bytes the kernel must read (codes, scales, zero points, queries, block tables) / time.
 2. End-to-end decode tokens/s of a random Llama-3-8B-shaped model at batch 32, context 32k, per
    format (one decode step as a CUDA graph; the context is reserved, not prefilled: a decode step's
@@ -45,11 +47,18 @@ DEVICE = "cuda"  # --smoke: "cpu" under TRITON_INTERPRET=1, tiny shapes, no grap
 FORMATS = ["bf16", "fp8", "int8", "int4", "int4-g32", "kivi2", "kivi2@64"]
 
 
-def bench_graph(fn, warmup: int = 3) -> float:
-    """Median microseconds of ``fn`` replayed from a CUDA graph (no host launch cost)."""
-    import time
+# How bench_graph empties the L2 before each timed replay (--flush): "read" sums a 256 MB buffer, so
+# the L2 holds its clean lines; "write" zeroes it, as triton.testing.do_bench does, so the L2 holds
+# dirty lines whose write-backs the timed kernel pays as it evicts them: 6 to 10 us more per call
+# for every kernel here, SDPA included (H200, docs/benchmarks.md, twentieth session).
+FLUSH = "read"
 
-    import triton.testing
+
+def bench_graph(fn, warmup: int = 3, rep_ms: float = 100.0) -> float:
+    """Median microseconds of ``fn`` replayed from a CUDA graph (no host launch cost), the L2 emptied
+    before each replay (:data:`FLUSH`), over about ``rep_ms`` of replays (50 to 1000), CUDA events
+    around each replay alone."""
+    import time
 
     if DEVICE == "cpu":
         t0 = time.perf_counter()
@@ -61,7 +70,31 @@ def bench_graph(fn, warmup: int = 3) -> float:
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         fn()
-    return triton.testing.do_bench(g.replay, warmup=10, rep=100, return_mode="median") * 1e3
+    buf = torch.empty(256 * 2 ** 20 // 4, dtype=torch.int32, device=DEVICE)
+    sink = torch.empty((), dtype=torch.int64, device=DEVICE)
+
+    def flush():
+        if FLUSH == "write":
+            buf.zero_()
+        else:
+            torch.sum(buf, dim=0, dtype=torch.int64, out=sink)
+
+    def timed(n: int) -> list[float]:
+        events = []
+        for _ in range(n):
+            flush()
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            g.replay()
+            e.record()
+            events.append((s, e))
+        torch.cuda.synchronize()
+        return [s.elapsed_time(e) for s, e in events]  # ms
+
+    est = sorted(timed(10))[5]
+    n = max(50, min(1000, int(rep_ms / max(est, 1e-3))))
+    t = sorted(timed(n))
+    return t[len(t) // 2] * 1e3
 
 
 def block_size(fmt: str) -> int:
@@ -415,7 +448,11 @@ def main() -> None:
     p.add_argument("--attn-from-tune", action="store_true", help="attn with the fastest tuned config per format")
     p.add_argument("--json", default=None, help="write all rows to this file")
     p.add_argument("--smoke", action="store_true", help="CPU check (set TRITON_INTERPRET=1)")
+    p.add_argument("--flush", choices=["read", "write"], default="read",
+                   help="how the L2 is emptied before each timed replay (see FLUSH)")
     a = p.parse_args()
+    global FLUSH
+    FLUSH = a.flush
     if a.smoke:  # a CPU check of this script: tiny shapes through the Triton interpreter
         global DEVICE
         DEVICE = "cpu"
