@@ -170,7 +170,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--context", type=int, default=32768)
     p.add_argument("--smoke", action="store_true", help="CPU check (set TRITON_INTERPRET=1): batch 1, context 64")
-    p.add_argument("--flush", choices=["read", "write"], default="read",
+    p.add_argument("--flush", choices=bench_kv_decode.FLUSHES, default="read",
                    help="how the L2 is emptied before each timed replay (bench_kv_decode.FLUSH)")
     a = p.parse_args()
     bench_kv_decode.FLUSH = a.flush

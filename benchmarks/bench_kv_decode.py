@@ -50,8 +50,10 @@ FORMATS = ["bf16", "fp8", "int8", "int4", "int4-g32", "kivi2", "kivi2@64"]
 # How bench_graph empties the L2 before each timed replay (--flush): "read" sums a 256 MB buffer, so
 # the L2 holds its clean lines; "write" zeroes it, as triton.testing.do_bench does, so the L2 holds
 # dirty lines whose write-backs the timed kernel pays as it evicts them: 6 to 10 us more per call
-# for every kernel here, SDPA included (H200, docs/benchmarks.md, twentieth session).
+# for every kernel here, SDPA included (H200, docs/benchmarks.md, twentieth session;
+# benchmarks/flush_probe.py). "write+read" does both; "none" leaves the L2 as the last replay left it.
 FLUSH = "read"
+FLUSHES = ("read", "write", "write+read", "none")
 
 
 def bench_graph(fn, warmup: int = 3, rep_ms: float = 100.0) -> float:
@@ -74,9 +76,11 @@ def bench_graph(fn, warmup: int = 3, rep_ms: float = 100.0) -> float:
     sink = torch.empty((), dtype=torch.int64, device=DEVICE)
 
     def flush():
-        if FLUSH == "write":
+        if FLUSH not in FLUSHES:
+            raise ValueError(f"FLUSH (--flush) must be one of {FLUSHES}, got {FLUSH!r}")
+        if "write" in FLUSH:
             buf.zero_()
-        else:
+        if "read" in FLUSH:
             torch.sum(buf, dim=0, dtype=torch.int64, out=sink)
 
     def timed(n: int) -> list[float]:
@@ -448,7 +452,7 @@ def main() -> None:
     p.add_argument("--attn-from-tune", action="store_true", help="attn with the fastest tuned config per format")
     p.add_argument("--json", default=None, help="write all rows to this file")
     p.add_argument("--smoke", action="store_true", help="CPU check (set TRITON_INTERPRET=1)")
-    p.add_argument("--flush", choices=["read", "write"], default="read",
+    p.add_argument("--flush", choices=FLUSHES, default="read",
                    help="how the L2 is emptied before each timed replay (see FLUSH)")
     a = p.parse_args()
     global FLUSH
