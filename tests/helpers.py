@@ -96,9 +96,10 @@ def paired_serves(fmt: str, case: dict) -> bool:
 
 
 def bulk_serves(fmt: str, case: dict) -> bool:
-    """Whether the paired loop of a decode test case of ``fmt`` is fed by bulk copies (int4 with groups
-    of 64 in 16-token blocks, kivi2 in 32- and 64-token blocks: the storage's chunk layout): only then does its
-    ``unbulked`` variant (the paired loop's loads into registers) run another kernel than the default."""
+    """Whether the paired loop of a decode test case of ``fmt`` is fed by bulk copies (int4 in 16-token
+    blocks, kivi2 in 32- and 64-token blocks: the storage's chunk layout): only then does its ``unbulked``
+    variant (the paired loop's loads into registers; int4 with groups of 32: the one-tile loop) run
+    another kernel than the default."""
     from constant_state.cache.formats import get_format
     from constant_state.cache.quant import kivi_name
 

@@ -241,9 +241,10 @@ class QuantFormat(KVFormat):
 
     def chunked(self, block_size: int, head_dim: int) -> bool:
         """Whether a block's codes, scales and zero points of one KV head lie in one chunk of memory
-        (``ref.head_chunks``, parts in ``ref.CHUNK_PARTS`` order): int4 with groups of 64 in 16-token blocks, the layout whose chunks
-        the CUDA decode kernel copies whole (``cuda_decode.bulk_for``); else one tensor each."""
-        return self.kind == "int4" and self.group_for(head_dim) == 64 and block_size == 16
+        (``ref.head_chunks``, parts in ``ref.CHUNK_PARTS`` order): int4 (groups of 32 or 64) in 16-token
+        blocks, the layout whose chunks the CUDA decode kernel copies whole (``cuda_decode.bulk_for``);
+        else one tensor each."""
+        return self.kind == "int4" and self.group_for(head_dim) in (32, 64) and block_size == 16
 
     def page_bytes(self, block_size, num_kv_heads, head_dim):
         per_head = head_dim // self.per_byte + 2 * self.groups(head_dim) * (2 if self.has_zero else 1)

@@ -72,8 +72,8 @@ def run(fmt, lens, gqa, d, bs, window=None, sinks=0, qdtype=torch.bfloat16, num_
 ], ids=["sinks-window", "window-bs32", "splits7-bs64", "fp16-queries", "one-split-gqa5", "mha-d64"])
 @pytest.mark.parametrize("variant", ["direct", "unbulked", "unpaired", "staged"])
 def test_emulated_cuda_decode(fmt, case, variant):
-    """``direct``: the default kernel (int4 with at most 4 query heads per KV head: the paired loop, two
-    tiles per step, fed by bulk copies of chunks in 16-token blocks); ``unbulked``: the paired loop's
+    """``direct``: the default kernel (int4, groups of 32 or 64, with at most 4 query heads per KV head:
+    the paired loop, two tiles per step, fed by bulk copies of chunks in 16-token blocks); ``unbulked``: the paired loop's
     loads into registers where the bulk copies would serve; ``unpaired``: the one-tile loop where the
     paired one would serve; ``staged``: the variant whose tiles go through shared memory by cp.async
     (the emulation does each copy at the latest wait that covers it, so a stage read before its wait
@@ -90,19 +90,22 @@ def test_emulated_cuda_decode(fmt, case, variant):
 @pytest.mark.parametrize("bs", [16, 32, 64])
 @pytest.mark.parametrize("hkv", [2, 1])
 def test_chunks_feed_the_bulk_copies(fmt, bs, hkv):
-    """int4 with groups of 64 in 16-token blocks and kivi2 in 32- and 64-token blocks are stored in chunks
+    """int4 (groups of 32 or 64) in 16-token blocks and kivi2 in 32- and 64-token blocks are stored in chunks
     (ref.head_chunks) and their paired loops are fed by bulk copies (paired = 2); other formats and block
     sizes keep one tensor per part. A chunk cache copied into separate tensors runs the register loop,
-    and the error names the part. One KV head: its head stride is any (a size-1 dimension)."""
+    and the error names the part (int4 with groups of 32, whose paired loop runs only fed by bulk copies:
+    the one-tile loop). One KV head: its head stride is any (a size-1 dimension)."""
     if fmt == "kivi2" and bs == 16:
         pytest.skip("kivi2's blocks are 32 or 64 tokens")
     st = get_format(fmt).make_storage(6, bs, hkv, 128, "cpu")
     kind, _, group, tensors = _cache_args(st.cache)
-    chunked = (fmt, bs) in (("int4", 16), ("kivi2", 32), ("kivi2", 64))
+    chunked = (fmt, bs) in (("int4", 16), ("int4-g32", 16), ("kivi2", 32), ("kivi2", 64))
     if kind in ("int4", "kivi2"):
         assert (cuda_decode.chunk_error(kind, tensors) is None) == chunked
-    assert cuda_decode.bulk_for(kind, 1, tensors, bulk=1) == (2 if chunked else 1)
-    assert cuda_decode.bulk_for(kind, 1, tensors, bulk=0) == 1 and cuda_decode.bulk_for(kind, 0, tensors, 1) == 0
+    unbulked = 0 if fmt == "int4-g32" else 1  # cuda_decode.BULK_PAIRED_GROUPS
+    assert cuda_decode.bulk_for(kind, 1, tensors, bulk=1) == (2 if chunked else unbulked)
+    assert cuda_decode.bulk_for(kind, 1, tensors, bulk=0) == unbulked
+    assert cuda_decode.bulk_for(kind, 0, tensors, 1) == 0
     if chunked:
         c = st.cache
         assert len({t.untyped_storage().data_ptr() for t in st.tensors()}) == 1  # one allocation
@@ -113,7 +116,7 @@ def test_chunks_feed_the_bulk_copies(fmt, bs, hkv):
             assert cuda_decode.layout_error(kind, group, tensors, *_residual(c, kind)) is None
             assert name.replace("k_", "key ").replace("v_", "value ").replace("zero", "zero points") \
                 .replace("scale", "scales") in cuda_decode.chunk_error(kind, tensors)
-            assert cuda_decode.bulk_for(kind, 1, tensors, bulk=1) == 1
+            assert cuda_decode.bulk_for(kind, 1, tensors, bulk=1) == unbulked
             setattr(c, name, kept)
 
 
@@ -198,19 +201,19 @@ def test_merge_splits_ref_weights_by_max_and_sum():
     torch.testing.assert_close(out, torch.tensor([[1 / 3, 2 / 3]]))
 
 
-@pytest.mark.parametrize("fmt", ["int4", "kivi2", "kivi2-bs64"])
+@pytest.mark.parametrize("fmt", ["int4", "int4-g32", "kivi2", "kivi2-bs64"])
 @pytest.mark.parametrize("window", [None, 1300], ids=["full", "sinks-window"])
 def test_emulated_bulk_loops_cross_block_table_windows(fmt, window):
     """One split of more than 64 chunks: the loops fed by bulk copies read their block-table entries 32
     chunks at a time (TileBlocks), the next 32 loaded a window ahead; with sinks and a sliding window the
     chunks jump from the sinks' to the window's blocks inside a window of entries."""
-    bs = {"int4": 16, "kivi2": 32, "kivi2-bs64": 64}[fmt]
-    fmt = fmt.split("-")[0]
+    bs = {"int4": 16, "int4-g32": 16, "kivi2": 32, "kivi2-bs64": 64}[fmt]
+    fmt = "kivi2" if fmt.startswith("kivi2") else fmt
     case = dict(lens=[2250 if bs < 64 else 4300, 70], gqa=4, d=128, bs=bs, num_splits=1, hkv=1)
     if window is not None:
         case.update(window=window, sinks=20)
     assert bulk_serves(fmt, case)
-    if fmt == "int4":
+    if fmt.startswith("int4"):
         run(fmt, **case, paired=1, bulk=1)
     else:
         test_emulated_cuda_decode_kivi2(case)

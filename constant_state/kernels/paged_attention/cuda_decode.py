@@ -63,9 +63,13 @@ PAIRED = _env_int("CONSTANT_STATE_DECODE_PAIRED", "1", ("0", "1"))
 # spills in it (423 against 387 us), so it keeps the one-tile loop; fp8 / int8 (memory-bound) measured
 # 531 / 524 us paired against 516 / 524, so they have none (docs/benchmarks.md, fourteenth session).
 PAIRED_KINDS = {"int4": (64,), "kivi2": None}
+# Groups whose paired loop runs only fed by bulk copies (decode4_bulk_kernel; the register loop spills
+# with them): where the cache is not in chunks they keep the one-tile loop (bulk_for). int4 with groups
+# of 32 in 16-token chunks, H200, batch 32 / 32k: 380 -> 323 us (docs/benchmarks.md, twentieth session).
+BULK_PAIRED_GROUPS = {"int4": (32,)}
 PAIR_MAX_G = 4
 # 1: where the paired loop serves blocks of BULK_BLOCK_SIZES tokens stored in chunks (``ref.head_chunks``,
-# as cache/quant.py stores int4 with groups of 64 in 16-token blocks and kivi2 in 32- and 64-token blocks), its
+# as cache/quant.py stores int4 (groups of 32 or 64) in 16-token blocks and kivi2 in 32- and 64-token blocks), its
 # operands come by bulk copies of whole chunks into a shared-memory ring (paged_decode.cu,
 # decode4_bulk_kernel, decode2_bulk_kernel) instead of loads into registers: 16 warps per SM instead of
 # 12. H200, batch 32 / 32k: int4 328 -> 310 to 312 us, kivi2 332 -> 248 (docs/benchmarks.md, sixteenth
@@ -290,8 +294,8 @@ def paired_for(kind: str, group: int, g: int, staged: int, paired: int | None = 
     share the 8 columns of one score fragment)."""
     on = PAIRED if paired is None else paired
     groups = PAIRED_KINDS.get(kind, ())
-    return int(bool(on) and kind in PAIRED_KINDS and (groups is None or group in groups) and not staged
-               and g <= PAIR_MAX_G)
+    served = kind in PAIRED_KINDS and (groups is None or group in groups or group in BULK_PAIRED_GROUPS.get(kind, ()))
+    return int(bool(on) and served and not staged and g <= PAIR_MAX_G)
 
 
 def chunk_error(kind: str, tensors) -> str | None:
@@ -329,7 +333,12 @@ def bulk_for(kind: str, paired: int, tensors, bulk: int | None = None) -> int:
     on = BULK if bulk is None else bulk
     serves = (on and paired and tensors[0].shape[1] in BULK_BLOCK_SIZES.get(kind, ())
               and chunk_error(kind, tensors) is None)
-    return 2 if serves else paired
+    if serves:
+        return 2
+    if kind == "int4" and paired:  # groups whose paired loop needs the bulk copies: the one-tile loop
+        k, vs = tensors[0], tensors[3]
+        return 0 if 2 * k.shape[3] // vs.shape[3] in BULK_PAIRED_GROUPS["int4"] else paired
+    return paired
 
 
 def _params(q, kind, group, tensors, block_tables, seq_lens, scale, sliding_window, sinks, num_splits, slots,

@@ -74,7 +74,8 @@ struct DecodeParams {
   int32_t items;      // warps' work items: B x Hkv x splits
   int32_t staged;     // 1: fp8 / int8 / int4 tiles staged through shared memory by cp.async (cuda_decode.STAGED)
   int32_t paired;     // 1: the paired loop (int4 with groups of 64, kivi2; g <= 4; cuda_decode.paired_for);
-                      // 2: int4's fed by bulk copies of chunks (decode4_bulk_kernel; cuda_decode.bulk_for)
+                      // 2: fed by bulk copies of chunks (decode4_bulk_kernel, also int4 with groups of 32;
+                      // decode2_bulk_kernel; cuda_decode.bulk_for)
   float scale_log2;
 };
 
@@ -1507,7 +1508,8 @@ __global__ void __launch_bounds__(128, 3) decode4_pair_kernel(const DecodeParams
   ops.store(p, b, h, split, g, t, sm, o, sums);
 }
 
-// int4's paired loop fed by bulk copies (cuda_decode.bulk_for: groups of 64, 16-token blocks, at most 4
+// int4's paired loop fed by bulk copies (cuda_decode.bulk_for: groups of 64, and since the twentieth
+// session of 32 (GP 16: 128 registers, 380 -> 323 us at batch 32 / 32k), 16-token blocks, at most 4
 // query heads per KV head, and the storage's chunk layout, ref.head_chunks: a block's key codes, value
 // codes, key scales, key zero points, value scales and value zero points of one KV head side by side in
 // one chunk of CH bytes). Lane 0 copies a step's two chunks into a ring of CS_BULK_STAGES steps in the warp's
@@ -2361,6 +2363,17 @@ template <int BS> Variant select_kivi2_bulk(int d, int group) {
 // are then read at constant offsets): int4 16, 32, 64; kivi2 32, 64. ST: the variant that stages tiles
 // through shared memory (DecodeParams::staged; kivi2 has none and ignores it).
 template <bool ST, int BS> Variant select_packed(int kind, int d, int group, int paired) {
+#if !defined(CS_LOADS_ONLY) && !defined(CS_COMPUTE_ONLY)
+  if constexpr (BS == 16 && !ST) {  // groups of 32: the paired loop only fed by bulk copies (128 registers;
+    // cuda_decode.BULK_PAIRED_GROUPS): H200, batch 32 / 32k, 380 -> 323 us (twentieth session)
+    if (kind == 3 && paired == 2 && group == 32 && d == 128) {
+      return {decode4_bulk_kernel<128, 16>, Bulk4<128, 16>::SMEM_PER_WARP};
+    }
+    if (kind == 3 && paired == 2 && group == 32 && d == 64) {
+      return {decode4_bulk_kernel<64, 16>, Bulk4<64, 16>::SMEM_PER_WARP};
+    }
+  }
+#endif
   if (kind == 3 && paired && !ST && group == 64) {  // groups of 32: the paired loop spills (slower)
 #if !defined(CS_LOADS_ONLY) && !defined(CS_COMPUTE_ONLY)  // the diagnostics time the register loop
     if constexpr (BS == 16) {
@@ -2407,8 +2420,8 @@ template <bool ST> Variant select_variant(int kind, int d, int group, int bs, in
   }
 }
 
-// paired: the paired loop where it exists (int4 with groups of 64, kivi2; direct) and serves (G <=
-// PAIR_MAX_G; DecodeParams::paired, cuda_decode.paired_for).
+// paired: the paired loop where it exists (int4 with groups of 64, or of 32 fed by bulk copies, kivi2;
+// direct) and serves (G <= PAIR_MAX_G; DecodeParams::paired, cuda_decode.paired_for).
 constexpr int PAIR_MAX_G = 4;
 Variant select(int kind, int d, int group, int bs, int staged, int paired) {
   return staged ? select_variant<true>(kind, d, group, bs, false) : select_variant<false>(kind, d, group, bs, paired);
