@@ -60,7 +60,7 @@ STAGES = _env_int("CONSTANT_STATE_DECODE_STAGES", "4", tuple(str(n) for n in ran
 # PairFeed). Environment: CONSTANT_STATE_DECODE_PAIRED (0/1).
 PAIRED = _env_int("CONSTANT_STATE_DECODE_PAIRED", "1", ("0", "1"))
 # Formats with a paired loop, and its groups (None: all). H200, batch 32 / 32k: int4 with groups of 32
-# spills in it (423 against 387 us), so it keeps the one-tile loop; fp8 / int8 (memory-bound) measured
+# spills in its register loop (423 against 387 us), so it keeps the one-tile loop there; fp8 / int8 (memory-bound) measured
 # 531 / 524 us paired against 516 / 524, so they have none (docs/benchmarks.md, fourteenth session).
 PAIRED_KINDS = {"int4": (64,), "kivi2": None}
 # Groups whose paired loop runs only fed by bulk copies (decode4_bulk_kernel; the register loop spills
@@ -294,7 +294,8 @@ def paired_for(kind: str, group: int, g: int, staged: int, paired: int | None = 
     share the 8 columns of one score fragment)."""
     on = PAIRED if paired is None else paired
     groups = PAIRED_KINDS.get(kind, ())
-    served = kind in PAIRED_KINDS and (groups is None or group in groups or group in BULK_PAIRED_GROUPS.get(kind, ()))
+    served = kind in PAIRED_KINDS and (groups is None or group in groups
+                                       or group in BULK_PAIRED_GROUPS.get(kind, ()))
     return int(bool(on) and served and not staged and g <= PAIR_MAX_G)
 
 
@@ -329,15 +330,16 @@ def bulk_for(kind: str, paired: int, tensors, bulk: int | None = None) -> int:
     """2 (``DecodeParams::paired``) where the paired loop is fed by bulk copies: ``bulk`` (default
     :data:`BULK`) on, the paired loop serving (``paired``, :func:`paired_for`), the format's block size
     (:data:`BULK_BLOCK_SIZES`: int4 16, kivi2 32 or 64 tokens) and the cache in chunks (:func:`chunk_error`);
-    else ``paired``."""
+    else ``paired``, or 0 (the one-tile loop) for a group of :data:`BULK_PAIRED_GROUPS`."""
     on = BULK if bulk is None else bulk
     serves = (on and paired and tensors[0].shape[1] in BULK_BLOCK_SIZES.get(kind, ())
               and chunk_error(kind, tensors) is None)
     if serves:
         return 2
-    if kind == "int4" and paired:  # groups whose paired loop needs the bulk copies: the one-tile loop
-        k, vs = tensors[0], tensors[3]
-        return 0 if 2 * k.shape[3] // vs.shape[3] in BULK_PAIRED_GROUPS["int4"] else paired
+    bulk_only = BULK_PAIRED_GROUPS.get(kind, ())
+    # int4's group: dims per scale, from the codes' width (two dims a byte) and the scales per token
+    if paired and bulk_only and 2 * tensors[0].shape[3] // tensors[3].shape[3] in bulk_only:
+        return 0
     return paired
 
 
