@@ -2348,6 +2348,16 @@ template <int BS, bool PAIRED> Variant select_kivi2(int d, int group) {
   return {};
 }
 
+// int4's paired loop fed by bulk copies (16-token chunks): groups of 64 (GP 32) and of 32 (GP 16, which
+// has no register paired loop: cuda_decode.BULK_PAIRED_GROUPS; 128 registers, H200, batch 32 / 32k:
+// 380 -> 323 us against its one-tile loop, twentieth session).
+template <int D, int GP> Variant int4_bulk() { return {decode4_bulk_kernel<D, GP>, Bulk4<D, GP>::SMEM_PER_WARP}; }
+Variant select_int4_bulk(int d, int group) {
+  if (d == 128) return group == 64 ? int4_bulk<128, 32>() : group == 32 ? int4_bulk<128, 16>() : Variant();
+  if (d == 64) return group == 64 ? int4_bulk<64, 32>() : group == 32 ? int4_bulk<64, 16>() : Variant();
+  return {};
+}
+
 template <int D, int GP, int BS> Variant kivi2_bulk() {
   return {decode2_bulk_kernel<D, GP, BS>, Bulk2<D, GP, BS>::SMEM_PER_WARP};
 }
@@ -2363,24 +2373,12 @@ template <int BS> Variant select_kivi2_bulk(int d, int group) {
 // are then read at constant offsets): int4 16, 32, 64; kivi2 32, 64. ST: the variant that stages tiles
 // through shared memory (DecodeParams::staged; kivi2 has none and ignores it).
 template <bool ST, int BS> Variant select_packed(int kind, int d, int group, int paired) {
-#if !defined(CS_LOADS_ONLY) && !defined(CS_COMPUTE_ONLY)
-  if constexpr (BS == 16 && !ST) {  // groups of 32: the paired loop only fed by bulk copies (128 registers;
-    // cuda_decode.BULK_PAIRED_GROUPS): H200, batch 32 / 32k, 380 -> 323 us (twentieth session)
-    if (kind == 3 && paired == 2 && group == 32 && d == 128) {
-      return {decode4_bulk_kernel<128, 16>, Bulk4<128, 16>::SMEM_PER_WARP};
-    }
-    if (kind == 3 && paired == 2 && group == 32 && d == 64) {
-      return {decode4_bulk_kernel<64, 16>, Bulk4<64, 16>::SMEM_PER_WARP};
-    }
+#if !defined(CS_LOADS_ONLY) && !defined(CS_COMPUTE_ONLY)  // the diagnostics time the register loop
+  if constexpr (BS == 16 && !ST) {
+    if (kind == 3 && paired == 2) return select_int4_bulk(d, group);
   }
 #endif
-  if (kind == 3 && paired && !ST && group == 64) {  // groups of 32: the paired loop spills (slower)
-#if !defined(CS_LOADS_ONLY) && !defined(CS_COMPUTE_ONLY)  // the diagnostics time the register loop
-    if constexpr (BS == 16) {
-      if (paired == 2 && d == 128) return {decode4_bulk_kernel<128, 32>, Bulk4<128, 32>::SMEM_PER_WARP};
-      if (paired == 2 && d == 64) return {decode4_bulk_kernel<64, 32>, Bulk4<64, 32>::SMEM_PER_WARP};
-    }
-#endif
+  if (kind == 3 && paired && !ST && group == 64) {  // groups of 32: the register loop spills (slower)
     if (d == 128) return {decode4_pair_kernel<128, 32, BS>, 0};
     if (d == 64) return {decode4_pair_kernel<64, 32, BS>, 0};
     return {};
