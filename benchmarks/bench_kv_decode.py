@@ -9,6 +9,9 @@ Three tables (markdown), all in one run on one GPU:
    the L2 emptied before each by reading a 256 MB buffer (``--flush read``; ``--flush write`` zeroes
    it as ``triton.testing.do_bench`` does, which leaves dirty lines for the timed kernel to write back).
    Bandwidth = bytes the kernel must read (codes, scales, zero points, queries, block tables) / time.
+   ``kernel_us`` / ``kernel_tb_s``: the same call's kernels' own device time (``torch.profiler``,
+   plain launches, L2 emptied the same way), without the graph's launch cost and the gap between a
+   split decode's two kernels: the rate the kernels stream at (``--no-kernel-time`` leaves it out).
 2. End-to-end decode tokens/s of a random Llama-3-8B-shaped model at batch 32, context 32k, per
    format (one decode step as a CUDA graph; the context is reserved, not prefilled: a decode step's
    cost does not depend on the cached values). Formats whose 32 x 32k cache does not fit next to
@@ -101,6 +104,51 @@ def bench_graph(fn, warmup: int = 3, rep_ms: float = 100.0) -> float:
     return t[len(t) // 2] * 1e3
 
 
+def kernel_us(fn, n: int = 50) -> float | None:
+    """Median over ``n`` calls of ``fn`` of the summed device durations of the kernels one call runs
+    (CUDA activity of ``torch.profiler``: launch gaps, graph overhead and host time excluded), each
+    call a plain launch after the L2 is emptied by reading a 256 MB buffer. ``bench_graph`` times the
+    whole call; this is the time the kernels themselves stream for. None on CPU."""
+    if DEVICE == "cpu":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    buf = torch.empty(256 * 2 ** 20 // 4, dtype=torch.int32, device=DEVICE)
+    sink = torch.empty((), dtype=torch.int64, device=DEVICE)
+
+    def flush():
+        torch.sum(buf, dim=0, dtype=torch.int64, out=sink)
+
+    def kernels(body) -> list:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            body()
+            torch.cuda.synchronize()
+        ev = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        return sorted(ev, key=lambda e: e.time_range.start)
+
+    for _ in range(3):
+        fn()
+    flush_names = {e.name for e in kernels(flush)}
+    calls: list[float] = []
+    for e in kernels(lambda: [(flush(), fn()) for _ in range(n)]):
+        if e.name in flush_names:
+            calls.append(0.0)
+        elif calls:
+            calls[-1] += e.time_range.elapsed_us()
+    if len(calls) != n or 0.0 in calls:
+        raise RuntimeError(f"kernel_us: {len(calls)} calls profiled for {n}; a call ran a flush kernel's name?")
+    calls.sort()
+    return calls[n // 2]
+
+
+def kernel_cols(fn, nbytes: int, on: bool) -> dict:
+    """``kernel_us`` (:func:`kernel_us`) and the bandwidth over it, for a row of the attention table."""
+    ku = kernel_us(fn) if on else None
+    if ku is None:
+        return {}
+    return dict(kernel_us=ku, kernel_tb_s=nbytes / ku / 1e6)
+
+
 def block_size(fmt: str) -> int:
     """The block size of ``fmt[@bs]`` (e.g. ``kivi2@64``): ``bs`` if given, else the format's default
     (``KVConfig``): kivi2 quantizes keys per channel over a block, and 32-token blocks halve its
@@ -156,7 +204,7 @@ def best_tuned(tune_rows) -> dict:
     return {f: dict(config=c, num_splits=n) for f, (_, c, n) in best.items()}
 
 
-def attn_table(formats, batches, contexts, tuned=None) -> list[dict]:
+def attn_table(formats, batches, contexts, tuned=None, kernel_time: bool = True) -> list[dict]:
     from constant_state.kernels.paged_attention.decode import paged_attention
 
     rows = []
@@ -168,10 +216,12 @@ def attn_table(formats, batches, contexts, tuned=None) -> list[dict]:
             k = torch.randn(b, HKV, ctx, D, device=DEVICE, dtype=torch.bfloat16)
             v = torch.randn_like(k)
             qs = q.transpose(1, 2)
-            us = bench_graph(lambda: F.scaled_dot_product_attention(qs, k, v, enable_gqa=True))
+            sdpa = lambda: F.scaled_dot_product_attention(qs, k, v, enable_gqa=True)  # noqa: E731
+            us = bench_graph(sdpa)
             sdpa_bytes = 2 * k.numel() * 2 + q.numel() * 2
             rows.append(dict(impl="sdpa-bf16-contiguous", batch=b, context=ctx, us=us,
-                             bytes=sdpa_bytes, tb_s=sdpa_bytes / us / 1e6, vs_sdpa=1.0))
+                             bytes=sdpa_bytes, tb_s=sdpa_bytes / us / 1e6, vs_sdpa=1.0,
+                             **kernel_cols(sdpa, sdpa_bytes, kernel_time)))
             del k, v
             if DEVICE == "cuda":
                 torch.cuda.empty_cache()
@@ -183,17 +233,20 @@ def attn_table(formats, batches, contexts, tuned=None) -> list[dict]:
                     bt = torch.randperm(b * m, device=DEVICE).int().view(b, m)  # non-contiguous blocks
                     cache = st.cache if hasattr(st, "cache") else (st.k, st.v)
                     kw = dict((tuned or {}).get(spec, {}), **extra)
-                    t = bench_graph(lambda: paged_attention(q, cache, bt, seq, D ** -0.5, **kw))
-                # Bytes read: every block (codes, scales, zeros; kivi2's residual holds ctx % R tokens).
-                res = (ctx % st.cache.residual) * HKV * D * 2 * 2 * b if extra else 0
-                nbytes = (b * m * get_format(format_name(fmt)).page_bytes(bs, HKV, D) + res + q.numel() * 2 * 2
-                          + bt.numel() * 4)
+                    call = lambda: paged_attention(q, cache, bt, seq, D ** -0.5, **kw)  # noqa: E731
+                    t = bench_graph(call)
+                    # Bytes read: every block (codes, scales, zeros; kivi2's residual holds ctx % R tokens).
+                    res = (ctx % st.cache.residual) * HKV * D * 2 * 2 * b if extra else 0
+                    nbytes = (b * m * get_format(format_name(fmt)).page_bytes(bs, HKV, D) + res
+                              + q.numel() * 2 * 2 + bt.numel() * 4)
+                    kcols = kernel_cols(call, nbytes, kernel_time)
                 rows.append(dict(impl=f"paged-{spec}", batch=b, context=ctx, us=t, bytes=nbytes,
-                                 tb_s=nbytes / t / 1e6, vs_sdpa=t / us))
+                                 tb_s=nbytes / t / 1e6, vs_sdpa=t / us, **kcols))
                 del st, bt
                 if DEVICE == "cuda":
                     torch.cuda.empty_cache()
-            print_rows(rows[-1 - len(formats):], ["impl", "batch", "context", "us", "bytes", "tb_s", "vs_sdpa"])
+            cols = ["impl", "batch", "context", "us", "bytes", "tb_s", "vs_sdpa"]
+            print_rows(rows[-1 - len(formats):], cols + (["kernel_us", "kernel_tb_s"] if "kernel_us" in rows[-1] else []))
     return rows
 
 
@@ -454,6 +507,8 @@ def main() -> None:
     p.add_argument("--smoke", action="store_true", help="CPU check (set TRITON_INTERPRET=1)")
     p.add_argument("--flush", choices=FLUSHES, default="read",
                    help="how the L2 is emptied before each timed replay (see FLUSH)")
+    p.add_argument("--no-kernel-time", action="store_true",
+                   help="attn: leave out the kernels' own time (kernel_us: profiler, see kernel_us)")
     a = p.parse_args()
     global FLUSH
     FLUSH = a.flush
@@ -482,7 +537,7 @@ def main() -> None:
         if tuned:
             print(f"(tile config and splits per format from the tune above: {tuned})\n")
         out["attn"] = attn_table(formats, [int(x) for x in a.batches.split(",")],
-                                 [int(x) for x in a.contexts.split(",")], tuned)
+                                 [int(x) for x in a.contexts.split(",")], tuned, not a.no_kernel_time)
     if "e2e" in only:
         print(f"## End-to-end decode, random {a.preset}, batch {a.e2e_batch}, context {a.e2e_context}\n")
         out["e2e"] = e2e_table(formats, a.preset, a.e2e_batch, a.e2e_context)
