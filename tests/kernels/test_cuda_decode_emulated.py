@@ -103,9 +103,9 @@ def test_chunks_feed_the_bulk_copies(fmt, bs, hkv):
     if kind in ("int4", "kivi2"):
         assert (cuda_decode.chunk_error(kind, tensors) is None) == chunked
     unbulked = 0 if fmt == "int4-g32" else 1  # cuda_decode.BULK_PAIRED_GROUPS
-    assert cuda_decode.bulk_for(kind, 1, tensors, bulk=1) == (2 if chunked else unbulked)
-    assert cuda_decode.bulk_for(kind, 1, tensors, bulk=0) == unbulked
-    assert cuda_decode.bulk_for(kind, 0, tensors, 1) == 0
+    assert cuda_decode.bulk_for(kind, group, 1, tensors, bulk=1) == (2 if chunked else unbulked)
+    assert cuda_decode.bulk_for(kind, group, 1, tensors, bulk=0) == unbulked
+    assert cuda_decode.bulk_for(kind, group, 0, tensors, 1) == 0
     if chunked:
         c = st.cache
         assert len({t.untyped_storage().data_ptr() for t in st.tensors()}) == 1  # one allocation
@@ -116,7 +116,7 @@ def test_chunks_feed_the_bulk_copies(fmt, bs, hkv):
             assert cuda_decode.layout_error(kind, group, tensors, *_residual(c, kind)) is None
             assert name.replace("k_", "key ").replace("v_", "value ").replace("zero", "zero points") \
                 .replace("scale", "scales") in cuda_decode.chunk_error(kind, tensors)
-            assert cuda_decode.bulk_for(kind, 1, tensors, bulk=1) == unbulked
+            assert cuda_decode.bulk_for(kind, group, 1, tensors, bulk=1) == unbulked
             setattr(c, name, kept)
 
 

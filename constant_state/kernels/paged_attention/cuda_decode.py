@@ -326,19 +326,17 @@ def chunk_error(kind: str, tensors) -> str | None:
     return None
 
 
-def bulk_for(kind: str, paired: int, tensors, bulk: int | None = None) -> int:
+def bulk_for(kind: str, group: int, paired: int, tensors, bulk: int | None = None) -> int:
     """2 (``DecodeParams::paired``) where the paired loop is fed by bulk copies: ``bulk`` (default
     :data:`BULK`) on, the paired loop serving (``paired``, :func:`paired_for`), the format's block size
     (:data:`BULK_BLOCK_SIZES`: int4 16, kivi2 32 or 64 tokens) and the cache in chunks (:func:`chunk_error`);
-    else ``paired``, or 0 (the one-tile loop) for a group of :data:`BULK_PAIRED_GROUPS`."""
+    else ``paired``, or 0 (the one-tile loop) for a ``group`` of :data:`BULK_PAIRED_GROUPS`."""
     on = BULK if bulk is None else bulk
     serves = (on and paired and tensors[0].shape[1] in BULK_BLOCK_SIZES.get(kind, ())
               and chunk_error(kind, tensors) is None)
     if serves:
         return 2
-    bulk_only = BULK_PAIRED_GROUPS.get(kind, ())
-    # int4's group: dims per scale, from the codes' width (two dims a byte) and the scales per token
-    if paired and bulk_only and 2 * tensors[0].shape[3] // tensors[3].shape[3] in bulk_only:
+    if paired and group in BULK_PAIRED_GROUPS.get(kind, ()):
         return 0
     return paired
 
@@ -383,7 +381,7 @@ def decode(q, kind, group, tensors, block_tables, seq_lens, scale, sliding_windo
 
     d, dev = q.shape[-1], q.device.index or 0
     st = staged_for(kind, tensors[2], tensors[3])
-    pa = bulk_for(kind, paired_for(kind, group, q.shape[2] // tensors[0].shape[2], st), tensors)
+    pa = bulk_for(kind, group, paired_for(kind, group, q.shape[2] // tensors[0].shape[2], st), tensors)
     slots = lambda: warp_slots(kind, d, group, dev, st, tensors[0].shape[1], pa)  # noqa: E731
     p, out, part, ml, splits = _params(q, kind, group, tensors, block_tables, seq_lens, scale, sliding_window,
                                        sinks, num_splits, slots, res_k, res_v, st, pa)
@@ -408,10 +406,10 @@ def decode_emulated(q, kind, group, tensors, block_tables, seq_lens, scale, slid
         raise ValueError(f"emulated decode: {why}")
     d = q.shape[-1]
     st = staged_for(kind, tensors[2], tensors[3], staged)
+    pa = bulk_for(kind, group, paired_for(kind, group, q.shape[2] // tensors[0].shape[2], st, paired), tensors, bulk)
     p, out, part, ml, splits = _params(q, kind, group, tensors, block_tables, seq_lens, scale, sliding_window,
                                        sinks, num_splits, lambda: 4 * WARPS * 3, res_k, res_v,  # 4 emulated SMs
-                                       st, bulk_for(kind, paired_for(kind, group, q.shape[2] // tensors[0].shape[2],
-                                                                     st, paired), tensors, bulk))
+                                       st, pa)
     err = emulated_library().cs_decode(ctypes.byref(p), KINDS[kind], d, group, q.shape[0], WARPS, 0, None)
     if err:
         raise RuntimeError("emulated decode: lanes of a warp diverged at a collective" if err == -1
