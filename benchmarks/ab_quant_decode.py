@@ -53,7 +53,8 @@ from pathlib import Path
 
 import bench_kv_decode
 import torch
-from bench_kv_decode import D, HKV, HQ, backend_of, bench_graph, block_size, print_rows, random_storage
+from bench_kv_decode import (D, HKV, HQ, backend_of, bench_graph, block_size, print_rows, random_storage,
+                             sdpa_case)
 
 from constant_state.cache.formats import get_format
 from constant_state.kernels.paged_attention import cuda_decode, decode_quant
@@ -62,11 +63,9 @@ from constant_state.kernels.paged_attention.ref import as_head_chunks, as_token_
 
 
 def run_sdpa(batch: int, ctx: int, q: torch.Tensor) -> dict:
-    k = torch.randn(batch, HKV, ctx, D, device=q.device, dtype=torch.bfloat16)
-    v = torch.randn_like(k)
-    qs = q.transpose(1, 2)
-    us = bench_graph(lambda: torch.nn.functional.scaled_dot_product_attention(qs, k, v, enable_gqa=True))
-    return dict(variant="sdpa", batch=batch, context=ctx, us=us, tb_s=2 * k.numel() * 2 / us / 1e6)
+    call, nbytes = sdpa_case(q, ctx)
+    us = bench_graph(call)
+    return dict(variant="sdpa", batch=batch, context=ctx, us=us, tb_s=nbytes / us / 1e6)
 
 
 # Caches by (format, block size, layout switches): variants that differ only in how the kernel runs read

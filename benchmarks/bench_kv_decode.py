@@ -149,6 +149,16 @@ def kernel_cols(fn, nbytes: int, on: bool) -> dict:
     return dict(kernel_us=ku, kernel_tb_s=nbytes / ku / 1e6)
 
 
+def sdpa_case(q: torch.Tensor, ctx: int):
+    """The baseline of ``q [B, 1, HQ, D]`` over ``ctx`` tokens: ``(call, bytes)``, ``call`` running
+    ``F.scaled_dot_product_attention`` (``enable_gqa``) on a random contiguous bf16 cache
+    ``[B, HKV, ctx, D]`` that it holds, ``bytes`` the keys', values' and queries' bytes."""
+    k = torch.randn(q.shape[0], HKV, ctx, D, device=q.device, dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    qs = q.transpose(1, 2)
+    return (lambda: F.scaled_dot_product_attention(qs, k, v, enable_gqa=True)), 2 * k.numel() * 2 + q.numel() * 2
+
+
 def block_size(fmt: str) -> int:
     """The block size of ``fmt[@bs]`` (e.g. ``kivi2@64``): ``bs`` if given, else the format's default
     (``KVConfig``): kivi2 quantizes keys per channel over a block, and 32-token blocks halve its
@@ -212,17 +222,12 @@ def attn_table(formats, batches, contexts, tuned=None, kernel_time: bool = True)
         for b in batches:
             q = torch.randn(b, 1, HQ, D, device=DEVICE, dtype=torch.bfloat16)
             seq = torch.full((b,), ctx, dtype=torch.int32, device=DEVICE)
-            # cuDNN / SDPA baseline on a contiguous bf16 cache.
-            k = torch.randn(b, HKV, ctx, D, device=DEVICE, dtype=torch.bfloat16)
-            v = torch.randn_like(k)
-            qs = q.transpose(1, 2)
-            sdpa = lambda: F.scaled_dot_product_attention(qs, k, v, enable_gqa=True)  # noqa: E731
+            sdpa, sdpa_bytes = sdpa_case(q, ctx)  # cuDNN / SDPA baseline on a contiguous bf16 cache
             us = bench_graph(sdpa)
-            sdpa_bytes = 2 * k.numel() * 2 + q.numel() * 2
             rows.append(dict(impl="sdpa-bf16-contiguous", batch=b, context=ctx, us=us,
                              bytes=sdpa_bytes, tb_s=sdpa_bytes / us / 1e6, vs_sdpa=1.0,
                              **kernel_cols(sdpa, sdpa_bytes, kernel_time)))
-            del k, v
+            del sdpa
             if DEVICE == "cuda":
                 torch.cuda.empty_cache()
             for spec in formats:

@@ -16,8 +16,7 @@ import argparse
 
 import bench_kv_decode
 import torch
-import torch.nn.functional as F
-from bench_kv_decode import D, HKV, HQ, bench_graph, block_size, random_storage
+from bench_kv_decode import D, HQ, bench_graph, block_size, random_storage, sdpa_case
 
 from constant_state.kernels.paged_attention.decode import paged_attention
 
@@ -44,11 +43,9 @@ def main() -> None:
         b, ctx = (int(x) for x in shape.split("x"))
         q = torch.randn(b, 1, HQ, D, device="cuda", dtype=torch.bfloat16)
         seq = torch.full((b,), ctx, dtype=torch.int32, device="cuda")
-        k = torch.randn(b, HKV, ctx, D, device="cuda", dtype=torch.bfloat16)
-        v = torch.randn_like(k)
-        qs = q.transpose(1, 2)
-        rows = {"SDPA": each_flush(lambda: F.scaled_dot_product_attention(qs, k, v, enable_gqa=True))}
-        del k, v
+        sdpa, _ = sdpa_case(q, ctx)
+        rows = {"SDPA": each_flush(sdpa)}
+        del sdpa
         torch.cuda.empty_cache()
         for fmt in a.formats.split(","):
             m = ctx // block_size(fmt)
