@@ -59,6 +59,24 @@ FLUSH = "read"
 FLUSHES = ("read", "write", "write+read", "none")
 
 
+def l2_flush(mode: str):
+    """A function that empties the L2 as ``mode`` (one of :data:`FLUSHES`) says, through a 256 MB fp32
+    buffer: "write" zeroes it, "read" sums it into one scalar (one reduction kernel: it reads the buffer
+    and writes nothing else)."""
+    if mode not in FLUSHES:
+        raise ValueError(f"FLUSH (--flush) must be one of {FLUSHES}, got {mode!r}")
+    buf = torch.zeros(256 * 2 ** 20 // 4, dtype=torch.float32, device=DEVICE)
+    sink = torch.empty((), dtype=torch.float32, device=DEVICE)
+
+    def flush():
+        if "write" in mode:
+            buf.zero_()
+        if "read" in mode:
+            torch.sum(buf, dim=0, out=sink)
+
+    return flush
+
+
 def bench_graph(fn, warmup: int = 3, rep_ms: float = 100.0) -> float:
     """Median microseconds of ``fn`` replayed from a CUDA graph (no host launch cost), the L2 emptied
     before each replay (:data:`FLUSH`), over about ``rep_ms`` of replays (50 to 1000), CUDA events
@@ -75,16 +93,7 @@ def bench_graph(fn, warmup: int = 3, rep_ms: float = 100.0) -> float:
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         fn()
-    buf = torch.empty(256 * 2 ** 20 // 4, dtype=torch.int32, device=DEVICE)
-    sink = torch.empty((), dtype=torch.int64, device=DEVICE)
-
-    def flush():
-        if FLUSH not in FLUSHES:
-            raise ValueError(f"FLUSH (--flush) must be one of {FLUSHES}, got {FLUSH!r}")
-        if "write" in FLUSH:
-            buf.zero_()
-        if "read" in FLUSH:
-            torch.sum(buf, dim=0, dtype=torch.int64, out=sink)
+    flush = l2_flush(FLUSH)
 
     def timed(n: int) -> list[float]:
         events = []
@@ -113,14 +122,10 @@ def kernel_us(fn, n: int = 50) -> float | None:
         return None
     from torch.profiler import ProfilerActivity, profile
 
-    buf = torch.empty(256 * 2 ** 20 // 4, dtype=torch.int32, device=DEVICE)
-    sink = torch.empty((), dtype=torch.int64, device=DEVICE)
-
-    def flush():
-        torch.sum(buf, dim=0, dtype=torch.int64, out=sink)
+    flush = l2_flush("read")
 
     def kernels(body) -> list:
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        with profile(activities=[ProfilerActivity.CUDA], acc_events=True) as prof:
             body()
             torch.cuda.synchronize()
         ev = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
@@ -129,13 +134,18 @@ def kernel_us(fn, n: int = 50) -> float | None:
     for _ in range(3):
         fn()
     flush_names = {e.name for e in kernels(flush)}
-    calls: list[float] = []
+    calls: list[float] = []  # a call: the kernels after a flush's kernels
+    after_flush = False
     for e in kernels(lambda: [(flush(), fn()) for _ in range(n)]):
         if e.name in flush_names:
+            after_flush = True
+            continue
+        if after_flush:
             calls.append(0.0)
-        elif calls:
+            after_flush = False
+        if calls:
             calls[-1] += e.time_range.elapsed_us()
-    if len(calls) != n or 0.0 in calls:
+    if len(calls) != n:
         raise RuntimeError(f"kernel_us: {len(calls)} calls profiled for {n}; a call ran a flush kernel's name?")
     calls.sort()
     return calls[n // 2]
