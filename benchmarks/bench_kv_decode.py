@@ -261,7 +261,9 @@ def attn_table(formats, batches, contexts, tuned=None, kernel_time: bool = True)
                 if DEVICE == "cuda":
                     torch.cuda.empty_cache()
             cols = ["impl", "batch", "context", "us", "bytes", "tb_s", "vs_sdpa"]
-            print_rows(rows[-1 - len(formats):], cols + (["kernel_us", "kernel_tb_s"] if "kernel_us" in rows[-1] else []))
+            if "kernel_us" in rows[-1]:
+                cols += ["kernel_us", "kernel_tb_s"]
+            print_rows(rows[-1 - len(formats):], cols)
     return rows
 
 
