@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -68,21 +67,15 @@ def held_tokens(kv: KVConfig, context: int) -> int:
 
 
 def memory_rows(name: str, config, context: int, batch: int, kv_formats: list[str],
-                kv: KVConfig | Callable[[str], KVConfig] | None = None) -> list[MemoryRow]:
+                kv: Callable[[str], KVConfig] | None = None) -> list[MemoryRow]:
     """One row per KV format (one row for models without attention layers). ``kv``: the format's
-    ``KVConfig`` as a function of its name (each format then keeps its own default block size: 32
-    for kivi2, else 16), or one config whose other settings (block size, group size, residual
-    window, eviction) every format shares; default: each format's defaults."""
+    ``KVConfig`` as a function of its name (the CLI's --kv-* flags; each format keeps its own default
+    block size unless they set one: 32 for kivi2, else 16); default: each format's defaults."""
     rows = []
     probe = config.state_specs(KVConfig())
     has_kv = any(isinstance(s, PagedKVSpec) for s in probe)
     for fmt in (kv_formats if has_kv else ["-"]):
-        if not has_kv:
-            cfg = KVConfig()
-        elif kv is None:
-            cfg = KVConfig(format=fmt)
-        else:
-            cfg = kv(fmt) if callable(kv) else dataclasses.replace(kv, format=fmt)
+        cfg = (kv or (lambda f: KVConfig(format=f)))(fmt) if has_kv else KVConfig()
         specs = config.state_specs(cfg)
         per_seq = spec_bytes_per_sequence(specs, held_tokens(cfg, context) if has_kv else context)
         paged = [s for s in specs if isinstance(s, PagedKVSpec)]

@@ -253,18 +253,31 @@ def test_cuda_graph_capture_of_decode(backend, monkeypatch):
         assert (out.float() - ref).abs().max().item() <= TIGHT
 
 
-@pytest.mark.parametrize("fmt", FORMATS + ["kivi2"])
-def test_generate_on_gpu(fmt):
-    """The generate loop (prefill kernel, write kernel, decode kernel in a CUDA graph) vs the reference path."""
+def _kv_settings(fmt: str) -> dict:
+    """``KVConfig`` settings of ``fmt``; ``kivi2@64``: kivi2 in 64-token blocks (kivi2: 32), its residual
+    window one block."""
+    fmt, _, bs = fmt.partition("@")
+    kivi = {"residual_window": int(bs or 32), "block_size": int(bs or 32)} if fmt == "kivi2" else {}
+    return dict(format=fmt, **kivi)
+
+
+def _tiny_model(kv: dict):
+    """A random 2-layer bf16 Transformer on the GPU (8 query / 2 KV heads of 64), its KV cache
+    ``KVConfig(**kv)``."""
     import constant_state as cs
     from constant_state.models.config import TransformerConfig
 
     cfg = TransformerConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_layers=2, num_heads=8,
                             num_kv_heads=2, head_dim=64, dtype="bfloat16")
     m = cs.build_model(cfg, dtype="bfloat16", seed=0).to("cuda")
-    fmt, _, bs = fmt.partition("@")
-    kivi = {"residual_window": int(bs or 32), "block_size": int(bs or 32)} if fmt == "kivi2" else {}
-    m.kv_config = cs.KVConfig(format=fmt, **kivi)
+    m.kv_config = cs.KVConfig(**kv)
+    return m
+
+
+@pytest.mark.parametrize("fmt", FORMATS + ["kivi2"])
+def test_generate_on_gpu(fmt):
+    """The generate loop (prefill kernel, write kernel, decode kernel in a CUDA graph) vs the reference path."""
+    m = _tiny_model(_kv_settings(fmt))
     ids = torch.randint(0, 256, (3, 50), generator=torch.Generator().manual_seed(0)).to("cuda")
     out = m.generate(ids, max_new_tokens=20)
     assert out.shape == (3, 70)
@@ -283,17 +296,10 @@ def test_model_decode_step_cuda_kernel(fmt, monkeypatch):
     """A model's decode steps through the CUDA decode kernel (CONSTANT_STATE_DECODE=cuda) give the logits
     of the same steps through the Triton kernel (same weights, same prompt, same cache format; kivi2@64:
     64-token blocks, which the CUDA kernel's 64-token bulk loop serves)."""
-    import constant_state as cs
     from constant_state.kernels.paged_attention import decode
-    from constant_state.models.config import TransformerConfig
 
     _need_cuda_decode()
-    cfg = TransformerConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_layers=2, num_heads=8,
-                            num_kv_heads=2, head_dim=64, dtype="bfloat16")
-    m = cs.build_model(cfg, dtype="bfloat16", seed=0).to("cuda")
-    fmt, _, bs = fmt.partition("@")
-    kivi = {"residual_window": int(bs or 32), "block_size": int(bs or 32)} if fmt == "kivi2" else {}
-    m.kv_config = cs.KVConfig(format=fmt, **kivi)
+    m = _tiny_model(_kv_settings(fmt))
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 256, (3, 70), generator=gen).to("cuda")
     steps = torch.randint(0, 256, (3, 5), generator=gen).to("cuda")
@@ -364,13 +370,7 @@ def test_kivi2(gqa, d, backend, monkeypatch):
 def test_generate_with_eviction_on_gpu(kv):
     """Eviction through the generate loop on the GPU: CUDA-graph decode equals eager decode, memory
     stays bounded, and every block returns to the pool."""
-    import constant_state as cs
-    from constant_state.models.config import TransformerConfig
-
-    cfg = TransformerConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_layers=2, num_heads=8,
-                            num_kv_heads=2, head_dim=64, dtype="bfloat16")
-    m = cs.build_model(cfg, dtype="bfloat16", seed=0).to("cuda")
-    m.kv_config = cs.KVConfig(**kv)
+    m = _tiny_model(kv)
     ids = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(0)).to("cuda")
     a, st = m.generate(ids, max_new_tokens=150, return_state=True)
     b = m.generate(ids, max_new_tokens=150, cuda_graph=False)

@@ -1674,7 +1674,6 @@ template <int D, int GP> struct Kivi2Shape {
   }
 };
 
-
 template <int D, int GP, int BS> struct Step2 {  // one 32-token step of codes and value scales; BS as Tile4
   using S = Kivi2Shape<D, GP>;
   static constexpr int KST = D / 4;   // head-major key codes: bytes between a head's tokens
@@ -2054,8 +2053,8 @@ __global__ void __launch_bounds__(128, Kivi2Shape<D, GP>::MIN_BLOCKS) decode2_ke
 // kivi2's paired loop fed by bulk copies (cuda_decode.bulk_for: 32- or 64-token blocks, at most 4 query heads per
 // KV head, the storage's chunk layout, ref.head_chunks: a block's key codes [BS, D/4], value codes [D/4, BS]
 // (token-contiguous), key channel scales and zero points [D] each, value scales and zero points [BS, NG]
-// each, of one KV head side by side in one chunk of CH bytes, in ref.CHUNK_PARTS order). A step is one
-// 32-token block: lane 0 copies its chunk with one cp.async.bulk into a ring of CS_BULK_STAGES chunks in the warp's
+// each, of one KV head side by side in one chunk of CH bytes, in ref.CHUNK_PARTS order). At 32-token
+// blocks a step is one block: lane 0 copies its chunk with one cp.async.bulk into a ring of CS_BULK_STAGES chunks in the warp's
 // shared memory, CS_BULK_STAGES steps ahead, and the lanes read their operands from the ring where they are
 // used: no per-lane addresses, nothing in flight holding registers or L1, no cp.async of the channel
 // scales two steps ahead (decode2_kernel's KeyScales), and 4 blocks (16 warps) per SM. H200, batch 32 /
